@@ -1,0 +1,533 @@
+"""GPT: the transformer language model every other script trains, finetunes, caches or quantizes.
+
+What you learn here: causal self-attention, the pre-norm transformer block, weight tying, GPT-2's
+initialisation, and the modern (Llama-style) switches: rotary positions, RMSNorm, SwiGLU and grouped-query
+attention. The key equation: attention(Q, K, V) = softmax(Q K^T / sqrt(hs) + causal mask) V.
+It also reads OpenAI's GPT-2 weights from a Hugging Face safetensors file with no extra dependency.
+
+How to run:
+    python gpt.py                                  # offline demo: a small random model, one forward pass
+    python gpt.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # downloads GPT-2 (500 MB)
+    python gpt.py --init_from=path/to/model.safetensors --device=cuda
+
+Depends on: nothing of ours. The last section holds the plumbing every later script shares: flag
+parsing, downloads, device and precision choice, checkpoints.
+Shapes: B batch, T time (sequence), C channels (n_embd), V vocab, nh heads, nkv key/value heads, hs head size.
+
+References: Attention Is All You Need (arXiv:1706.03762); GPT-2, Language Models are Unsupervised Multitask
+Learners (OpenAI 2019); RoFormer (arXiv:2104.09864); RMSNorm (arXiv:1910.07467); GLU Variants Improve
+Transformer (arXiv:2002.05202); GQA (arXiv:2305.13245); PaLM, appendix B for FLOPs (arXiv:2204.02311).
+"""
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+
+import requests
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+@dataclasses.dataclass
+class GPTConfig:
+    """The model's shape. Defaults are GPT-2 small (124M)."""
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>
+    block_size: int = 1024   # longest sequence the model sees
+    n_layer: int = 12        # transformer blocks
+    n_head: int = 12         # attention (query) heads
+    n_embd: int = 768        # channels C of the residual stream
+    dropout: float = 0.0     # 0.0 for pretraining small models, 0.1 for finetuning
+    bias: bool = True        # biases in Linear and LayerNorm, as GPT-2 has
+    rope: bool = False       # rotary position embeddings instead of a learned position table
+    rmsnorm: bool = False    # RMSNorm instead of LayerNorm
+    swiglu: bool = False     # SwiGLU MLP instead of GELU
+    n_kv_head: int = 0       # key/value heads for grouped-query attention; 0 means n_head
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be at least 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"pick n_embd as a multiple of n_head")
+        kv = self.n_kv_head or self.n_head
+        if kv < 0 or self.n_head % kv:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                             f"use a divisor of n_head (1 = multi-query, n_head = plain attention)")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean and the bias."""
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+def make_norm(config):
+    return RMSNorm(config.n_embd) if config.rmsnorm else nn.LayerNorm(config.n_embd, bias=config.bias)
+
+def rope_tables(hs, length, base=10000.0):
+    # rotary embeddings rotate each pair of channels (i, i + hs/2) by the angle pos * base^(-2i/hs)
+    freqs = 1.0 / base ** (torch.arange(0, hs, 2).float() / hs)    # (hs/2,)
+    angles = torch.outer(torch.arange(length).float(), freqs)      # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hs); cos, sin: (T, hs/2), or (B, T, hs/2) when each row has its own positions
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]                      # (B, 1, T, hs/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        self.hs = config.n_embd // config.n_head
+        # one matmul makes q (nh heads) and k, v (nkv heads each); GPT-2's c_attn when nkv == nh
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.hs, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def qkv(self, x, rope=None):
+        """Project x (B, T, C) to q (B, nh, T, hs) and k, v (B, nkv, T, hs), rotated when rope is given."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs,
+                                        self.n_kv_head * self.hs], dim=2)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def attend(self, q, k, v, mask=None):
+        """softmax(q k^T / sqrt(hs)) v, causal unless a boolean mask (True = may attend) is given."""
+        if self.n_kv_head != self.n_head:  # grouped-query: each k/v head serves nh/nkv query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, Tk, hs)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        B, nh, T, hs = y.shape
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, nh * hs)))  # (B, T, C)
+
+    def forward(self, x, rope=None):
+        return self.attend(*self.qkv(x, rope))
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.swiglu
+        # SwiGLU has three matrices, so its hidden width is 2/3 of 4C to keep the parameter count
+        hidden = 4 * config.n_embd if not config.swiglu else 32 * math.ceil(8 * config.n_embd / 3 / 32)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        if config.swiglu:
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)  # (B, T, hidden)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2 used the tanh approximation
+        return self.dropout(self.c_proj(h))
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config)
+        self.ln_2, self.mlp = make_norm(config), MLP(config)
+
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.ln_1(x), rope)
+        return x + self.mlp(self.ln_2(x))
+
+# -----------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config)))
+        if not config.rope:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:  # not parameters, and not saved: they are recomputed from the config
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the output layer reuses the token embedding (saves V*C parameters)
+        self.lm_head.weight = self.transformer.wte.weight
+        # GPT-2 init: N(0, 0.02); the projections into the residual stream shrink by 1/sqrt(2 * n_layer)
+        # so the stream's variance does not grow with depth
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed(self, idx, pos):
+        """Token (+ learned position) embeddings and the rotary tables for positions pos (T,) or (B, T)."""
+        x = self.transformer.wte(idx)                              # (B, T, C)
+        if self.config.rope:
+            return self.transformer.drop(x), (self.rope_cos[pos], self.rope_sin[pos])
+        return self.transformer.drop(x + self.transformer.wpe(pos)), None
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy over targets != -100."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
+                             f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens")
+        x, rope = self.embed(idx, torch.arange(T, device=idx.device))
+        for block in self.transformer.h:
+            x = block(x, rope)
+        logits = self.lm_head(self.transformer.ln_f(x))            # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def num_params(self):
+        """Parameters counted once each (the tied embedding/head once): 124,439,808 for GPT-2 small."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self):
+        # 6 FLOPs per weight per token (2 forward, 4 backward) plus attention's scores and mixing; the
+        # position table does no multiplications, so it is left out
+        cfg, n = self.config, self.num_params()
+        if not cfg.rope:
+            n -= self.transformer.wpe.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (e.g. 312e12 for an A100 in bf16)."""
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW that decays matrices and embeddings but not biases and norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        """Append max_new_tokens sampled tokens to idx (B, T), re-running the whole (cropped) sequence at every
+        step: simple and slow, the reference that kvcache.py is checked against. temperature=0 is greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()                      # (B, V)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+
+    # -------------------------------------------------------------------------
+    # OpenAI's GPT-2 weights, from a Hugging Face safetensors file
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, data_dir="data"):
+        """GPT-2 with OpenAI's weights: a name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), downloaded once to
+        data/<name>/, or a local model.safetensors file or a directory holding one (plus config.json)."""
+        if name_or_path in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+            path = os.path.join(data_dir, name_or_path, "model.safetensors")
+            download(f"https://huggingface.co/{name_or_path}/resolve/main/model.safetensors", path)
+        else:
+            path = os.path.join(name_or_path, "model.safetensors") if os.path.isdir(name_or_path) else name_or_path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found; pass gpt2, gpt2-medium, gpt2-large, gpt2-xl or the path "
+                                    f"of a GPT-2 model.safetensors")
+        tensors = read_safetensors(path)
+        # checkpoints from the Hub name tensors "h.0.attn..." or "transformer.h.0.attn..."; attn.bias and
+        # attn.masked_bias are saved causal-mask buffers, not weights
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
+                   if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        if "wte.weight" not in tensors or "wpe.weight" not in tensors:
+            raise ValueError(f"{path} is not a GPT-2 checkpoint: it has no wte.weight/wpe.weight tensors")
+        n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
+        (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
+        # shapes give everything but the number of heads: the four GPT-2 sizes have 64 channels per head
+        config_json = os.path.join(os.path.dirname(path), "config.json")
+        if os.path.exists(config_json):
+            with open(config_json) as f:
+                n_head = json.load(f)["n_head"]
+        elif n_embd in (768, 1024, 1280, 1600):
+            n_head = n_embd // 64
+        else:
+            raise ValueError(f"cannot tell n_head for n_embd={n_embd}: put the model's config.json beside {path}")
+        model = cls(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd))
+        own = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        missing, unexpected = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
+        if missing or unexpected:
+            raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        with torch.no_grad():
+            for name, target in own.items():
+                t = tensors[name]
+                # GPT-2 stored its Linear layers as "Conv1D" with the weight transposed: (in, out)
+                if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                    t = t.t()
+                if t.shape != target.shape:
+                    raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected "
+                                     f"{tuple(target.shape)}")
+                target.copy_(t)
+        return model
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+def read_safetensors(path):
+    """Read a .safetensors file into {name: tensor}. The format: an 8-byte little-endian header length N,
+    N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < 8:
+            raise ValueError(f"{path}: {size} bytes is too short for a safetensors file (truncated download?)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_size, spans, tensors = size - 8 - n, [], {}
+        for name, info in header.items():
+            try:
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: tensor {name} has a malformed header entry or unknown dtype: "
+                                 f"{str(info)[:100]}") from None
+            if not all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end]):
+                raise ValueError(f"{path}: tensor {name} has a malformed shape {shape} or offsets [{begin}, {end}]")
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if not begin <= end <= data_size or end - begin != nbytes:
+                raise ValueError(f"{path}: tensor {name} has offsets [{begin}, {end}] that do not fit its "
+                                 f"shape {shape} inside {data_size} bytes of data")
+            spans.append((begin, end, name))
+            f.seek(8 + n + begin)
+            buf = bytearray(f.read(nbytes))
+            tensors[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape) if nbytes else \
+                torch.empty(shape, dtype=dtype)
+        spans.sort()
+        for (_, end1, name1), (begin2, _, name2) in zip(spans, spans[1:]):
+            if begin2 < end1:
+                raise ValueError(f"{path}: tensors {name1} and {name2} overlap in the data section")
+    return tensors
+
+# -----------------------------------------------------------------------------
+# helpers shared by the scripts
+
+def parse_args(config_class, argv=None):
+    """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
+    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). A misspelled flag or a
+    value of the wrong type stops with exit code 2 and a usage line that lists every valid flag."""
+    def to_bool(text):  # type=bool would turn "False" into True
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
+    for field in dataclasses.fields(config_class):
+        kind = to_bool if isinstance(field.default, bool) else type(field.default)
+        # a bare boolean flag (`--bench`) means True
+        extra = dict(nargs="?", const=True) if kind is to_bool else {}
+        parser.add_argument(f"--{field.name}", type=kind, default=field.default,
+                            metavar=type(field.default).__name__, **extra)
+    return config_class(**vars(parser.parse_args(argv)))
+
+def download(url, path, sha256=""):
+    """Fetch url to path once: streamed with progress, resumed from path.part after an interruption,
+    checked against sha256 when given, and renamed into place only when complete."""
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    part = path + ".part"
+    try:
+        done = os.path.getsize(part) if os.path.exists(part) else 0
+        with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"} if done else {}) as r:
+            if r.status_code != 416:  # 416: the .part file is already complete
+                r.raise_for_status()
+                if r.status_code != 206:  # the server ignored Range: start again
+                    done = 0
+                total = done + int(r.headers.get("content-length", 0))
+                with open(part, "ab" if done else "wb") as f:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+                        done += len(chunk)
+                        print(f"\r{os.path.basename(path)}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="",
+                              file=sys.stderr, flush=True)
+                print(file=sys.stderr)
+    except requests.RequestException as e:
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}). Fetch it yourself and save it as "
+                           f"{path}; the download resumes from {part} when rerun") from None
+    if sha256:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            os.remove(part)
+            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected {sha256}); "
+                               f"run again")
+    os.replace(part, path)
+    return path
+
+def pick_device(device="auto"):
+    """'auto' -> cuda if available, then mps (Apple GPUs), then cpu; anything else is checked and returned."""
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps") or (kind == "cuda" and not torch.cuda.is_available()) or \
+            (kind == "mps" and not mps):
+        raise ValueError(f"--device={device} is not available here; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+def choose_precision(device_type, dtype="auto", cuda_bf16=False, cpu_bf16=False):
+    """Pure decision: (dtype, reason) for a device kind and its capabilities. 'auto' picks bfloat16 where
+    it runs natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), float16 (+ GradScaler) on older CUDA,
+    and float32 elsewhere, Apple MPS included."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
+    if dtype == "auto":
+        if device_type == "cuda":
+            return ("bfloat16", "CUDA GPU with bf16") if cuda_bf16 else ("float16", "CUDA GPU without bf16")
+        if device_type == "cpu" and cpu_bf16:
+            return "bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)"
+        return "float32", f"{device_type} without fast low precision"
+    if dtype != "float32" and device_type == "mps":
+        raise ValueError(f"--dtype={dtype} on mps: autocast there is not reliable yet; use --dtype=float32")
+    if dtype == "float16" and device_type != "cuda":
+        raise ValueError(f"--dtype=float16 needs a CUDA GPU (its GradScaler is CUDA-only); use bfloat16 or float32")
+    if dtype == "bfloat16" and device_type == "cuda" and not cuda_bf16:
+        raise ValueError("--dtype=bfloat16: this GPU has no bf16; use --dtype=float16")
+    return dtype, "asked for"
+
+def cpu_has_bf16():
+    # Linux lists the CPU's features in /proc/cpuinfo; elsewhere assume no native bf16
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+def autocast(device_type, dtype):
+    """The autocast context for a dtype chosen by choose_precision (a no-op for float32)."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+CHECKPOINT_VERSION = 1
+
+def save_checkpoint(path, model, **extra):
+    """Write {version, model_config, model, **extra} atomically: a temporary file, then a rename, so an
+    interrupted save never leaves a half-written checkpoint. Extras must be tensors or plain Python types."""
+    ckpt = dict(version=CHECKPOINT_VERSION, model_config=dataclasses.asdict(model.config),
+                model=model.state_dict(), **extra)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint written by save_checkpoint: returns (model, ckpt) with the model on device."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py` (it writes out/ckpt.pt)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a bad file raises many kinds here (OSError, KeyError, UnpicklingError, ...)
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); "
+                         f"it may be truncated: retrain with train.py") from None
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a buildllm checkpoint (no model_config/model); write it with train.py")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has version {ckpt.get('version')}, this code reads {CHECKPOINT_VERSION}; "
+                         f"retrain with train.py")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+# -----------------------------------------------------------------------------
+# demo: a random small model offline, or GPT-2 continuing a prompt
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Sample from GPT-2 (or run an offline demo with no flags)."""
+    init_from: str = ""            # '' = offline demo; gpt2, gpt2-medium, gpt2-large, gpt2-xl or a .safetensors path
+    prompt: str = "Hello, I'm a language model,"
+    max_new_tokens: int = 40       # tokens to sample
+    temperature: float = 0.8       # 0 = greedy
+    top_k: int = 200               # 0 = no top-k cut
+    seed: int = 1337
+    device: str = "auto"           # auto, cpu, cuda, mps
+
+def main(cfg):
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    if not cfg.init_from:
+        config = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
+        model = GPT(config).to(device)
+        idx = torch.randint(0, config.vocab_size, (2, config.block_size), device=device)
+        logits, loss = model(idx, torch.randint(0, config.vocab_size, idx.shape, device=device))
+        print(f"offline demo: a random {config}")
+        print(f"parameters: {model.num_params():,}; FLOPs per token (training): {model.flops_per_token():,}")
+        print(f"forward: idx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss {loss.item():.3f} "
+              f"(ln V = {math.log(config.vocab_size):.3f} expected at initialisation)")
+        print("sampled ids:", model.generate(idx[:1, :4], 8)[0].tolist())
+        return {"loss": loss.item()}
+    model = GPT.from_pretrained(cfg.init_from).to(device).eval()
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken fetches its GPT-2 files on first use
+        raise RuntimeError(f"tiktoken could not load GPT-2's encoding ({type(e).__name__}); it downloads it once, "
+                           f"so run this once online, or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+    idx = torch.tensor([enc.encode(cfg.prompt)], device=device)
+    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
+    text = enc.decode(out[0].tolist())
+    print(text)
+    return {"text": text}
+
+if __name__ == "__main__":
+    main(parse_args(SampleConfig))

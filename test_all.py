@@ -1,0 +1,287 @@
+"""Every test of the project, in curriculum order, offline and deterministic.
+
+Run:  python test_all.py            (all tests, one line each, ends with "N passed, M failed")
+      python test_all.py bpe        (only tests whose name contains "bpe")
+      python -m pytest test_all.py -q
+The whole file takes a few minutes on a 2-core CPU. Tests that need real data from ../shared/data/
+(GPT-2's vocabulary files, tinyshakespeare) skip when it is absent; nothing here uses the network.
+Files are written only into temporary directories.
+"""
+import ast
+import contextlib
+import inspect
+import io
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(os.path.dirname(HERE), "shared", "data")
+sys.path.insert(0, HERE)
+
+def assert_close(a, b, tol, what):
+    """Assert two tensors/arrays/numbers agree within tol, reporting the max abs difference."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape, f"{what}: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}"
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    assert diff <= tol, f"{what}: max abs diff {diff:.3e} > {tol:.1e}"
+
+def shared_file(*parts):
+    """Path of a file in ../shared/data, or skip the test when it is absent (a fresh clone elsewhere)."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        raise unittest.SkipTest(f"{path} not found")
+    return path
+
+def raises(exc_type, fn, *args, match="", **kwargs):
+    """Assert fn(*args) raises exc_type whose message contains `match`; return the message."""
+    try:
+        fn(*args, **kwargs)
+    except exc_type as e:
+        assert match.lower() in str(e).lower(), f"message {str(e)!r} lacks {match!r}"
+        return str(e)
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise {exc_type.__name__}")
+
+# -----------------------------------------------------------------------------
+# gpt.py
+
+import gpt
+from gpt import GPT, GPTConfig
+
+def tiny_config(**kw):
+    return GPTConfig(**{**dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=True), **kw})
+
+MODERN = dict(rope=True, rmsnorm=True, swiglu=True, n_kv_head=2)
+
+def test_gpt_param_count_124m():
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = GPT(GPTConfig())
+    assert model.num_params() == 124_439_808, model.num_params()
+
+def test_gpt_config_validation():
+    raises(ValueError, GPTConfig, n_embd=30, n_head=4, match="divisible by n_head")
+    raises(ValueError, GPTConfig, n_head=12, n_kv_head=5, match="n_kv_head")
+    raises(ValueError, GPTConfig, n_layer=0, match="n_layer")
+    raises(ValueError, GPTConfig, dropout=1.5, match="dropout")
+    model = GPT(tiny_config())
+    raises(ValueError, model, torch.zeros(1, 17, dtype=torch.long), match="block_size")
+
+def test_gpt_attention_matches_manual_softmax():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    attn, x = model.transformer.h[0].attn, torch.randn(2, 7, 32)
+    q, k, v = attn.qkv(x)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))             # (B, nh, T, T)
+    scores = scores.masked_fill(torch.ones(7, 7).triu(1).bool(), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32)
+    assert_close(attn(x), attn.c_proj(y), 1e-5, "sdpa vs manual attention")
+
+def test_gpt_causal_every_variant():
+    for extra in [{}, dict(rope=True), dict(rmsnorm=True), dict(swiglu=True), dict(n_kv_head=1), MODERN]:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(**extra)).eval()
+        idx = torch.randint(0, 97, (2, 16))
+        changed = idx.clone()
+        changed[:, 9] = (changed[:, 9] + 1) % 97
+        a, b = model(idx)[0], model(changed)[0]
+        assert_close(a[:, :9], b[:, :9], 1e-6, f"logits before the changed token, {extra}")
+        assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-4, f"the change had no effect, {extra}"
+
+def test_gpt_initial_loss_near_ln_vocab():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=1000))
+    idx, targets = torch.randint(0, 1000, (8, 16)), torch.randint(0, 1000, (8, 16))
+    loss = model(idx, targets)[1].item()
+    assert abs(loss - math.log(1000)) < 0.1, loss
+    targets[:, :8] = -100  # ignored positions do not count
+    logits = model(idx)[0]
+    expect = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 1000), targets[:, 8:].reshape(-1))
+    assert_close(model(idx, targets)[1], expect, 1e-6, "loss with -100 targets")
+
+def test_gpt_overfits_one_batch_every_variant():
+    for extra in [{}, MODERN, dict(n_kv_head=4)]:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(**extra))
+        opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+        idx = torch.randint(0, 97, (2, 16))
+        for _ in range(60):
+            loss = model(idx[:, :-1], idx[:, 1:])[1]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < 0.05, f"{extra}: loss {loss.item()}"
+
+def test_gpt_optimizer_groups_and_mfu():
+    model = GPT(tiny_config())
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    flops = model.flops_per_token()
+    assert model.estimate_mfu(100, 1.0, flops * 100) == 1.0
+
+def hf_gpt2_tensors(model):
+    # the Hugging Face GPT-2 layout: no "transformer." prefix, Conv1D weights stored (in, out), mask buffers
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        name = name.removeprefix("transformer.")
+        out[name] = t.t().contiguous() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else t
+        if name.endswith("attn.c_attn.bias"):
+            out[name.replace("c_attn.bias", "bias")] = torch.ones(1, 1, 16, 16).tril()
+    return out
+
+def write_safetensors(path, tensors, corrupt=None):
+    # a tiny writer: 8-byte header length, JSON header, raw little-endian data
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().numpy().tobytes()
+        header[name] = dict(dtype={torch.float32: "F32"}[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + len(raw)])
+        blobs.append(raw)
+        offset += len(raw)
+    if corrupt:
+        corrupt(header)
+    head = __import__("json").dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+def test_gpt_from_pretrained_safetensors_round_trip():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    with tempfile.TemporaryDirectory() as d:
+        write_safetensors(os.path.join(d, "model.safetensors"), hf_gpt2_tensors(model))
+        with open(os.path.join(d, "config.json"), "w") as f:
+            f.write('{"n_head": 4}')
+        loaded = GPT.from_pretrained(d).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    assert_close(loaded(idx)[0], model(idx)[0], 0, "logits after loading")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight, "weight tying lost after loading"
+
+def test_gpt_safetensors_rejects_corrupt_files():
+    tensors = hf_gpt2_tensors(GPT(tiny_config()))
+    cases = [
+        (lambda h: h["wte.weight"].update(data_offsets=[0, 10**9]), "offsets"),
+        (lambda h: h["wpe.weight"].update(dtype="F12"), "unknown dtype"),
+        (lambda h: h["h.0.ln_1.bias"].update(data_offsets=h["h.0.ln_1.weight"]["data_offsets"]), "overlap"),
+        (lambda h: h.pop("ln_f.weight"), "missing tensors ['ln_f.weight']"),
+        (lambda h: h.update({"h.0.extra": h.pop("ln_f.bias")}), "unexpected"),
+    ]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.safetensors")
+        with open(os.path.join(d, "config.json"), "w") as f:
+            f.write('{"n_head": 4}')
+        for corrupt, message in cases:
+            write_safetensors(path, tensors, corrupt)
+            raises(ValueError, GPT.from_pretrained, d, match=message)
+        shaped = dict(tensors, **{"ln_f.weight": torch.ones(31), "ln_f.bias": torch.ones(32)})
+        write_safetensors(path, shaped)
+        raises(ValueError, GPT.from_pretrained, d, match="ln_f.weight has shape (31,)")
+        with open(path, "wb") as f:
+            f.write((10**6).to_bytes(8, "little") + b"{}")
+        raises(ValueError, GPT.from_pretrained, d, match="past the end")
+        with open(path, "wb") as f:
+            f.write((5).to_bytes(8, "little") + b"{nope")
+        raises(ValueError, GPT.from_pretrained, d, match="not valid JSON")
+
+def test_gpt_checkpoint_round_trip_and_errors():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**MODERN)).eval()
+    with tempfile.TemporaryDirectory() as d:
+        path = gpt.save_checkpoint(os.path.join(d, "ckpt.pt"), model, step=7, tokenizer={"merges": [[1, 2]]})
+        assert not [f for f in os.listdir(d) if f != "ckpt.pt"], "a temporary file was left behind"
+        loaded, ckpt = gpt.load_checkpoint(path)
+        idx = torch.randint(0, 97, (2, 16))
+        assert_close(loaded.eval()(idx)[0], model(idx)[0], 0, "logits after a checkpoint round trip")
+        assert ckpt["step"] == 7 and ckpt["tokenizer"] == {"merges": [[1, 2]]}
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+        raw = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(raw[: len(raw) // 2])
+        raises(ValueError, gpt.load_checkpoint, path, match="truncated")
+        torch.save({"weights": torch.ones(2)}, path)
+        raises(ValueError, gpt.load_checkpoint, path, match="not a buildllm checkpoint")
+        raises(FileNotFoundError, gpt.load_checkpoint, os.path.join(d, "nope.pt"), match="train.py")
+
+def test_gpt_parse_args_flags():
+    cfg = gpt.parse_args(gpt.SampleConfig, ["--top_k=5", "--temperature", "0.5", "--prompt=a=b c"])
+    assert (cfg.top_k, cfg.temperature, cfg.prompt) == (5, 0.5, "a=b c")
+    for bad in (["--top_kk=5"], ["--top_k=5.5"], ["--top=5"]):
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                gpt.parse_args(gpt.SampleConfig, bad)
+            raise AssertionError(f"{bad} was accepted")
+        except SystemExit as e:
+            assert e.code == 2 and "--max_new_tokens int" in err.getvalue(), "the usage lists the valid flags"
+
+# -----------------------------------------------------------------------------
+# repo-wide checks: import policy, copied helpers, line budgets
+
+SCRIPTS = ["bigram.py", "micrograd.py", "bpe.py", "gpt.py", "train.py", "finetune.py", "lora.py", "dpo.py",
+           "kvcache.py", "quantize.py", "ddp.py"]
+# hard caps in lines (wc -l); test_all.py is larger than STYLE's 650 because every issue asks for
+# reference comparisons, and a cut test hides more than a long file does
+LINE_CAPS = {"bigram.py": 260, "micrograd.py": 260, "bpe.py": 350, "gpt.py": 450, "train.py": 600,
+             "finetune.py": 260, "lora.py": 280, "dpo.py": 320, "kvcache.py": 350, "quantize.py": 320,
+             "ddp.py": 300, "test_all.py": 1100}
+
+def present(files):
+    return [f for f in files if os.path.exists(os.path.join(HERE, f))]
+
+def test_repo_import_policy():
+    allowed = set(sys.stdlib_module_names) | {"torch", "numpy", "tiktoken", "requests"}
+    for f in present(SCRIPTS):
+        tree = ast.parse(open(os.path.join(HERE, f), encoding="utf-8").read())
+        mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+        ours = mods & {s[:-3] for s in SCRIPTS}
+        if f in ("bigram.py", "micrograd.py", "bpe.py", "gpt.py"):
+            assert not ours, f"{f} imports {ours}; it must stand alone"
+        else:
+            assert ours <= {"gpt", "bpe"}, f"{f} imports {ours}; later scripts import only gpt and bpe"
+        foreign = mods - ours - allowed - ({"regex"} if f == "bpe.py" else set())
+        assert not foreign, f"{f} imports {foreign}: not a project dependency"
+
+def test_repo_copied_parse_args_identical():
+    reference = inspect.getsource(gpt.parse_args)
+    for f in present(["bigram.py", "micrograd.py", "bpe.py"]):
+        module = __import__(f[:-3])
+        assert inspect.getsource(module.parse_args) == reference, f"{f}: parse_args drifted from gpt.parse_args"
+
+def test_repo_line_budgets():
+    for f in present(list(LINE_CAPS)):
+        n = sum(1 for _ in open(os.path.join(HERE, f), encoding="utf-8"))
+        assert n <= LINE_CAPS[f], f"{f} has {n} lines, over its cap of {LINE_CAPS[f]}"
+
+def test_repo_ci_runs_the_readme_test_command():
+    readme, ci = (open(os.path.join(HERE, f)).read() for f in ("README.md", ".ci/run"))
+    assert "python test_all.py" in readme and "\npython test_all.py\n" in ci
+
+# -----------------------------------------------------------------------------
+# the runner (pytest finds the same test_* functions without it)
+
+if __name__ == "__main__":
+    pattern = sys.argv[1] if len(sys.argv) > 1 else ""
+    tests = [(n, f) for n, f in list(globals().items()) if n.startswith("test_") and callable(f) and pattern in n]
+    counts = {"ok": 0, "FAIL": 0, "skip": 0}
+    for name, fn in tests:
+        t0, status, detail = time.time(), "ok", ""
+        try:
+            fn()
+        except unittest.SkipTest as e:
+            status, detail = "skip", f"  ({e})"
+        except Exception as e:
+            status, detail = "FAIL", f"\n    {type(e).__name__}: {e}"
+        counts[status] += 1
+        print(f"{name:<52} {status:<4} {time.time() - t0:6.2f}s{detail}", flush=True)
+    print(f"{counts['ok']} passed, {counts['FAIL']} failed" + (f", {counts['skip']} skipped" if counts["skip"] else ""))
+    sys.exit(1 if counts["FAIL"] else 0)
