@@ -27,7 +27,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import requests
 import tiktoken
@@ -55,8 +54,7 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be at least 1")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"pick n_embd as a multiple of n_head")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; change either")
         kv = self.n_kv_head or self.n_head
         if kv < 0 or self.n_head % kv:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
@@ -283,15 +281,10 @@ class GPT(nn.Module):
             raise ValueError(f"{path} is not a GPT-2 checkpoint: it has no wte.weight/wpe.weight tensors")
         n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
         (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
-        # shapes give everything but the number of heads: the four GPT-2 sizes have 64 channels per head
+        # shapes tell everything but the number of heads: config.json beside the file has it, and the
+        # four GPT-2 sizes all use 64 channels per head
         config_json = os.path.join(os.path.dirname(path), "config.json")
-        if os.path.exists(config_json):
-            with open(config_json) as f:
-                n_head = json.load(f)["n_head"]
-        elif n_embd in (768, 1024, 1280, 1600):
-            n_head = n_embd // 64
-        else:
-            raise ValueError(f"cannot tell n_head for n_embd={n_embd}: put the model's config.json beside {path}")
+        n_head = json.load(open(config_json))["n_head"] if os.path.exists(config_json) else max(1, n_embd // 64)
         model = cls(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_embd=n_embd))
         own = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -300,10 +293,8 @@ class GPT(nn.Module):
             raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
         with torch.no_grad():
             for name, target in own.items():
-                t = tensors[name]
-                # GPT-2 stored its Linear layers as "Conv1D" with the weight transposed: (in, out)
-                if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                    t = t.t()
+                # GPT-2 stored its Linear layers as "Conv1D", with the weight transposed: (in, out)
+                t = tensors[name].t() if name.endswith(("attn.weight", "proj.weight", "fc.weight")) else tensors[name]
                 if t.shape != target.shape:
                     raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected "
                                      f"{tuple(target.shape)}")
@@ -384,24 +375,21 @@ def download(url, path, sha256=""):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     part = path + ".part"
+    done = os.path.getsize(part) if os.path.exists(part) else 0
     try:
-        done = os.path.getsize(part) if os.path.exists(part) else 0
-        with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"} if done else {}) as r:
-            if r.status_code != 416:  # 416: the .part file is already complete
+        with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"}) as r:
+            if r.status_code != 416:  # 416: nothing is left to fetch, the .part file is complete
                 r.raise_for_status()
-                if r.status_code != 206:  # the server ignored Range: start again
-                    done = 0
+                done = done if r.status_code == 206 else 0  # 200: the server ignored Range, start over
                 total = done + int(r.headers.get("content-length", 0))
                 with open(part, "ab" if done else "wb") as f:
-                    for chunk in r.iter_content(1 << 20):
-                        f.write(chunk)
-                        done += len(chunk)
-                        print(f"\r{os.path.basename(path)}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="",
-                              file=sys.stderr, flush=True)
+                    for block in r.iter_content(1 << 20):
+                        done += f.write(block)
+                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
                 print(file=sys.stderr)
     except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({type(e).__name__}). Fetch it yourself and save it as "
-                           f"{path}; the download resumes from {part} when rerun") from None
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and save it as "
+                           f"{path} (a rerun resumes from {part})") from None
     if sha256:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
@@ -409,9 +397,8 @@ def download(url, path, sha256=""):
                 digest.update(block)
         if digest.hexdigest() != sha256:
             os.remove(part)
-            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected {sha256}); "
-                               f"run again")
-    os.replace(part, path)
+            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected {sha256}); retry")
+    os.replace(part, path)  # atomic: path is either absent or complete
     return path
 
 def pick_device(device="auto"):
@@ -437,20 +424,17 @@ def choose_precision(device_type, dtype="auto", cuda_bf16=False, cpu_bf16=False)
         if device_type == "cpu" and cpu_bf16:
             return "bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)"
         return "float32", f"{device_type} without fast low precision"
-    if dtype != "float32" and device_type == "mps":
-        raise ValueError(f"--dtype={dtype} on mps: autocast there is not reliable yet; use --dtype=float32")
+    if dtype != "float32" and device_type == "mps":  # kept simple: MPS autocast varies across torch versions
+        raise ValueError(f"--dtype={dtype} on mps: this code runs MPS in float32; pass --dtype=float32")
     if dtype == "float16" and device_type != "cuda":
-        raise ValueError(f"--dtype=float16 needs a CUDA GPU (its GradScaler is CUDA-only); use bfloat16 or float32")
+        raise ValueError(f"--dtype=float16 needs CUDA (its GradScaler is CUDA-only); pass bfloat16 or float32")
     if dtype == "bfloat16" and device_type == "cuda" and not cuda_bf16:
-        raise ValueError("--dtype=bfloat16: this GPU has no bf16; use --dtype=float16")
+        raise ValueError("--dtype=bfloat16: this GPU has no bf16; pass --dtype=float16")
     return dtype, "asked for"
 
 def cpu_has_bf16():
     # Linux lists the CPU's features in /proc/cpuinfo; elsewhere assume no native bf16
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 def autocast(device_type, dtype):
@@ -506,28 +490,26 @@ class SampleConfig:
 def main(cfg):
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    if not cfg.init_from:
+    if not cfg.init_from:  # offline: a small random model
         config = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
         model = GPT(config).to(device)
-        idx = torch.randint(0, config.vocab_size, (2, config.block_size), device=device)
-        logits, loss = model(idx, torch.randint(0, config.vocab_size, idx.shape, device=device))
-        print(f"offline demo: a random {config}")
-        print(f"parameters: {model.num_params():,}; FLOPs per token (training): {model.flops_per_token():,}")
-        print(f"forward: idx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss {loss.item():.3f} "
-              f"(ln V = {math.log(config.vocab_size):.3f} expected at initialisation)")
+        idx, targets = torch.randint(0, config.vocab_size, (2, 2, config.block_size), device=device)
+        logits, loss = model(idx, targets)
+        print(f"offline demo: a random {config}\nparameters: {model.num_params():,}, training FLOPs per token: "
+              f"{model.flops_per_token():,}\nidx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss "
+              f"{loss.item():.3f} (ln V = {math.log(config.vocab_size):.3f} expected at initialisation)")
         print("sampled ids:", model.generate(idx[:1, :4], 8)[0].tolist())
         return {"loss": loss.item()}
     model = GPT.from_pretrained(cfg.init_from).to(device).eval()
     try:
         enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken fetches its GPT-2 files on first use
-        raise RuntimeError(f"tiktoken could not load GPT-2's encoding ({type(e).__name__}); it downloads it once, "
-                           f"so run this once online, or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
-    idx = torch.tensor([enc.encode(cfg.prompt)], device=device)
-    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k)
-    text = enc.decode(out[0].tolist())
-    print(text)
-    return {"text": text}
+    except Exception as e:  # tiktoken fetches its GPT-2 files on first use, and fails offline
+        raise RuntimeError(f"tiktoken could not load GPT-2's encoding ({type(e).__name__}): run once online, "
+                           f"or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+    out = model.generate(torch.tensor([enc.encode(cfg.prompt)], device=device), cfg.max_new_tokens,
+                         cfg.temperature, cfg.top_k)
+    print(enc.decode(out[0].tolist()))
+    return {"text": enc.decode(out[0].tolist())}
 
 if __name__ == "__main__":
     main(parse_args(SampleConfig))

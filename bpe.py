@@ -1,0 +1,372 @@
+"""Byte-level BPE: the tokenizer every later script uses, trained in pure Python, exact for GPT-2.
+
+What you learn: text becomes UTF-8 bytes, then ids, by repeatedly merging the most frequent adjacent pair
+into a new token (Sennrich et al.); a split regex first cuts text into chunks so merges stay inside words.
+Training is fast because each distinct chunk is counted once and a merge recounts only the chunks holding
+its pair. The key idea: encoding applies the learned merges (a, b) -> id in the order they were learned.
+How to run:
+  python bpe.py                                                     # offline demo: trains on this file
+  python bpe.py --train=input.txt --vocab_size=4096 --out=tok.json  # train, report bytes per token
+  python bpe.py --tokenizer=tok.json --text="Hello world"           # ids and pieces (or --tokenizer=gpt2)
+  python bpe.py --bench                                             # incremental vs naive, Python vs tiktoken
+Depends on: nothing from this repo. References: Sennrich et al. 2016, Neural Machine Translation of Rare
+Words with Subword Units, arXiv:1508.07909; Radford et al. 2019, Language Models are Unsupervised
+Multitask Learners (GPT-2); https://github.com/openai/tiktoken
+"""
+import argparse
+import dataclasses
+import hashlib
+import heapq
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+
+import regex
+import requests
+import tiktoken
+
+@dataclasses.dataclass
+class BpeConfig:
+    """Train, inspect or benchmark a byte-level BPE tokenizer."""
+    # what to run, I/O
+    train: str = ""  # UTF-8 text file to train on ('' = offline demo on this source file)
+    out: str = "tok.json"  # where --train writes the tokenizer (readable JSON)
+    tokenizer: str = ""  # 'gpt2' or a tok.json: print the ids and pieces of --text ('' = off)
+    bench: bool = False  # time training (incremental vs naive) and encoding (Python vs tiktoken) on 1 MB
+    text: str = "Hello world! Tokens 🤖 naïve 東京 <|endoftext|>"  # what --tokenizer and the demo encode
+    gpt2_dir: str = "data/gpt2"  # GPT-2's encoder.json and vocab.bpe live here (downloaded if missing)
+    # tokenizer
+    vocab_size: int = 1024  # 256 bytes + merges + 1 special token (<|endoftext|>); GPT-2 has 50257
+    pattern: str = "gpt2"  # split regex applied before BPE: 'gpt2', 'gpt4' (cl100k) or 'none'
+
+SPLIT_PATTERNS = {  # merges never cross a chunk boundary, so " dog" in " dog." and " dog," is learned once
+    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+            r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    "none": "",  # the whole text is one chunk, as in the textbook example (slow on long texts)
+}
+GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+
+# -----------------------------------------------------------------------------
+# building blocks: merging a pair, counting chunks, downloading GPT-2's files
+
+def merge(ids, pair, new_id):
+    """Replace each occurrence of pair, left to right: merge([1, 2, 2, 1, 2], (1, 2), 9) -> [9, 2, 9]."""
+    out, i = [], 0
+    while i < len(ids):
+        hit = ids[i] == pair[0] and i + 1 < len(ids) and ids[i + 1] == pair[1]
+        out.append(new_id if hit else ids[i])
+        i += 2 if hit else 1
+    return out
+
+def count_chunks(text, pattern, specials):
+    """How often each chunk occurs: count_chunks("a a a", SPLIT_PATTERNS["gpt2"], []) -> {"a": 1, " a": 2}."""
+    counts = Counter()  # special tokens are cut out first, so no merge learns a piece of "<|endoftext|>"
+    for part in re.split("|".join(map(re.escape, specials)), text) if specials else [text]:
+        counts.update(regex.findall(pattern, part) if pattern else [part])
+    return counts
+
+# identical to gpt.download; copied so this file stands alone
+def download(url, path, sha256=""):
+    """Fetch url to path once: streamed with progress, resumed from path.part after an interruption,
+    checked against sha256 when given, and renamed into place only when complete."""
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    part = path + ".part"
+    done = os.path.getsize(part) if os.path.exists(part) else 0
+    try:
+        with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"}) as r:
+            if r.status_code != 416:  # 416: nothing is left to fetch, the .part file is complete
+                r.raise_for_status()
+                done = done if r.status_code == 206 else 0  # 200: the server ignored Range, start over
+                total = done + int(r.headers.get("content-length", 0))
+                with open(part, "ab" if done else "wb") as f:
+                    for block in r.iter_content(1 << 20):
+                        done += f.write(block)
+                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
+                print(file=sys.stderr)
+    except requests.RequestException as e:
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and save it as "
+                           f"{path} (a rerun resumes from {part})") from None
+    if sha256:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            os.remove(part)
+            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected {sha256}); retry")
+    os.replace(part, path)  # atomic: path is either absent or complete
+    return path
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+class Tokenizer:
+    """Byte-level BPE. Tokenizer() knows the 256 bytes only; train(), load() or gpt2() add merges."""
+    def __init__(self, pattern="gpt2", byte_order=range(256), merges=(), special_tokens=()):
+        if pattern not in SPLIT_PATTERNS:
+            raise ValueError(f"pattern={pattern!r} is unknown; use one of {list(SPLIT_PATTERNS)}")
+        if sorted(byte_order) != list(range(256)):
+            raise ValueError("byte_order must list each byte 0..255 exactly once")
+        self.pattern, self._split = pattern, regex.compile(SPLIT_PATTERNS[pattern]) if pattern != "none" else None
+        self.vocab = {i: bytes([b]) for i, b in enumerate(byte_order)}  # id -> bytes; GPT-2 permutes 0..255
+        self.byte_ids = {b: i for i, b in enumerate(byte_order)}  # byte value -> id
+        self.merges = {}  # (id_a, id_b) -> new id; the new id doubles as the merge's priority
+        for a, b in merges:
+            if a not in self.vocab or b not in self.vocab or (a, b) in self.merges:
+                raise ValueError(f"merge [{a}, {b}] repeats or uses an id not defined before it")
+            self.merges[a, b] = len(self.vocab)
+            self.vocab[len(self.vocab)] = self.vocab[a] + self.vocab[b]
+        self.special_tokens = {}  # str -> id, after the last merge (GPT-2: <|endoftext|> = 50256)
+        for s in special_tokens:
+            if not isinstance(s, str) or not s or s in self.special_tokens:
+                raise ValueError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
+            self.special_tokens[s] = len(self.vocab)
+            self.vocab[len(self.vocab)] = s.encode("utf-8")
+        self.vocab_size, self._cache = len(self.vocab), {}  # _cache: chunk -> ids
+
+    def train(self, text, vocab_size, pattern="gpt2", special_tokens=("<|endoftext|>",), verbose=False):
+        """Learn vocab_size - 256 - len(special_tokens) merges, ties going to the smallest pair (id_a, id_b);
+        train("aaabdaaabac", 259, "none", ()) learns (97, 97) -> 256, (97, 98) -> 257, (256, 257) -> 258."""
+        self.__init__(pattern, range(256), [], special_tokens)  # checks the pattern and special tokens
+        specials, n_merges = list(self.special_tokens), vocab_size - self.vocab_size
+        if n_merges < 0:
+            raise ValueError(f"vocab_size={vocab_size} is too small for 256 byte tokens + {len(specials)} "
+                             f"special tokens; pass vocab_size>={self.vocab_size}")
+        # 1. each distinct chunk is one word with a count: " the" may occur 10,000 times, it is one word
+        chunks = count_chunks(text, SPLIT_PATTERNS[pattern], specials)
+        words, counts = [list(c.encode("utf-8")) for c in chunks], list(chunks.values())
+        # 2. count adjacent pairs (weighted by word count) and remember which words hold each pair
+        stats, where = defaultdict(int), defaultdict(set)
+        for i, word in enumerate(words):
+            for pair in zip(word, word[1:]):
+                stats[pair] += counts[i]
+                where[pair].add(i)
+        # 3. a heap of (-count, pair) pops the most frequent pair, ties to the smallest pair. Rather than
+        # update entries when counts change we push fresh ones and skip stale ones as they come up
+        heap, merges = [(-n, pair) for pair, n in stats.items()], []
+        heapq.heapify(heap)
+        while len(merges) < n_merges:
+            if not heap:
+                raise ValueError(f"vocab_size={vocab_size} is too large: this text allows {len(merges)} merges; "
+                                 f"pass vocab_size<={vocab_size - n_merges + len(merges)} or more text")
+            neg_count, pair = heapq.heappop(heap)
+            if stats[pair] != -neg_count:
+                continue  # stale entry: the count changed after it was pushed
+            merges.append(pair)
+            new_id = 255 + len(merges)
+            # 4. touch only the words holding the pair: take their old pairs out, put their new pairs in
+            delta = defaultdict(int)  # pair -> change of its count
+            for i in where.pop(pair):
+                old, new = words[i], merge(words[i], pair, new_id)
+                if len(new) == len(old):
+                    continue  # the word lost this pair to an earlier merge; where[] keeps old entries
+                for p in zip(old, old[1:]):
+                    delta[p] -= counts[i]
+                for p in zip(new, new[1:]):
+                    delta[p] += counts[i]
+                    where[p].add(i)
+                words[i] = new
+            for p, change in delta.items():
+                stats[p] += change
+                if change and stats[p] > 0:
+                    heapq.heappush(heap, (-stats[p], p))
+            if verbose and len(merges) % 200 == 0:
+                print(f"merge {len(merges)}/{n_merges}: {pair} -> {new_id}, seen {-neg_count} times")
+        self.__init__(pattern, range(256), merges, specials)
+        return self
+
+    def _encode_chunk(self, chunk):
+        # apply the earliest-learned merge present (lowest new id), as training did, until none applies
+        ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
+        while (pair := min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, 1e9), default=None)) in self.merges:
+            ids = merge(ids, pair, self.merges[pair])
+        return ids
+
+    def encode(self, text, allowed_special="none_raise"):
+        """str -> ids. As in tiktoken, text holding a special token raises unless it is allowed:
+        allowed_special is 'all', a set of tokens, 'none' (encode them as plain text) or 'none_raise'."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set() \
+            if allowed_special in ("none", "none_raise") else set(allowed_special) & set(self.special_tokens)
+        for s in self.special_tokens if allowed_special != "none" else ():
+            if s in text and s not in allowed:
+                raise ValueError(f"text contains the special token {s!r}, which is not allowed: pass allowed_special="
+                                 f"{{{s!r}}} or 'all' to encode it as its id, or 'none' to encode it as plain text")
+        # split on the allowed specials; the capture group keeps them, at the odd positions of parts
+        parts = re.split(f"({'|'.join(map(re.escape, allowed))})", text) if allowed else [text]
+        ids = []
+        for k, part in enumerate(parts):
+            for chunk in [] if k % 2 else self._split.findall(part) if self._split else [part] if part else []:
+                if chunk not in self._cache:  # a word seen before costs one dict lookup
+                    self._cache[chunk] = self._encode_chunk(chunk)
+                ids.extend(self._cache[chunk])
+            ids.extend([self.special_tokens[part]] if k % 2 else [])
+        return ids
+
+    def pieces(self, ids):
+        """The bytes behind each id, to show an encoding: pieces([72, 105, 226]) -> [b'H', b'i', b'\\xe2']."""
+        if unknown := [i for i in ids if i not in self.vocab]:
+            raise ValueError(f"unknown token ids {unknown[:5]}: this tokenizer has ids 0..{self.vocab_size - 1}")
+        return [self.vocab[i] for i in ids]
+
+    def decode(self, ids):
+        """ids -> str. Bytes that are not valid UTF-8 (a character split across ids) become U+FFFD."""
+        return b"".join(self.pieces(ids)).decode("utf-8", errors="replace")
+
+    def to_tiktoken(self, name="bpe"):
+        """The same tokenizer as a tiktoken.Encoding: identical ids at Rust speed (rank = id)."""
+        ranks = {b: i for i, b in self.vocab.items() if i not in self.special_tokens.values()}
+        assert len(ranks) + len(self.special_tokens) == len(self.vocab), "two tokens have the same bytes"
+        return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERNS[self.pattern] or r"[\s\S]+",
+                                 mergeable_ranks=ranks, special_tokens=dict(self.special_tokens))
+
+    def to_dict(self):
+        """Plain types only, so a checkpoint can carry the tokenizer (torch.load(weights_only=True) reads it)."""
+        return {"version": 1, "pattern": self.pattern, "special_tokens": list(self.special_tokens),
+                "byte_order": [self.vocab[i][0] for i in range(256)], "merges": [list(p) for p in self.merges]}
+
+    @classmethod
+    def from_dict(cls, obj, source="the tokenizer"):
+        """Inverse of to_dict; anything malformed raises a ValueError that names the source and the fix."""
+        try:
+            if obj["version"] != 1:
+                raise ValueError(f"version is {obj['version']!r}, this code reads 1")
+            return cls(obj["pattern"], obj["byte_order"], obj["merges"], obj["special_tokens"])
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{source} is not a valid tokenizer ({type(e).__name__}: {e}); re-create it "
+                             f"with `python bpe.py --train=FILE --out=tok.json`") from None
+
+    def save(self, path):
+        """Readable JSON: pattern, special tokens (ids after the merges), bytes of ids 0..255, one merge a line."""
+        obj = self.to_dict()
+        head = json.dumps({k: v for k, v in obj.items() if k != "merges"}, ensure_ascii=False)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(head[:-1] + ', "merges": [\n' + ",\n".join(f"[{a}, {b}]" for a, b in obj["merges"]) + "\n]}\n")
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a file
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by save(); a missing, truncated or corrupt file raises with the fix."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer file {path} not found; create it with "
+                                    f"`python bpe.py --train=FILE --out={path}` or use --tokenizer=gpt2")
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+        except ValueError as e:  # JSON errors, bad UTF-8
+            raise ValueError(f"{path} is not valid JSON ({e}); it may be truncated: re-create it") from None
+        return cls.from_dict(obj, path)
+
+    @classmethod
+    def gpt2(cls, dir="data/gpt2"):
+        """GPT-2's exact tokenizer from OpenAI's encoder.json and vocab.bpe in dir (downloaded if missing)."""
+        for name, sha256 in GPT2_FILES.items():
+            try:
+                download(GPT2_URL + name, os.path.join(dir, name), sha256)
+            except RuntimeError as e:  # name both files: a user fetching them by hand needs the pair
+                raise RuntimeError(f"{e}. GPT-2's tokenizer needs encoder.json ({GPT2_URL}encoder.json) and "
+                                   f"vocab.bpe ({GPT2_URL}vocab.bpe) in {os.path.abspath(dir)}") from None
+        # ids 0..255 are the 188 printable bytes, then the other 68 (the files spell those chr(256 + k))
+        order = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+        order += [b for b in range(256) if b not in order]
+        try:
+            with open(os.path.join(dir, "encoder.json"), encoding="utf-8") as f, \
+                    open(os.path.join(dir, "vocab.bpe"), encoding="utf-8") as g:
+                encoder, lines = json.load(f), g.read().split("\n")[1:-1]  # skip "#version: 0.2" and the end
+            # vocab.bpe line i is "left right", spelled in GPT-2's alphabet, and makes id 256 + i
+            tok = cls("gpt2", order, [[encoder[s] for s in line.split(" ")] for line in lines], ["<|endoftext|>"])
+            if tok.vocab_size != len(encoder):  # e.g. a truncated vocab.bpe
+                raise ValueError(f"{len(lines)} merges in vocab.bpe do not fit {len(encoder)} tokens in encoder.json")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"the GPT-2 files in {dir} are corrupt ({type(e).__name__}: {e}); delete "
+                             f"encoder.json and vocab.bpe there to download them again") from None
+        return tok
+
+# -----------------------------------------------------------------------------
+# helpers used by main: the naive baseline, the benchmark, flags
+
+def train_naive(text, vocab_size, pattern):
+    # the baseline: the same distinct words as train(), but every pair is recounted after every merge
+    chunks = count_chunks(text, SPLIT_PATTERNS[pattern], ["<|endoftext|>"])
+    words, counts, merges = [list(c.encode("utf-8")) for c in chunks], list(chunks.values()), []
+    for new_id in range(256, vocab_size - 1):
+        stats = defaultdict(int)
+        for word, n in zip(words, counts):
+            for pair in zip(word, word[1:]):
+                stats[pair] += n
+        merges.append(min(stats, key=lambda p: (-stats[p], p)))  # same rule: most frequent, then smallest
+        words = [merge(word, merges[-1], new_id) for word in words]
+    return merges
+
+def timed(fn, *args, **kwargs):  # CPU seconds of this process: fair on a busy machine
+    t0 = time.process_time()
+    return fn(*args, **kwargs), time.process_time() - t0
+
+def bench(cfg):
+    path = cfg.train or os.path.abspath(__file__)  # offline default: this file, repeated to 1 MB
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
+    tok, t_fast = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern)
+    naive, t_naive = timed(train_naive, text, cfg.vocab_size, cfg.pattern)
+    ids, t_python = timed(tok.encode, text, allowed_special="all")  # cold cache: each chunk merged once
+    ids_tiktoken, t_tiktoken = timed(tok.to_tiktoken().encode, text, allowed_special="all")
+    mb = len(text.encode("utf-8")) / 1e6
+    print(f"{len(text):,} chars of {os.path.normpath(path)}, vocab_size={cfg.vocab_size}, CPU seconds\n"
+          f"train:  incremental {t_fast:.2f} s, naive {t_naive:.2f} s -> {t_naive / t_fast:.1f}x faster, "
+          f"identical merges: {naive == list(tok.merges)}\nencode: Python {mb / t_python:.2f} MB/s, "
+          f"tiktoken {mb / t_tiktoken:.2f} MB/s, identical ids: {ids == ids_tiktoken}")
+    return {"speedup": t_naive / t_fast, "same_merges": naive == list(tok.merges), "same_ids": ids == ids_tiktoken}
+
+# identical to gpt.parse_args; copied so this file stands alone
+def parse_args(config_class, argv=None):
+    """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
+    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). A misspelled flag or a
+    value of the wrong type stops with exit code 2 and a usage line that lists every valid flag."""
+    def to_bool(text):  # type=bool would turn "False" into True
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
+    for field in dataclasses.fields(config_class):
+        kind = to_bool if isinstance(field.default, bool) else type(field.default)
+        # a bare boolean flag (`--bench`) means True
+        extra = dict(nargs="?", const=True) if kind is to_bool else {}
+        parser.add_argument(f"--{field.name}", type=kind, default=field.default,
+                            metavar=type(field.default).__name__, **extra)
+    return config_class(**vars(parser.parse_args(argv)))
+
+def main(cfg):
+    """Benchmark, show --text through --tokenizer, train on --train, or (no flags) a demo on this file."""
+    if cfg.bench:
+        return bench(cfg)
+    if cfg.tokenizer:  # --- load a tokenizer, or train one on --train or on this very file (offline demo)
+        tok, result = Tokenizer.gpt2(cfg.gpt2_dir) if cfg.tokenizer == "gpt2" else Tokenizer.load(cfg.tokenizer), {}
+    else:
+        with open(cfg.train or os.path.abspath(__file__), encoding="utf-8") as f:
+            text = f.read()
+        tok, seconds = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern, verbose=True)
+        n_tokens = len(tok.to_tiktoken().encode(text, allowed_special="all"))
+        result = {"seconds": seconds, "bytes_per_token": len(text.encode("utf-8")) / max(1, n_tokens)}
+        print(f"trained {len(tok.merges)} merges on {len(text):,} chars in {seconds:.2f} s; "
+              f"compression {result['bytes_per_token']:.2f} bytes per token")
+        if cfg.train:
+            tok.save(cfg.out)
+            print(f"wrote {cfg.out}")
+    # --- the ids and pieces of --text (tokens are bytes: show partial UTF-8 escaped), and the round trip
+    ids = tok.encode(cfg.text, allowed_special="all")
+    pieces = [piece.decode("utf-8", errors="backslashreplace") for piece in tok.pieces(ids)]
+    print(f"{len(ids)} ids: {ids}\npieces: {pieces}\nround trip ok: {tok.decode(ids) == cfg.text}")
+    return result | {"ids": ids}
+
+if __name__ == "__main__":
+    main(parse_args(BpeConfig))
