@@ -117,11 +117,10 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, mask=None):
         """softmax(q k^T / sqrt(hs)) v, causal unless a boolean mask (True = may attend) is given."""
-        if self.n_kv_head != self.n_head:  # grouped-query: each k/v head serves nh/nkv query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, Tk, hs)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        # grouped-query: each k/v head serves nh/nkv query heads; enable_gqa pairs them without copying k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)       # (B, nh, T, hs)
         B, nh, T, hs = y.shape
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, nh * hs)))  # (B, T, C)
 

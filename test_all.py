@@ -212,14 +212,16 @@ def test_gpt_config_validation():
     raises(ValueError, model, torch.zeros(1, 17, dtype=torch.long), match="block_size")
 
 def test_gpt_attention_matches_manual_softmax():
-    torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
-    attn, x = model.transformer.h[0].attn, torch.randn(2, 7, 32)
-    q, k, v = attn.qkv(x)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))             # (B, nh, T, T)
-    scores = scores.masked_fill(torch.ones(7, 7).triu(1).bool(), float("-inf"))
-    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32)
-    assert_close(attn(x), attn.c_proj(y), 1e-5, "sdpa vs manual attention")
+    for n_kv_head in (0, 2, 1):  # plain, grouped-query, multi-query
+        torch.manual_seed(0)
+        model = GPT(tiny_config(n_kv_head=n_kv_head)).eval()
+        attn, x = model.transformer.h[0].attn, torch.randn(2, 7, 32)
+        q, k, v = attn.qkv(x)
+        k, v = (t.repeat_interleave(4 // (n_kv_head or 4), dim=1) for t in (k, v))  # (B, nh, T, hs)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))             # (B, nh, T, T)
+        scores = scores.masked_fill(torch.ones(7, 7).triu(1).bool(), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32)
+        assert_close(attn(x), attn.c_proj(y), 1e-5, f"sdpa vs manual attention, n_kv_head={n_kv_head}")
 
 def test_gpt_causal_every_variant():
     for extra in [{}, dict(rope=True), dict(rmsnorm=True), dict(swiglu=True), dict(n_kv_head=1), MODERN]:
