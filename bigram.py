@@ -1,0 +1,280 @@
+"""Character-level language models of names: bigram counts, the same bigram as a neural net, and an MLP.
+
+What you learn: a language model gives P(next char | previous chars) and is scored by the average negative
+log-likelihood (NLL) of held-out words. Add-k smoothed bigram counts are the exact optimum of the NLL plus k
+pseudo-counts of every bigram, so a one-layer net trained by gradient descent on that objective converges to
+the same NLL. A longer context with learned embeddings (Bengio et al. 2003) then beats both.
+
+How to run (CPU, under a minute; a GPU would not help models this small):
+    python bigram.py                             # makemore's names.txt (the built-in names when offline)
+    python bigram.py --data=words.txt --block_size=5 --n_hidden=200 --max_iters=30000   # one word per line
+Depends on: nothing from this repo; downloads names.txt once into data/ with requests.
+References: Bengio et al., "A Neural Probabilistic Language Model", JMLR 2003; github.com/karpathy/makemore
+"""
+import argparse
+import dataclasses
+import hashlib
+import os
+import random
+import sys
+
+import requests
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+@dataclasses.dataclass
+class BigramConfig:
+    """Fit three character-level language models to a list of words and compare their NLL."""
+    # I/O
+    data: str = "names"  # "names": names.txt, downloaded once into data/ (offline: built-in names); or a path
+    # data
+    val_frac: float = 0.1  # fraction of the words held out to measure validation NLL
+    # model
+    smoothing: float = 1.0  # add-k smoothing: k pseudo-counts of every bigram (> 0, typically 0.1-1)
+    block_size: int = 3  # MLP context length in characters
+    n_embd: int = 10  # MLP embedding size per character
+    n_hidden: int = 64  # MLP hidden tanh units
+    # optimizer
+    bigram_iters: int = 200  # full-batch AdamW steps of the neural bigram
+    bigram_lr: float = 0.5  # its initial learning rate
+    max_iters: int = 10000  # MLP AdamW steps on minibatches
+    batch_size: int = 64  # MLP examples per step
+    learning_rate: float = 1e-2  # MLP initial learning rate; both learning rates decay linearly to 10%
+    weight_decay: float = 0.2  # MLP AdamW weight decay (decoupled); names.txt would like less, 400 names more
+    log_interval: int = 2000  # print the MLP training loss every this many steps
+    # sampling and system
+    num_samples: int = 8  # words sampled from each model
+    top_bigrams: int = 10  # most frequent bigrams listed under the heat-map
+    seed: int = 1337  # seeds the split, the MLP init and batches, and the sampling
+
+NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
+NAMES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "names.txt")
+# the offline fallback when names.txt cannot be downloaded: common first names, listed for this file
+NAMES = """emma liam olivia noah ava william sophia james isabella oliver mia benjamin amelia elijah harper lucas
+evelyn mason abigail logan emily alexander elizabeth ethan mila jacob ella michael avery daniel sofia henry camila
+jackson aria sebastian scarlett aiden victoria matthew madison samuel luna david grace joseph chloe carter penelope
+owen layla wyatt riley john zoey jack nora luke lily jayden eleanor dylan hannah grayson lillian levi addison isaac
+aubrey gabriel ellie julian stella mateo natalie anthony zoe jaxon leah lincoln hazel joshua violet christopher
+aurora andrew savannah theodore audrey caleb brooklyn ryan bella asher claire nathan skylar thomas lucy leo paisley
+isaiah everly charles anna josiah caroline hudson nova christian genesis hunter emilia connor kennedy eli samantha
+ezra maya aaron willow landon naomi adrian aaliyah jonathan elena nolan sarah jeremiah ariana easton allison elias
+gabriella colton alice cameron madelyn carson cora robert ruby angel eva maverick serenity nicholas autumn dominic
+adeline greyson hailey adam gianna ian valentina austin isla santiago eliana jordan quinn cooper ivy brayden sadie
+roman piper evan lydia ezekiel alexa xavier josephine jose emery jace julia jameson delilah leonardo arianna bryson
+vivian axel kaylee everett sophie kayden madeline miles peyton declan clara weston hadley micah melanie wesley
+mackenzie luca reagan vincent liliana damian jade zachary katherine silas isabelle gavin natalia chase maria kai
+athena emmett arya harrison taylor nathaniel faith kingston rose cole kylie tyler alexandra bennett mary bentley
+margaret ryker lyla tristan ashley brandon eliza kevin brianna luis bailey george andrea ashton jasmine braxton
+melody ryder iris ivan isabel diego norah maxwell annabelle max valeria carlos emerson kaiden kayla juan alyssa
+maddox juliana justin charlotte waylon esther calvin ariel giovanni cecilia jonah valerie abel alina jesus molly amir
+reese king lilly beau parker camden morgan alex sydney jasper eloise malachi trinity brody daisy jude kimberly blake
+lauren emmanuel genevieve eric sara brooks arabella elliot harmony antonio elise abraham teagan timothy alexis finn
+london rhett laila edward lucia august diana xander juliette alan sienna dean josie lorenzo amara bryce jocelyn
+victor daniela milo rachel miguel summer hayden alana graham brooke grant catherine zion amy tucker rosalie jesse
+ember joel rowan richard joanna patrick paige emiliano rebecca nicolas ana dawson sawyer myles""".split()
+
+# -----------------------------------------------------------------------------
+# data: words -> (context, next char) examples
+
+# identical to gpt.download; copied so this file stands alone
+def download(url, path, sha256=""):
+    """Fetch url to path once: streamed with progress, resumed from path.part after an interruption,
+    checked against sha256 when given, and renamed into place only when complete."""
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    part = path + ".part"
+    done = os.path.getsize(part) if os.path.exists(part) else 0
+    try:
+        with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"}) as r:
+            if r.status_code != 416:  # 416: nothing is left to fetch, the .part file is complete
+                r.raise_for_status()
+                done = done if r.status_code == 206 else 0  # 200: the server ignored Range, start over
+                total = done + int(r.headers.get("content-length", 0))
+                with open(part, "ab" if done else "wb") as f:
+                    for block in r.iter_content(1 << 20):
+                        done += f.write(block)
+                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
+                print(file=sys.stderr)
+    except requests.RequestException as e:
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and save it as "
+                           f"{path} (a rerun resumes from {part})") from None
+    if sha256:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            os.remove(part)
+            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected {sha256}); retry")
+    os.replace(part, path)  # atomic: path is either absent or complete
+    return path
+
+def load_words(data):
+    """The words of a text file, one per line: data='names' reads names.txt (downloaded on first use; offline
+    it returns the built-in NAMES instead), any other value is a path."""
+    path = NAMES_PATH if data == "names" else data
+    if data == "names" and not os.path.exists(path):
+        try:
+            download(NAMES_URL, path)
+        except RuntimeError as e:  # download() turns network errors into a RuntimeError with the fix
+            print(f"{e}.\nUsing the {len(NAMES)} built-in names instead. "
+                  f"For names.txt offline, put it at {path}; or pass --data=path/to/words.txt")
+            return NAMES
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data={data}: no such file; pass --data=names or a file with one word per line")
+    with open(path, encoding="utf-8") as f:
+        words = [line.strip() for line in f if line.strip()]
+    if len(words) < 2 or any("." in w for w in words):
+        raise ValueError(f"--data={data}: need 2+ words and no '.' in them ('.' marks word boundaries)")
+    return words
+
+def build_dataset(words, chars, block_size):
+    """(X, Y): for each char of each word, and for the end, the block_size chars before it ('.'-padded)
+    and its index. build_dataset(["ab"], ".ab", 2) -> X = [[0, 0], [0, 1], [1, 2]], Y = [1, 2, 0]."""
+    stoi, X, Y = {c: i for i, c in enumerate(chars)}, [], []
+    for word in words:
+        context = [0] * block_size
+        for c in word + ".":
+            X.append(context)
+            Y.append(stoi[c])
+            context = context[1:] + [stoi[c]]
+    return torch.tensor(X).view(-1, block_size), torch.tensor(Y)  # (N, block_size), (N,)
+
+# -----------------------------------------------------------------------------
+# the models: bigram counts, the same bigram as a one-layer net, and Bengio's MLP
+
+def count_bigrams(X, Y, V, smoothing):
+    """(N, P), both (V, V): N[i, j] = how often char j follows char i (a bigram sees only the last context
+    char), P[i, j] = (N[i, j] + k) / (N[i].sum() + V k), the add-k smoothed P(next = j | last = i)."""
+    N = torch.zeros(V, V).index_put_((X[:, -1], Y), torch.ones(len(Y)), accumulate=True)
+    return N, (N + smoothing) / (N + smoothing).sum(1, keepdim=True)
+
+class NeuralBigram(nn.Module):
+    """logits = one_hot(last char) @ W, so softmax(W[i]) = P(next | i): V x V numbers, like the counts."""
+    def __init__(self, V):
+        super().__init__()
+        self.W = nn.Parameter(torch.zeros(V, V))  # all logits 0: the uniform distribution
+    def forward(self, X):
+        return F.one_hot(X[:, -1], len(self.W)).float() @ self.W  # (N, V) x (V, V) -> (N, V), = W[X[:, -1]]
+
+class MLP(nn.Module):
+    """Bengio et al. 2003: embed each of the block_size context chars, concatenate, one tanh layer, logits."""
+    def __init__(self, V, block_size, n_embd, n_hidden):
+        super().__init__()
+        self.wte = nn.Embedding(V, n_embd)
+        self.c_fc = nn.Linear(block_size * n_embd, n_hidden)
+        self.lm_head = nn.Linear(n_hidden, V)
+    def forward(self, X):
+        h = torch.tanh(self.c_fc(self.wte(X).flatten(1)))  # (B, T) -> (B, T, C) -> (B, T*C) -> (B, n_hidden)
+        return self.lm_head(h)  # (B, V)
+
+def train(model, X, Y, steps, lr, batch_size=0, weight_decay=0.0, prior=None, log_interval=0, seed=0):
+    """AdamW on the mean NLL (+ prior()) of random minibatches (batch_size=0: all), lr decaying linearly to 10%."""
+    opt, g = torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay), torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()  # restored at the end
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, while two on a busy CPU can be 50x slower
+    for step in range(steps):
+        ix = torch.randint(0, len(Y), (batch_size,), generator=g) if batch_size else slice(None)
+        loss = F.cross_entropy(model(X[ix]), Y[ix]) + (prior() if prior else 0.0)
+        opt.param_groups[0]["lr"] = lr * (1 - 0.9 * step / steps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log_interval and (step % log_interval == 0 or step == steps - 1):
+            print(f"step {step:5d}/{steps} | loss {loss.item():.4f} | lr {opt.param_groups[0]['lr']:.2e}")
+    torch.set_num_threads(threads)
+
+# -----------------------------------------------------------------------------
+# using a model: samples, and a look at the counts
+
+@torch.no_grad()
+def sample(logits_fn, chars, block_size, num_samples, seed, max_len=30):
+    """num_samples words, each drawn one char at a time from softmax(logits_fn(context)) until '.';
+    the same seed gives the same words."""
+    g, words = torch.Generator().manual_seed(seed), []
+    for _ in range(num_samples):
+        context, word = [0] * block_size, ""
+        while len(word) < max_len:
+            probs = F.softmax(logits_fn(torch.tensor([context])), dim=-1)  # (1, V)
+            ix = torch.multinomial(probs, 1, generator=g).item()
+            if ix == 0:
+                break
+            word, context = word + chars[ix], context[1:] + [ix]
+        words.append(word)
+    return words
+
+def heatmap(N, chars, top):
+    # rows: first char, columns: next char, darker = more frequent (log scale); then the top bigrams
+    shades = " .:-=+*#%@"
+    level = (N.log1p() / N.log1p().max() * (len(shades) - 1)).round().long().tolist()
+    lines = ["  " + " ".join(chars)] + [a + " " + " ".join(shades[s] for s in row) for a, row in zip(chars, level)]
+    counts, idx = N.flatten().topk(min(top, N.numel()))
+    pairs = [f"{chars[i // len(chars)]}{chars[i % len(chars)]} {n:.0f}" for n, i in zip(counts.tolist(), idx.tolist())]
+    return "\n".join(lines + ["most frequent: " + ", ".join(pairs)])
+
+# identical to gpt.parse_args; copied so this file stands alone
+def parse_args(config_class, argv=None):
+    """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
+    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). A misspelled flag or a
+    value of the wrong type stops with exit code 2 and a usage line that lists every valid flag."""
+    def to_bool(text):  # type=bool would turn "False" into True
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
+    for field in dataclasses.fields(config_class):
+        kind = to_bool if isinstance(field.default, bool) else type(field.default)
+        # a bare boolean flag (`--bench`) means True
+        extra = dict(nargs="?", const=True) if kind is to_bool else {}
+        parser.add_argument(f"--{field.name}", type=kind, default=field.default,
+                            metavar=type(field.default).__name__, **extra)
+    return config_class(**vars(parser.parse_args(argv)))
+
+# -----------------------------------------------------------------------------
+
+def main(cfg):
+    # --- setup: validate the flags before any work
+    if not 0 < cfg.val_frac < 1 or cfg.smoothing <= 0 or min(cfg.block_size, cfg.n_embd, cfg.n_hidden,
+                                                              cfg.bigram_iters, cfg.max_iters, cfg.batch_size) < 1:
+        raise ValueError(f"need 0 < --val_frac < 1, --smoothing > 0, and --block_size, --n_embd, --n_hidden, "
+                         f"--bigram_iters, --max_iters, --batch_size >= 1; got {cfg}")
+    print(dataclasses.asdict(cfg))
+    torch.manual_seed(cfg.seed)
+    # --- data: a seeded shuffle, then the first val_frac of the words for validation
+    words = load_words(cfg.data)
+    chars = "." + "".join(sorted(set("".join(words))))  # '.' (index 0) starts and ends every word
+    words = random.Random(cfg.seed).sample(words, len(words))
+    n_val = max(1, int(len(words) * cfg.val_frac))
+    Xtr, Ytr = build_dataset(words[n_val:], chars, cfg.block_size)
+    Xva, Yva = build_dataset(words[:n_val], chars, cfg.block_size)
+    print(f"{len(words)} words, {len(chars)} chars, {len(Ytr)} train / {len(Yva)} val examples")
+    # --- model 1: counts with add-k smoothing
+    N, P = count_bigrams(Xtr, Ytr, len(chars), cfg.smoothing)
+    print(heatmap(N, chars, cfg.top_bigrams))
+    # --- model 2: NLL + k pseudo-counts of every bigram (the prior) has exactly P as its minimum
+    bigram = NeuralBigram(len(chars))
+    prior = lambda: -cfg.smoothing * F.log_softmax(bigram.W, dim=1).sum() / len(Ytr)  # per real example
+    train(bigram, Xtr, Ytr, cfg.bigram_iters, cfg.bigram_lr, prior=prior)
+    # --- model 3: the MLP, on minibatches
+    mlp = MLP(len(chars), cfg.block_size, cfg.n_embd, cfg.n_hidden)
+    print(f"MLP: {sum(p.numel() for p in mlp.parameters())} parameters")
+    train(mlp, Xtr, Ytr, cfg.max_iters, cfg.learning_rate, cfg.batch_size, cfg.weight_decay,
+          log_interval=cfg.log_interval, seed=cfg.seed)
+    # --- results: each model maps contexts (N, block_size) to logits (N, V); log P works, as softmax(log P) = P
+    result = {}
+    print(f"{'model':<8} {'train NLL':>9} {'val NLL':>9}   samples")
+    for name, fn in {"counts": lambda X: P[X[:, -1]].log(), "neural": bigram, "mlp": mlp}.items():
+        with torch.no_grad():  # NLL = cross-entropy of logits and true next chars (nats per char)
+            result[name] = (F.cross_entropy(fn(Xtr), Ytr).item(), F.cross_entropy(fn(Xva), Yva).item())
+        samples = sample(fn, chars, cfg.block_size, cfg.num_samples, cfg.seed)
+        print(f"{name:<8} {result[name][0]:9.4f} {result[name][1]:9.4f}   {' '.join(samples)}")
+    print(f"neural - counts: train {result['neural'][0] - result['counts'][0]:+.5f}, "
+          f"val {result['neural'][1] - result['counts'][1]:+.5f}")
+    return result
+
+if __name__ == "__main__":
+    main(parse_args(BigramConfig))
