@@ -15,6 +15,7 @@ import io
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -554,6 +555,248 @@ def test_gpt_parse_args_flags():
             raise AssertionError(f"{bad} was accepted")
         except SystemExit as e:
             assert e.code == 2 and "--max_new_tokens int" in err.getvalue(), "the usage lists the valid flags"
+
+# -----------------------------------------------------------------------------
+# train.py
+
+import train  # noqa: E402
+from train import generate_stories, format_instruct  # noqa: E402
+
+def test_train_stories_deterministic_and_distinct():
+    records = generate_stories(500, seed=1)
+    assert records == generate_stories(500, seed=1), "same seed gave different stories"
+    assert records[:100] == generate_stories(100, seed=1), "a smaller n is not a prefix"
+    overlap = {r[0] for r in records} & {r[0] for r in generate_stories(500, seed=2)}
+    assert len(overlap) < 50, f"seeds 1 and 2 share {len(overlap)} of 500 stories"
+    t0 = time.time()
+    stories = [r[0] for r in generate_stories(20000, seed=0)]
+    assert len(set(stories)) == 20000, f"only {len(set(stories))} distinct stories of 20000"
+    assert time.time() - t0 < 10, f"20000 stories took {time.time() - t0:.1f} s"
+    # real variety, not 20000 near-copies: many distinct sentences and words
+    sentences = {s for story in stories[:2000] for s in re.split(r"(?<=[.!?]) ", story)}
+    vocab = {w for story in stories for w in re.findall(r"[a-z]+", story.lower())}
+    assert len(sentences) > 1000 and len(vocab) > 300, f"{len(sentences)}, {len(vocab)}"
+
+def test_train_stories_words_occur_and_text_is_plain():
+    for story, summary, words in generate_stories(2000, seed=3):
+        assert len(words) == 3, f"expected 3 words, got {words}"
+        for word in words:
+            assert re.search(rf"\b{re.escape(word)}\b", story, re.I), f"{word!r} not in {story!r}"
+        assert summary.count(".") == 1 and summary.endswith(".") and "\n" not in summary, summary
+        assert 6 <= len(re.findall(r"[.!?]", story)) <= 25, f"odd length: {story!r}"
+        text = story + summary
+        assert all(32 <= ord(ch) < 127 or ch == "\n" for ch in text), f"non-ASCII in {text!r}"
+        assert not re.search(r"[{}<>]|  ", text), f"template leak in {text!r}"
+
+def test_train_stories_instruct_format():
+    records = generate_stories(50, seed=4)
+    for (story, summary, words), text in zip(records, (format_instruct(*r) for r in records)):
+        # the TinyStories-Instruct layout that finetune.py and dpo.py read
+        assert text == f"Words: {', '.join(words)}\nSummary: {summary}\nStory: \n{story}", text
+
+def tiny(tmp, **kw):
+    # a model that trains in about a second on 200 synthetic stories, in float32 for exact comparisons
+    args = dict(out_dir=os.path.join(tmp, "out"), data_dir=os.path.join(tmp, "data"), num_stories=200,
+                vocab_size=300, n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, max_iters=8,
+                eval_interval=4, eval_iters=2, log_interval=1, sample_tokens=8, warmup_iters=2,
+                learning_rate=1e-2, min_lr=1e-3, device="cpu", dtype="float32")
+    return train.TrainConfig(**{**args, **kw})
+
+def test_train_precision_choice():
+    assert gpt.choose_precision("cpu", "auto", cpu_bf16=True)[0] == "bfloat16"
+    assert gpt.choose_precision("cpu", "auto", cpu_bf16=False)[0] == "float32"
+    assert gpt.choose_precision("cuda", "auto", cuda_bf16=True)[0] == "bfloat16"
+    assert gpt.choose_precision("cuda", "auto", cuda_bf16=False)[0] == "float16"  # + GradScaler in train.py
+    assert gpt.choose_precision("mps", "auto", cpu_bf16=True, cuda_bf16=True)[0] == "float32"  # MPS is not a CPU
+    assert gpt.choose_precision("cpu", "bfloat16")[0] == "bfloat16"  # asked for: allowed, just slow without AMX
+    raises(ValueError, gpt.choose_precision, "cpu", "float16", match="GradScaler")  # no scaler outside CUDA
+    raises(ValueError, gpt.choose_precision, "mps", "bfloat16", match="float32")
+    raises(ValueError, gpt.choose_precision, "cuda", "bfloat16", cuda_bf16=False, match="float16")
+    raises(ValueError, gpt.choose_precision, "cpu", "fp8", match="auto")
+
+def test_train_lr_schedule_known_values():
+    # warmup reaches lr at step warmup-1; the cosine is halfway at the midpoint; flat min_lr after
+    lr = lambda step: train.get_lr(step, 1.0, 0.1, 10, 110)
+    assert_close([lr(0), lr(9), lr(10), lr(60), lr(110), lr(500)], [0.1, 1.0, 1.0, 0.55, 0.1, 0.1], 1e-12, "lr")
+
+def test_train_tiny_run_and_checkpoint_round_trip():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = tiny(tmp, max_iters=30, eval_interval=30)
+        out = train.main(cfg)
+        assert out["losses"][-1] < out["losses"][0] - 0.5, f"loss did not fall: {out['losses']}"
+        # the saved weights give exactly the logged val loss on the same fixed eval batches
+        model, ckpt = gpt.load_checkpoint(out["ckpt_path"])
+        data = {s: np.memmap(os.path.join(tmp, "data", "stories", f"{s}.bin"), dtype=np.uint16, mode="r")
+                for s in ("train", "val")}
+        again = train.estimate_loss(model, data, cfg.batch_size, cfg.block_size, cfg.eval_iters, "cpu",
+                                    torch.autocast("cpu", enabled=False))
+        assert again["val"] == out["val_loss"], f"{again['val']} != {out['val_loss']}"
+        assert ckpt["step"] == 30 and ckpt["train_config"]["n_embd"] == 32 and "optimizer" in ckpt
+        tok = bpe.Tokenizer.load(os.path.join(tmp, "data", "stories", "tokenizer.json"))
+        assert ckpt["tokenizer"]["merges"] == [list(m) for m in tok.merges], "checkpoint tokenizer differs"
+        # the held-out instruct records list words that really occur in their stories
+        with open(os.path.join(tmp, "data", "stories", "instruct.txt")) as f:
+            records = [r for r in f.read().split("<|endoftext|>") if r.strip()]
+        assert len(records) == 20, f"{len(records)} instruct records, expected 10% of 200"
+        for record in records:
+            words, story = re.match(r"\s*Words: (.*)\nSummary: .*\nStory: \n(.*)", record, re.S).groups()
+            assert all(re.search(rf"\b{w}\b", story, re.I) for w in words.split(", ")), record
+
+def test_train_resume_reproduces_uninterrupted_run():
+    # dropout and accumulation on, so the RNG and the data position both matter
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = dict(dropout=0.1, grad_accum=2, lr_decay_iters=8)
+        full = train.main(tiny(tmp, **kw))["losses"]
+        first = train.main(tiny(tmp, max_iters=4, out_dir=os.path.join(tmp, "b"), **kw))["losses"]
+        second = train.main(tiny(tmp, init_from="resume", out_dir=os.path.join(tmp, "b"), **kw))["losses"]
+        assert first + second == full, f"{first} + {second} != {full}"
+
+def test_train_ddp_two_processes_match_one():
+    # same global batch: 2 processes x 1 micro-step (gloo on CPU) vs 1 process x 2 micro-steps
+    with tempfile.TemporaryDirectory() as tmp:
+        single = train.main(tiny(tmp, grad_accum=2, max_iters=6))["losses"]  # also prepares the data
+        flags = [f"--{k}={v}" for k, v in vars(tiny(tmp, grad_accum=2, max_iters=6)).items()]
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "train.py", *flags], cwd=HERE, capture_output=True, text=True, timeout=90)
+        assert run.returncode == 0, run.stderr[-2000:]
+        ddp = [float(x) for x in re.findall(r"^step +\d+/6 \| loss ([\d.]+)", run.stdout, re.M)]
+        assert len(ddp) == 6 and "2 process(es)" in run.stdout, run.stdout[-2000:]
+        assert_close(ddp, single, 1e-3, "DDP vs single-process losses")
+
+def test_train_prepare_cache_reused_and_redone():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "docs.txt")
+        docs = [f"Story {i}: a cat named Tom sat on a mat {i % 7} times." for i in range(200)]
+        with open(path, "w") as f:
+            f.write("".join(d + "\n<|endoftext|>\n" for d in docs))
+        cfg = tiny(tmp, dataset=path, vocab_size=280)
+        folder, meta = train.prepare_data(cfg, "bpe")
+        # the two .bin files decode back to the documents, each followed by <|endoftext|>
+        tok = bpe.Tokenizer.load(os.path.join(folder, "tokenizer.json"))
+        ids = np.concatenate([np.fromfile(os.path.join(folder, f"{split}.bin"), dtype=meta["dtype"])
+                              for split in ("train", "val")])
+        assert tok.decode(ids.tolist()) == "".join(d + "<|endoftext|>" for d in docs)
+        assert meta["train_tokens"] + meta["val_tokens"] == len(ids) and 0.08 < meta["val_tokens"] / len(ids) < 0.12
+        stamp = lambda: os.stat(os.path.join(folder, "train.bin")).st_mtime_ns
+        before = stamp()
+        assert train.prepare_data(cfg, "bpe")[1] == meta and stamp() == before, "cache not reused"
+        assert train.prepare_data(tiny(tmp, dataset=path, vocab_size=290), "bpe")[1]["vocab_size"] == 290
+        assert train.prepare_data(cfg, "byte")[1]["vocab_size"] == 257  # bytes + <|endoftext|>
+        with open(path, "a") as f:
+            f.write("One more story.\n")
+        before = stamp()
+        assert train.prepare_data(cfg, "bpe")[1]["val_tokens"] > meta["val_tokens"] and stamp() != before
+
+def test_train_bad_flags_and_values_fail_early():
+    run = subprocess.run([sys.executable, "train.py", "--n_layers=3"], cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == 2 and "unrecognized arguments" in run.stderr, run.stderr
+    with tempfile.TemporaryDirectory() as tmp:
+        raises(ValueError, train.main, tiny(tmp, grad_accum=0), match="--grad_accum=0")
+        raises(ValueError, train.main, tiny(tmp, n_embd=30, n_head=4), match="divisible")
+        raises(ValueError, train.main, tiny(tmp, dataset="nope.txt"), match="existing")
+        assert not os.path.exists(os.path.join(tmp, "data")), "data was prepared before the checks"
+
+def test_train_nan_loss_stops_and_keeps_last_checkpoint():
+    with tempfile.TemporaryDirectory() as tmp:
+        raises(RuntimeError, train.main, tiny(tmp, learning_rate=1e9, min_lr=0.0, grad_clip=0.0), match="diverged")
+        _, ckpt = gpt.load_checkpoint(os.path.join(tmp, "out", "ckpt.pt"))
+        assert ckpt["step"] in (0, 4) and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+# -----------------------------------------------------------------------------
+# kvcache.py
+
+import kvcache  # noqa: E402
+from kvcache import KVCache, KVCacheConfig, TextStream, generate, sample, top_p_filter  # noqa: E402
+
+def _kvcache_models():
+    # a GPT-2-style and a Llama-style (rope, RMSNorm, SwiGLU, grouped-query with 2 kv heads) tiny model
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    return [GPT(GPTConfig(**shape)).eval(),
+            GPT(GPTConfig(**shape, bias=False, rope=True, rmsnorm=True, swiglu=True, n_kv_head=2)).eval()]
+
+def _kvcache_naive(model, prompt, steps):
+    # the window rule spelled out without a cache: the whole history until it passes block_size tokens,
+    # then its last block_size // 2; returns the greedy tokens and the logits of every step
+    bs = model.config.block_size
+    window, tokens, logits = (prompt if len(prompt) <= bs else prompt[-(bs // 2):]), [], []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits.append(model(torch.tensor([window]))[0][0, -1])
+        tokens.append(int(logits[-1].argmax()))
+        window = window + tokens[-1:] if len(window) < bs else (window + tokens[-1:])[-(bs // 2):]
+    return tokens, logits
+
+def test_kvcache_matches_cache_free():
+    """Greedy with the cache = gpt.py's cache-free generate token for token, logits within 1e-5 at every
+    step, GPT-2 and Llama style, batch 1 and a batch of 3 left-padded prompts of lengths 5, 11, 2."""
+    for model in _kvcache_models():
+        prompts = [torch.randint(0, 97, (n,)).tolist() for n in (5, 11, 2)]
+        for batch in (prompts[:1], prompts):
+            seen = []
+            outs = generate(model, batch, 12, on_token=lambda step, ids, logits: seen.append(logits.clone()))
+            for b, p in enumerate(batch):
+                reference = model.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):].tolist()
+                assert outs[b] == reference, f"row {b}: cached {outs[b]} != cache-free {reference}"
+                tokens, logits = _kvcache_naive(model, p, 12)
+                assert tokens == reference, "the naive reference disagrees with gpt.generate"
+                assert_close(torch.stack([s[b] for s in seen]), torch.stack(logits), 1e-5, f"row {b} logits")
+
+def test_kvcache_window_slides():
+    """Past block_size (32) the cached run equals its naive definition: prompts of 20 and 40 tokens,
+    40 new tokens, so the window slides several times, for learned and rotary positions."""
+    for model in _kvcache_models():
+        for n in (20, 40):
+            prompt, seen = torch.randint(0, 97, (n,)).tolist(), []
+            out = generate(model, [prompt], 40, on_token=lambda step, ids, logits: seen.append(logits[0].clone()))
+            tokens, logits = _kvcache_naive(model, prompt, 40)
+            assert out[0] == tokens, f"prompt {n}: {out[0]} != {tokens}"
+            assert_close(torch.stack(seen), torch.stack(logits), 1e-5, f"prompt {n} logits")
+
+def test_kvcache_gqa_memory_and_eot():
+    """The cache of n_kv_head=2 of 4 heads is half the size; generation stops at a (fake) <|endoftext|>,
+    each row of a batch at its own first one, with the eot itself left out."""
+    gpt2, llama = _kvcache_models()
+    full, grouped = (KVCache(m.config, 3, 32, "cpu", torch.float32).nbytes() for m in (gpt2, llama))
+    assert full == grouped * 4 // 2, f"full {full} bytes, grouped {grouped} bytes"
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 7)]
+    reference = generate(gpt2, prompts, 10)
+    eot = reference[0][4]
+    outs = generate(gpt2, prompts, 10, eot_id=eot)
+    for b in range(2):
+        cut = reference[b].index(eot) if eot in reference[b] else 10
+        assert outs[b] == reference[b][:cut], f"row {b}: {outs[b]} vs {reference[b]} cut at eot {eot}"
+    with tempfile.TemporaryDirectory() as tmp:
+        raises(FileNotFoundError, kvcache.main, KVCacheConfig(ckpt_path=os.path.join(tmp, "ckpt.pt")),
+               match="python train.py")
+
+def test_kvcache_sampling():
+    """A seed reproduces a sample; top_k=1 is greedy; top-p keeps the smallest set reaching p on
+    [0.05, 0.5, 0.15, 0.3]: p=0.8 keeps 0.5 + 0.3, p=0.81 adds 0.15."""
+    model = _kvcache_models()[1]
+    prompts = [[1, 2, 3], [4, 5]]
+    draw = lambda seed, **kw: generate(model, prompts, 12, temperature=1.0,
+                                       generator=torch.Generator().manual_seed(seed), **kw)
+    assert draw(0, top_p=0.9) == draw(0, top_p=0.9), "the same seed gave different samples"
+    assert draw(0) != draw(1), "different seeds gave the same 24 tokens"
+    assert draw(0, top_k=1) == generate(model, prompts, 12), "top_k=1 differs from greedy"
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    assert_close(top_p_filter(probs, 0.8), [[0, 0.625, 0, 0.375]], 1e-6, "top_p=0.8")
+    assert_close(top_p_filter(probs, 0.81), torch.tensor([[0, 0.5, 0.15, 0.3]]) / 0.95, 1e-6, "top_p=0.81")
+    ids = sample(probs.log().expand(1000, 4), top_p=0.8, generator=torch.Generator().manual_seed(0))
+    assert set(ids.tolist()) == {1, 3}, f"top_p=0.8 drew {set(ids.tolist())}"
+
+def test_kvcache_stream_utf8():
+    """Streaming one byte per token never prints half a character: the output is exactly the text."""
+    class ByteTokenizer:
+        decode = staticmethod(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    text, buffer = "héllo 😀 wörld ✓", io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        stream = TextStream(ByteTokenizer())
+        for byte in text.encode("utf-8"):
+            stream.push(byte)
+        stream.push()
+    assert buffer.getvalue() == text, f"streamed {buffer.getvalue()!r}"
 
 # -----------------------------------------------------------------------------
 # repo-wide checks: import policy, copied helpers, line budgets
