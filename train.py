@@ -488,11 +488,9 @@ def main(cfg):
     folder, meta = shared[0]
     data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r") for s in ("train", "val")}
     if min(len(d) for d in data.values()) <= cfg.block_size:
-        raise ValueError(f"--block_size={cfg.block_size} is longer than the data ({meta['val_tokens']} val "
-                         f"tokens); lower it or use more text")
+        raise ValueError(f"--block_size={cfg.block_size} is longer than the data ({meta['val_tokens']} val tokens)")
     tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:  # the same, as a plain dict
-        common = dict(tokenizer=json.load(f), train_config=dataclasses.asdict(cfg))
+    common = dict(tokenizer=tok.to_dict(), train_config=dataclasses.asdict(cfg))
     # --- model: from scratch, from our last checkpoint, or from OpenAI's GPT-2
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP copies rank 0's weights anyway)
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
@@ -581,6 +579,8 @@ def main(cfg):
                       f"{tokens_per_step / dt:,.0f} tok/s | mfu {100 * mfu:.1f}% | [{bar:<20}] eta "
                       f"{eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
             step += 1
+        if ddp:  # no rank tears the group down while another still talks to it (gloo aborts otherwise)
+            dist.barrier()
     except KeyboardInterrupt:
         if master:  # the weights are those after `step` whole optimizer steps
             save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
@@ -588,7 +588,7 @@ def main(cfg):
             print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with --init_from=resume")
         return dict(losses=losses, step=step, ckpt_path=ckpt_path, interrupted=True)
     finally:
-        if ddp:  # free the DDP wrapper first: it holds the process group (gloo can abort at exit otherwise)
+        if ddp:  # free the DDP wrapper first: it holds the process group
             del model
             dist.destroy_process_group()
     if master:
