@@ -30,7 +30,6 @@ import regex
 import requests
 import tiktoken
 import torch
-from tiktoken_ext.openai_public import r50k_pat_str
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(os.path.dirname(HERE), "shared", "data")
@@ -268,11 +267,14 @@ def test_bpe_python_matches_tiktoken():
         assert tok.encode(mixed, allowed_special="all") == enc.encode(mixed, allowed_special="all")
         assert tok.encode(mixed, allowed_special="none") == enc.encode_ordinary(mixed)
 
+# GPT-2's split pattern as OpenAI published it (encoder.py), written out here rather than taken from bpe.py
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
 def test_bpe_gpt2_matches_tiktoken():
     """Our GPT-2 (encoder.json + vocab.bpe) vs tiktoken built offline from whisper's gpt2.tiktoken."""
     with open(shared_file("gpt2", "gpt2.tiktoken"), "rb") as f:
         ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in f if line.strip())}
-    ref = tiktoken.Encoding(name="gpt2_ref", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+    ref = tiktoken.Encoding(name="gpt2_ref", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
                             special_tokens={"<|endoftext|>": 50256})
     gpt2_dir, vocab_bpe = os.path.dirname(shared_file("gpt2", "encoder.json")), shared_file("gpt2", "vocab.bpe")
     tok = bpe.Tokenizer.gpt2(gpt2_dir)
