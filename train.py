@@ -9,14 +9,14 @@ How to run:
     python train.py                     # ~5 min on a 2-core CPU: synthetic stories, then a sampled story
     python train.py --dataset=tinystories --vocab_size=4096 --n_layer=8 --n_head=8 --n_embd=512 --compile
     torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --vocab_size=4096 --grad_accum=8
-    python train.py --bench             # tokens/s and MFU: float32, bfloat16 autocast, torch.compile
-Depends on: gpt.py and bpe.py. Writes out/ckpt.pt (latest) and out/best.pt, read by finetune.py, kvcache.py.
+Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt; --bench times 3 precisions instead.
 References: AdamW (arXiv:1711.05101); SGDR (arXiv:1608.03983); Mixed Precision Training (arXiv:1710.03740);
 PyTorch Distributed (arXiv:2006.15704); TinyStories (arXiv:2305.07759); PaLM appendix B, MFU (arXiv:2204.02311)
 """
 import codecs
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -506,8 +506,8 @@ def main(cfg):
         raise ValueError(f"the model ({raw_model.config}) does not fit --block_size={cfg.block_size} or the "
                          f"{tok.vocab_size} token ids of the data; use the data and tokenizer it was trained on")
     # --- optimizer, loss scaling, compile, DDP
-    betas = (cfg.beta1, cfg.beta2)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               device_type)
     if cfg.init_from == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")  # float16 gradients underflow without
@@ -579,8 +579,7 @@ def main(cfg):
                       f"{tokens_per_step / dt:,.0f} tok/s | mfu {100 * mfu:.1f}% | [{bar:<20}] eta "
                       f"{eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
             step += 1
-        if ddp:  # no rank tears the group down while another still talks to it (gloo aborts otherwise)
-            dist.barrier()
+        dist.barrier() if ddp else None  # no rank tears the group down while another still talks to it
     except KeyboardInterrupt:
         if master:  # the weights are those after `step` whole optimizer steps
             save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
@@ -588,8 +587,9 @@ def main(cfg):
             print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with --init_from=resume")
         return dict(losses=losses, step=step, ckpt_path=ckpt_path, interrupted=True)
     finally:
-        if ddp:  # free the DDP wrapper first: it holds the process group
+        if ddp:  # free the DDP wrapper (a reference cycle, so gc) first: it holds the process group
             del model
+            gc.collect()
             dist.destroy_process_group()
     if master:
         print(f"done: {step - start} steps in {time.time() - t_start:.0f} s; val loss {val_loss:.4f} (best "
