@@ -220,11 +220,9 @@ def parse_args(config_class, argv=None):
     parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). A misspelled flag or a
     value of the wrong type stops with exit code 2 and a usage line that lists every valid flag."""
     def to_bool(text):  # type=bool would turn "False" into True
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+        if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+            raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field in dataclasses.fields(config_class):
         kind = to_bool if isinstance(field.default, bool) else type(field.default)

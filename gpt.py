@@ -10,16 +10,12 @@ How to run:
     python gpt.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # downloads GPT-2 (500 MB)
     python gpt.py --init_from=path/to/model.safetensors --device=cuda
 
-Depends on: nothing of ours. The last section holds the plumbing every later script shares: flag
-parsing, downloads, device and precision choice, checkpoints.
-Shapes: B batch, T time (sequence), C channels (n_embd), V vocab, nh heads, nkv key/value heads, hs head size.
-
-References: Attention Is All You Need (arXiv:1706.03762); GPT-2, Language Models are Unsupervised Multitask
-Learners (OpenAI 2019); RoFormer (arXiv:2104.09864); RMSNorm (arXiv:1910.07467); GLU Variants Improve
-Transformer (arXiv:2002.05202); GQA (arXiv:2305.13245); PaLM, appendix B for FLOPs (arXiv:2204.02311).
+Depends on nothing of ours; its last section holds the plumbing every later script shares (flags, downloads,
+device and precision, checkpoints). Shapes: B batch, T time, C channels, V vocab, nh heads, nkv key/value heads,
+hs head size. References: Attention Is All You Need (arXiv:1706.03762); GPT-2 (OpenAI 2019); RoFormer
+(arXiv:2104.09864); RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245); PaLM app. B (2204.02311).
 """
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -139,10 +135,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        if self.swiglu:
-            h = F.silu(self.c_gate(x)) * self.c_fc(x)  # (B, T, hidden)
-        else:
-            h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2 used the tanh approximation
+        # (B, T, hidden); GPT-2 used GELU's tanh approximation
+        h = F.silu(self.c_gate(x)) * self.c_fc(x) if self.swiglu else F.gelu(self.c_fc(x), approximate="tanh")
         return self.dropout(self.c_proj(h))
 
 class Block(nn.Module):
@@ -262,11 +256,10 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, data_dir="data"):
         """GPT-2 with OpenAI's weights: a name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), downloaded once to
         data/<name>/, or a local model.safetensors file or a directory holding one (plus config.json)."""
+        path = os.path.join(name_or_path, "model.safetensors") if os.path.isdir(name_or_path) else name_or_path
         if name_or_path in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-            path = os.path.join(data_dir, name_or_path, "model.safetensors")
-            download(f"https://huggingface.co/{name_or_path}/resolve/main/model.safetensors", path)
-        else:
-            path = os.path.join(name_or_path, "model.safetensors") if os.path.isdir(name_or_path) else name_or_path
+            path = download(f"https://huggingface.co/{name_or_path}/resolve/main/model.safetensors",
+                            os.path.join(data_dir, name_or_path, "model.safetensors"))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found; pass gpt2, gpt2-medium, gpt2-large, gpt2-xl or the path "
                                     f"of a GPT-2 model.safetensors")
@@ -300,26 +293,21 @@ class GPT(nn.Module):
         return model
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 def read_safetensors(path):
     """Read a .safetensors file into {name: tensor}. The format: an 8-byte little-endian header length N,
     N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian data."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        if size < 8:
-            raise ValueError(f"{path}: {size} bytes is too short for a safetensors file (truncated download?)")
-        n = int.from_bytes(f.read(8), "little")
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else size
         if n > size - 8:
             raise ValueError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: the safetensors header is not a JSON object")
-        header.pop("__metadata__", None)
+            header.pop("__metadata__", None)  # fails (Attribute/TypeError) when the JSON is not an object
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not a valid JSON object ({e})") from None
         data_size, spans, tensors = size - 8 - n, [], {}
         for name, info in header.items():
             try:
@@ -334,10 +322,9 @@ def read_safetensors(path):
                 raise ValueError(f"{path}: tensor {name} has offsets [{begin}, {end}] that do not fit its "
                                  f"shape {shape} inside {data_size} bytes of data")
             spans.append((begin, end, name))
-            f.seek(8 + n + begin)
-            buf = bytearray(f.read(nbytes))
-            tensors[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape) if nbytes else \
-                torch.empty(shape, dtype=dtype)
+            f.seek(8 + n + begin)  # (frombuffer cannot take 0 bytes: an empty tensor is made directly)
+            tensors[name] = torch.frombuffer(bytearray(f.read(nbytes)), dtype=dtype).reshape(shape) if nbytes \
+                else torch.empty(shape, dtype=dtype)
         spans.sort()
         for (_, end1, name1), (begin2, _, name2) in zip(spans, spans[1:]):
             if begin2 < end1:
@@ -352,11 +339,9 @@ def parse_args(config_class, argv=None):
     parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). A misspelled flag or a
     value of the wrong type stops with exit code 2 and a usage line that lists every valid flag."""
     def to_bool(text):  # type=bool would turn "False" into True
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+        if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+            raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field in dataclasses.fields(config_class):
         kind = to_bool if isinstance(field.default, bool) else type(field.default)
@@ -404,9 +389,7 @@ def pick_device(device="auto"):
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps") or (kind == "cuda" and not torch.cuda.is_available()) or \
-            (kind == "mps" and not mps):
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}.get(device.split(":")[0]):
         raise ValueError(f"--device={device} is not available here; use auto, cpu, cuda, cuda:N or mps")
     return device
 
@@ -435,12 +418,6 @@ def cpu_has_bf16():
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
-def autocast(device_type, dtype):
-    """The autocast context for a dtype chosen by choose_precision (a no-op for float32)."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
 CHECKPOINT_VERSION = 1
 
 def save_checkpoint(path, model, **extra):
@@ -464,9 +441,8 @@ def load_checkpoint(path, device="cpu"):
                          f"it may be truncated: retrain with train.py") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a buildllm checkpoint (no model_config/model); write it with train.py")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has version {ckpt.get('version')}, this code reads {CHECKPOINT_VERSION}; "
-                         f"retrain with train.py")
+    if ckpt.get("version") != CHECKPOINT_VERSION:  # a format change: old checkpoints say so instead of failing
+        raise ValueError(f"{path} is version {ckpt.get('version')}, not {CHECKPOINT_VERSION}: retrain with train.py")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
@@ -495,19 +471,19 @@ def main(cfg):
         logits, loss = model(idx, targets)
         print(f"offline demo: a random {config}\nparameters: {model.num_params():,}, training FLOPs per token: "
               f"{model.flops_per_token():,}\nidx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss "
-              f"{loss.item():.3f} (ln V = {math.log(config.vocab_size):.3f} expected at initialisation)")
-        print("sampled ids:", model.generate(idx[:1, :4], 8)[0].tolist())
+              f"{loss.item():.3f} (ln V = {math.log(config.vocab_size):.3f} expected at initialisation)\n"
+              f"sampled ids: {model.generate(idx[:1, :4], 8)[0].tolist()}")
         return {"loss": loss.item()}
     model = GPT.from_pretrained(cfg.init_from).to(device).eval()
-    try:
+    try:  # tiktoken fetches its GPT-2 files on first use, and fails offline
         enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken fetches its GPT-2 files on first use, and fails offline
+    except Exception as e:
         raise RuntimeError(f"tiktoken could not load GPT-2's encoding ({type(e).__name__}): run once online, "
                            f"or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
-    out = model.generate(torch.tensor([enc.encode(cfg.prompt)], device=device), cfg.max_new_tokens,
-                         cfg.temperature, cfg.top_k)
-    print(enc.decode(out[0].tolist()))
-    return {"text": enc.decode(out[0].tolist())}
+    ids = torch.tensor([enc.encode(cfg.prompt)], device=device)
+    text = enc.decode(model.generate(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k)[0].tolist())
+    print(text)
+    return {"text": text}
 
 if __name__ == "__main__":
     main(parse_args(SampleConfig))

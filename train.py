@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bpe import Tokenizer
-from gpt import (GPT, GPTConfig, autocast, choose_precision, cpu_has_bf16, download, load_checkpoint,
-                 parse_args, pick_device, save_checkpoint)
+from gpt import (GPT, GPTConfig, choose_precision, cpu_has_bf16, download, load_checkpoint, parse_args,
+                 pick_device, save_checkpoint)
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -426,7 +426,7 @@ def bench(cfg, device, low_dtype):
             step_model, times = torch.compile(model) if compiled else model, []
             for _ in range(8):  # 2 warmup steps (compilation happens there), then the fastest of 6
                 t0 = time.time()
-                with autocast(kind, dtype):
+                with torch.autocast(kind, getattr(torch, dtype), enabled=dtype != "float32"):
                     loss = step_model(x, x)[1]
                 loss.backward()
                 opt.step()
@@ -494,7 +494,8 @@ def main(cfg):
     # --- model: from scratch, from our last checkpoint, or from OpenAI's GPT-2
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP copies rank 0's weights anyway)
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    start, best_val, val_loss, ctx = 0, float("inf"), float("nan"), autocast(device_type, dtype)
+    start, best_val, val_loss = 0, float("inf"), float("nan")
+    ctx = torch.autocast(device_type, getattr(torch, dtype), enabled=dtype != "float32")  # float32: a no-op
     if cfg.init_from == "resume":
         raw_model, ckpt = load_checkpoint(ckpt_path, device)
         start, best_val = ckpt["step"], ckpt["best_val_loss"]
@@ -506,8 +507,7 @@ def main(cfg):
         raise ValueError(f"the model ({raw_model.config}) does not fit --block_size={cfg.block_size} or the "
                          f"{tok.vocab_size} token ids of the data; use the data and tokenizer it was trained on")
     # --- optimizer, loss scaling, compile, DDP
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               device_type)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     if cfg.init_from == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")  # float16 gradients underflow without
