@@ -654,6 +654,17 @@ def test_train_resume_reproduces_uninterrupted_run():
         first = train.main(tiny(tmp, max_iters=4, out_dir=os.path.join(tmp, "b"), **kw))["losses"]
         second = train.main(tiny(tmp, init_from="resume", out_dir=os.path.join(tmp, "b"), **kw))["losses"]
         assert first + second == full, f"{first} + {second} != {full}"
+        # Ctrl-C in the middle of step 5 (between its two micro-batches) saves the state after 5 steps
+        real = train.get_batch
+        def interrupt(data, batch_size, block_size, key, device):
+            if key[0] == 0 and key[2:] == (5, 1):
+                raise KeyboardInterrupt
+            return real(data, batch_size, block_size, key, device)
+        with mock.patch.object(train, "get_batch", interrupt):
+            stopped = train.main(tiny(tmp, out_dir=os.path.join(tmp, "c"), **kw))
+        assert stopped["interrupted"] and stopped["step"] == 5, stopped
+        rest = train.main(tiny(tmp, init_from="resume", out_dir=os.path.join(tmp, "c"), **kw))["losses"]
+        assert stopped["losses"] + rest == full, f"{stopped['losses']} + {rest} != {full}"
 
 def test_train_ddp_two_processes_match_one():
     # same global batch: 2 processes x 1 micro-step (gloo on CPU) vs 1 process x 2 micro-steps

@@ -568,20 +568,20 @@ def main(cfg):
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
+            step += 1  # at once: from here on, a Ctrl-C saves these weights with this count
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss_value)
-            if master and step % cfg.log_interval == 0:
+            if master and (step - 1) % cfg.log_interval == 0:
                 dt = time.time() - t0
-                eta = dt * (cfg.max_iters - step - 1)  # at this step's pace, evaluations not counted
+                eta = dt * (cfg.max_iters - step)  # at this step's pace, evaluations not counted
                 mfu, bar = raw_model.estimate_mfu(tokens_per_step, dt, peak * world), "#" * (20 * step // cfg.max_iters)
-                print(f"step {step:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms | "
+                print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms | "
                       f"{tokens_per_step / dt:,.0f} tok/s | mfu {100 * mfu:.1f}% | [{bar:<20}] eta "
                       f"{eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
-            step += 1
         dist.barrier() if ddp else None  # no rank tears the group down while another still talks to it
     except KeyboardInterrupt:
-        if master:  # the weights are those after `step` whole optimizer steps
+        if master:  # the weights are those after `step` optimizer steps
             save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
                             optimizer=optimizer.state_dict(), **common)
             print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with --init_from=resume")
