@@ -268,14 +268,20 @@ class GPT(nn.Module):
         # attn.masked_bias are saved causal-mask buffers, not weights
         tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
                    if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
-        if "wte.weight" not in tensors or "wpe.weight" not in tensors:
-            raise ValueError(f"{path} is not a GPT-2 checkpoint: it has no wte.weight/wpe.weight tensors")
+        if any(k not in tensors or tensors[k].dim() != 2 for k in ("wte.weight", "wpe.weight")):
+            raise ValueError(f"{path} is not a GPT-2 checkpoint: it has no 2-D wte.weight and wpe.weight")
         n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
         (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
         # shapes tell everything but the number of heads: config.json beside the file has it, and the
         # four GPT-2 sizes all use 64 channels per head
         config_json = os.path.join(os.path.dirname(path), "config.json")
-        n_head = json.load(open(config_json))["n_head"] if os.path.exists(config_json) else max(1, n_embd // 64)
+        try:
+            with open(config_json) as f:
+                n_head = int(json.load(f)["n_head"])
+        except FileNotFoundError:
+            n_head = max(1, n_embd // 64)
+        except (ValueError, KeyError, TypeError) as e:  # a JSONDecodeError is a ValueError
+            raise ValueError(f"{config_json} has no usable n_head ({e!r}); fix or delete it") from None
         model = cls(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_embd=n_embd))
         own = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -285,7 +291,9 @@ class GPT(nn.Module):
         with torch.no_grad():
             for name, target in own.items():
                 # GPT-2 stored its Linear layers as "Conv1D", with the weight transposed: (in, out)
-                t = tensors[name].t() if name.endswith(("attn.weight", "proj.weight", "fc.weight")) else tensors[name]
+                t = tensors[name]
+                if name.endswith(("attn.weight", "proj.weight", "fc.weight")) and t.dim() == 2:
+                    t = t.t()
                 if t.shape != target.shape:
                     raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected "
                                      f"{tuple(target.shape)}")
@@ -315,7 +323,7 @@ def read_safetensors(path):
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{path}: tensor {name} has a malformed header entry or unknown dtype: "
                                  f"{str(info)[:100]}") from None
-            if not all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end]):
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end]):
                 raise ValueError(f"{path}: tensor {name} has a malformed shape {shape} or offsets [{begin}, {end}]")
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if not begin <= end <= data_size or end - begin != nbytes:
@@ -389,33 +397,38 @@ def pick_device(device="auto"):
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}.get(device.split(":")[0]):
+    kind, _, index = device.partition(":")
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}.get(kind) or \
+            (index and not (kind == "cuda" and index.isdigit() and int(index) < torch.cuda.device_count())):
         raise ValueError(f"--device={device} is not available here; use auto, cpu, cuda, cuda:N or mps")
     return device
 
-def choose_precision(device_type, dtype="auto", cuda_bf16=False, cpu_bf16=False):
-    """Pure decision: (dtype, reason) for a device kind and its capabilities. 'auto' picks bfloat16 where
-    it runs natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), float16 (+ GradScaler) on older CUDA,
-    and float32 elsewhere, Apple MPS included."""
+def choose_precision(device_type, dtype="auto", bf16=False):
+    """Pure decision: (dtype, reason) for a device kind and whether it computes in bf16 natively (bf16, from
+    native_bf16). 'auto' picks bfloat16 where it is native (Ampere+ CUDA, CPUs with AVX512-BF16/AMX), float16
+    (+ GradScaler) on older CUDA, and float32 elsewhere, Apple MPS included."""
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
     if dtype == "auto":
         if device_type == "cuda":
-            return ("bfloat16", "CUDA GPU with bf16") if cuda_bf16 else ("float16", "CUDA GPU without bf16")
-        if device_type == "cpu" and cpu_bf16:
+            return ("bfloat16", "CUDA GPU with bf16") if bf16 else ("float16", "CUDA GPU without bf16")
+        if device_type == "cpu" and bf16:
             return "bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)"
         return "float32", f"{device_type} without fast low precision"
     if dtype != "float32" and device_type == "mps":  # kept simple: MPS autocast varies across torch versions
         raise ValueError(f"--dtype={dtype} on mps: this code runs MPS in float32; pass --dtype=float32")
     if dtype == "float16" and device_type != "cuda":
         raise ValueError(f"--dtype=float16 needs CUDA (its GradScaler is CUDA-only); pass bfloat16 or float32")
-    if dtype == "bfloat16" and device_type == "cuda" and not cuda_bf16:
+    if dtype == "bfloat16" and device_type == "cuda" and not bf16:
         raise ValueError("--dtype=bfloat16: this GPU has no bf16; pass --dtype=float16")
     return dtype, "asked for"
 
-def cpu_has_bf16():
-    # Linux lists the CPU's features in /proc/cpuinfo; elsewhere assume no native bf16
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+def native_bf16(device_type):
+    # CUDA: compute capability 8.0+ (older GPUs only emulate bf16, slowly). CPUs: Linux lists the features
+    # in /proc/cpuinfo; elsewhere assume none
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    flags = open("/proc/cpuinfo").read() if device_type == "cpu" and os.path.exists("/proc/cpuinfo") else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 CHECKPOINT_VERSION = 1
@@ -462,6 +475,9 @@ class SampleConfig:
     device: str = "auto"           # auto, cpu, cuda, mps
 
 def main(cfg):
+    if cfg.temperature < 0 or cfg.top_k < 0 or cfg.max_new_tokens < 0:
+        raise ValueError(f"--temperature={cfg.temperature}, --top_k={cfg.top_k} and --max_new_tokens="
+                         f"{cfg.max_new_tokens} must not be negative")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     if not cfg.init_from:  # offline: a small random model
@@ -480,7 +496,7 @@ def main(cfg):
     except Exception as e:
         raise RuntimeError(f"tiktoken could not load GPT-2's encoding ({type(e).__name__}): run once online, "
                            f"or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
-    ids = torch.tensor([enc.encode(cfg.prompt)], device=device)
+    ids = torch.tensor([enc.encode(cfg.prompt) or [enc.eot_token]], device=device)  # '' starts a new document
     text = enc.decode(model.generate(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k)[0].tolist())
     print(text)
     return {"text": text}

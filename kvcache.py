@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import Tokenizer
-from gpt import GPT, GPTConfig, choose_precision, cpu_has_bf16, load_checkpoint, parse_args, pick_device
+from gpt import GPT, GPTConfig, choose_precision, load_checkpoint, native_bf16, parse_args, pick_device
 
 @dataclasses.dataclass
 class KVCacheConfig:
@@ -315,8 +315,7 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.bench:
         return run_bench(cfg, device)
-    cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    dtype, reason = choose_precision(device.split(":")[0], cfg.dtype, cuda_bf16, cpu_has_bf16())
+    dtype, reason = choose_precision(device.split(":")[0], cfg.dtype, native_bf16(device.split(":")[0]))
     # --- model and tokenizer
     model, ckpt = (GPT.from_pretrained(cfg.init_from), None) if cfg.init_from else \
         load_checkpoint(cfg.ckpt_path, device)

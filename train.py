@@ -10,8 +10,8 @@ How to run:
     python train.py --dataset=tinystories --vocab_size=4096 --n_layer=8 --n_head=8 --n_embd=512 --compile
     torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --vocab_size=4096 --grad_accum=8
 Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt; --bench times 3 precisions instead.
-References: AdamW (arXiv:1711.05101); SGDR (arXiv:1608.03983); Mixed Precision Training (arXiv:1710.03740);
-PyTorch Distributed (arXiv:2006.15704); TinyStories (arXiv:2305.07759); PaLM appendix B, MFU (arXiv:2204.02311)
+References (arXiv): AdamW 1711.05101; SGDR 1608.03983; mixed precision 1710.03740; PyTorch DDP 2006.15704;
+TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311.
 """
 import codecs
 import contextlib
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bpe import Tokenizer
-from gpt import (GPT, GPTConfig, choose_precision, cpu_has_bf16, download, load_checkpoint, parse_args,
+from gpt import (GPT, GPTConfig, choose_precision, download, load_checkpoint, native_bf16, parse_args,
                  pick_device, save_checkpoint)
 
 @dataclasses.dataclass
@@ -277,6 +277,8 @@ STORIES_VERSION, PREP_VERSION = 1, 1  # bump to rebuild cached data after changi
 BPE_TRAIN_BYTES = 8 << 20  # bpe learns its merges from (at most) the first 8 MB of the train split
 TS = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-"
 SHAKESPEARE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# --init_from=resume takes these from the checkpoint (the data, its order, the batches); the rest from the flags
+RESUMED_FIELDS = ("dataset", "num_stories", "tokenizer", "vocab_size", "seed", "block_size", "batch_size", "grad_accum")
 DATASETS = {  # name -> (urls: [train, val] or [one file split 90/10], a local file that works offline)
     "tinystories": ([TS + "train.txt", TS + "valid.txt"], "../shared/data/tinystories/TinyStories-train-head2MiB.txt"),
     "shakespeare_char": ([SHAKESPEARE], "../shared/data/tinyshakespeare/input.txt")}
@@ -305,11 +307,14 @@ def encode_split(enc, eot, path, lo, hi, out_path, dtype, piece=1 << 24):
             lo = lo + len(block) if block else hi
             # the decoder holds back a character cut by the piece boundary; the last document may go on
             docs = (rest + decoder.decode(block, final=lo >= hi)).split(EOT)
-            rest = docs.pop() if lo < hi else ""
+            rest, part = docs.pop() if lo < hi else "", ""
+            if len(rest) > piece:  # a document longer than a piece (plain text): flush its lines so far
+                cut = rest.rfind("\n") + 1
+                part, rest = rest[:cut], rest[cut:]
             docs = [doc.strip() for doc in docs if doc.strip()]
-            ids = np.array([t for doc_ids in enc.encode_ordinary_batch(docs) for t in doc_ids + [eot]], dtype)
-            ids.tofile(out)
-            n_tokens, n_bytes = n_tokens + len(ids), n_bytes + sum(len(doc.encode()) for doc in docs)
+            ids = [t for ids in enc.encode_ordinary_batch(docs) for t in ids + [eot]] + enc.encode_ordinary(part)
+            np.array(ids, dtype).tofile(out)
+            n_tokens, n_bytes = n_tokens + len(ids), n_bytes + sum(len(doc.encode()) for doc in docs + [part])
     os.replace(out_path + ".tmp", out_path)  # atomic, like write_text
     return n_tokens, n_bytes
 
@@ -449,28 +454,30 @@ def main(cfg):
     # --- setup: processes, device, precision and every check, before any data or model work
     ddp = "RANK" in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python does not
     rank, local_rank, world = [int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")] if ddp else [0, 0, 1]
-    master, device, gpt2 = rank == 0, pick_device(cfg.device), cfg.init_from.startswith("gpt2")
-    device_type = device.split(":")[0]
+    master, device, gpt2 = rank == 0, pick_device(cfg.device), cfg.init_from not in ("scratch", "resume")
+    device_type, ckpt_path = device.split(":")[0], os.path.join(cfg.out_dir, "ckpt.pt")
+    resumed = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None  # (model, ckpt) on the cpu
+    if resumed:  # the data and its order are the run's own, whatever the flags say
+        cfg = dataclasses.replace(cfg, **{k: resumed[1]["train_config"][k] for k in RESUMED_FIELDS})
     kind = cfg.tokenizer or ("gpt2" if gpt2 else "byte" if cfg.dataset == "shakespeare_char" else "bpe")
     counts = ("eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "num_stories")
     for name, ok, need in [(name, getattr(cfg, name) >= 1, "1 or more") for name in counts] + [
             ("max_iters", cfg.max_iters >= 0 <= cfg.warmup_iters, "0 or more, and so must --warmup_iters"),
             ("grad_accum", cfg.grad_accum % world == 0, f"a multiple of the {world} processes"),
+            ("seed", cfg.seed >= 0, "0 or more"),
+            ("device", not (ddp and device_type == "mps"), "cpu or cuda under torchrun (DDP has no backend for mps)"),
             ("tokenizer", kind in ("bpe", "gpt2", "byte") and (kind == "gpt2" or not gpt2), "bpe, gpt2 or byte"),
             ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17, "257 (bytes + <|endoftext|>) to 131072"),
-            ("init_from", cfg.init_from in ("scratch", "resume") or gpt2 or cfg.init_from.endswith(".safetensors"),
-             "scratch, resume, gpt2, gpt2-medium, ... or a .safetensors file"),
+            ("init_from", cfg.init_from in ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or
+             os.path.exists(cfg.init_from), "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
             ("dataset", cfg.dataset in ("stories", *DATASETS) or os.path.isfile(cfg.dataset),
              "stories, tinystories, shakespeare_char or the path of an existing UTF-8 text file")]:
         if not ok:
             raise ValueError(f"--{name}={getattr(cfg, name)!r} is invalid: it must be {need}")
     model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if hasattr(cfg, f.name)}
     GPTConfig(**model_args)  # checks the shape now (e.g. n_embd divisible by n_head), not after data prep
-    dtype, reason = choose_precision(device_type, cfg.dtype, cpu_bf16=cpu_has_bf16(),
-                                     cuda_bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    dtype, reason = choose_precision(device_type, cfg.dtype, native_bf16(device_type))
     if ddp:
-        if device_type == "mps":
-            raise RuntimeError("torchrun on mps: DDP has no backend for Apple GPUs; pass --device=cpu")
         if device_type == "cuda":
             device = f"cuda:{local_rank}"  # one GPU per process
             torch.cuda.set_device(device)
@@ -481,28 +488,30 @@ def main(cfg):
         return bench(cfg, device, dtype if dtype != "float32" else "bfloat16")
     # TF32 matmuls on CUDA: training does not need full float32 accuracy (a no-op elsewhere)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device_type == "cuda"
-    # --- data: rank 0 prepares it (or finds it cached) and tells the other ranks where it is
+    # --- data: rank 0 prepares it (or finds it cached) and tells the other ranks where it is; it also
+    # downloads GPT-2's weights, once, while they wait
+    pretrained = GPT.from_pretrained(cfg.init_from, cfg.data_dir) if master and gpt2 else None
     shared = [prepare_data(cfg, kind) if master else None]
     if ddp:
         dist.broadcast_object_list(shared)
     folder, meta = shared[0]
+    if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
+        raise ValueError(f"--block_size={cfg.block_size} needs more data than {meta['train_tokens']} train and "
+                         f"{meta['val_tokens']} val tokens: a larger dataset or a smaller --block_size")
     data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r") for s in ("train", "val")}
-    if min(len(d) for d in data.values()) <= cfg.block_size:
-        raise ValueError(f"--block_size={cfg.block_size} is longer than the data ({meta['val_tokens']} val tokens)")
     tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
-    common = dict(tokenizer=tok.to_dict(), train_config=dataclasses.asdict(cfg))
+    common = dict(tokenizer=tok.to_dict(), train_config=dataclasses.asdict(dataclasses.replace(cfg, tokenizer=kind)))
     # --- model: from scratch, from our last checkpoint, or from OpenAI's GPT-2
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP copies rank 0's weights anyway)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    start, best_val, val_loss = 0, float("inf"), float("nan")
+    start, best_val, val_loss, best_path = 0, float("inf"), float("nan"), os.path.join(cfg.out_dir, "best.pt")
     ctx = torch.autocast(device_type, getattr(torch, dtype), enabled=dtype != "float32")  # float32: a no-op
     if cfg.init_from == "resume":
-        raw_model, ckpt = load_checkpoint(ckpt_path, device)
+        raw_model, ckpt = resumed[0].to(device), resumed[1]
         start, best_val = ckpt["step"], ckpt["best_val_loss"]
     elif cfg.init_from == "scratch":
         raw_model = GPT(GPTConfig(**{**model_args, "vocab_size": tok.vocab_size})).to(device)
     else:
-        raw_model = GPT.from_pretrained(cfg.init_from, cfg.data_dir).to(device)
+        raw_model = (pretrained or GPT.from_pretrained(cfg.init_from, cfg.data_dir)).to(device)
     if raw_model.config.vocab_size != tok.vocab_size or cfg.block_size > raw_model.config.block_size:
         raise ValueError(f"the model ({raw_model.config}) does not fit --block_size={cfg.block_size} or the "
                          f"{tok.vocab_size} token ids of the data; use the data and tokenizer it was trained on")
@@ -576,8 +585,8 @@ def main(cfg):
                 dt = time.time() - t0
                 eta = dt * (cfg.max_iters - step)  # at this step's pace, evaluations not counted
                 mfu, bar = raw_model.estimate_mfu(tokens_per_step, dt, peak * world), "#" * (20 * step // cfg.max_iters)
-                print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms | "
-                      f"{tokens_per_step / dt:,.0f} tok/s | mfu {100 * mfu:.1f}% | [{bar:<20}] eta "
+                print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms"
+                      f" | {tokens_per_step / dt:,.0f} tok/s | mfu {100 * mfu:.1f}% | [{bar:<20}] eta "
                       f"{eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
         dist.barrier() if ddp else None  # no rank tears the group down while another still talks to it
     except KeyboardInterrupt:
