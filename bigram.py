@@ -236,10 +236,10 @@ def parse_args(config_class, argv=None):
 
 def main(cfg):
     # --- setup: validate the flags before any work
-    if not 0 < cfg.val_frac < 1 or cfg.smoothing <= 0 or min(cfg.block_size, cfg.n_embd, cfg.n_hidden,
-                                                              cfg.bigram_iters, cfg.max_iters, cfg.batch_size) < 1:
-        raise ValueError(f"need 0 < --val_frac < 1, --smoothing > 0, and --block_size, --n_embd, --n_hidden, "
-                         f"--bigram_iters, --max_iters, --batch_size >= 1; got {cfg}")
+    if not 0 < cfg.val_frac < 1 or cfg.smoothing <= 0 or cfg.top_bigrams < 0 or min(
+            cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.bigram_iters, cfg.max_iters, cfg.batch_size) < 1:
+        raise ValueError(f"need 0 < --val_frac < 1, --smoothing > 0, --top_bigrams >= 0, and --block_size, --n_embd, "
+                         f"--n_hidden, --bigram_iters, --max_iters, --batch_size >= 1; got {cfg}")
     print(dataclasses.asdict(cfg))
     torch.manual_seed(cfg.seed)
     # --- data: a seeded shuffle, then the first val_frac of the words for validation

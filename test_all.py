@@ -427,8 +427,10 @@ def test_gpt_optimizer_groups_and_mfu():
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
-    flops = model.flops_per_token()
-    assert model.estimate_mfu(100, 1.0, flops * 100) == 1.0
+    # by hand for tiny_config: 29,088 parameters, less the 16 x 32 position table (no multiplications), 6 FLOPs
+    # each, plus attention's 12 L C T = 12 x 2 x 32 x 16
+    assert model.num_params() == 29_088 and model.flops_per_token() == 6 * (29_088 - 512) + 12 * 2 * 32 * 16
+    assert model.estimate_mfu(100, 2.0, model.flops_per_token() * 100) == 0.5
 
 def hf_gpt2_tensors(model):
     # the Hugging Face GPT-2 layout: no "transformer." prefix, Conv1D weights stored (in, out), mask buffers
@@ -837,6 +839,19 @@ def test_kvcache_window_slides():
             tokens, logits = _kvcache_naive(model, prompt, 40)
             assert out[0] == tokens, f"prompt {n}: {out[0]} != {tokens}"
             assert_close(torch.stack(seen), torch.stack(logits), 1e-5, f"prompt {n} logits")
+        # a batch slides together: when its longest history would pass block_size, every row keeps its last 16
+        prompts, seen = [torch.randint(0, 97, (n,)).tolist() for n in (5, 20, 12)], []
+        outs = generate(model, prompts, 45, on_token=lambda step, ids, logits: seen.append(logits.clone()))
+        windows, tokens = [list(p) for p in prompts], [[] for _ in prompts]
+        for step in range(45):
+            with torch.no_grad():
+                logits = torch.stack([model(torch.tensor([w]))[0][0, -1] for w in windows])
+            assert_close(seen[step], logits, 1e-5, f"batch step {step} logits")
+            for w, out, token in zip(windows, tokens, logits.argmax(-1).tolist()):
+                w.append(token), out.append(token)
+            if max(map(len, windows)) > 32:
+                windows = [w[-16:] for w in windows]
+        assert outs == tokens, f"batch: {outs} != {tokens}"
 
 def test_kvcache_gqa_memory_and_eot():
     """The cache of n_kv_head=2 of 4 heads is half the size; generation stops at a (fake) <|endoftext|>,
@@ -913,7 +928,8 @@ def test_repo_import_policy():
 
 def test_repo_copied_helpers_identical():
     # standalone files carry verbatim copies of gpt.py's plumbing; they must not drift apart
-    copies = {"bigram.py": ["parse_args"], "micrograd.py": ["parse_args"], "bpe.py": ["parse_args", "download"]}
+    copies = {"bigram.py": ["parse_args", "download"], "micrograd.py": ["parse_args"],
+              "bpe.py": ["parse_args", "download"]}
     for f in present(list(copies)):
         module = __import__(f[:-3])
         for name in copies[f]:
