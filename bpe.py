@@ -6,7 +6,7 @@ Training is fast because each distinct chunk is counted once and a merge recount
 its pair. The key idea: encoding applies the learned merges (a, b) -> id in the order they were learned.
 How to run:
   python bpe.py                                                     # offline demo: trains on this file
-  python bpe.py --train=input.txt --vocab_size=4096 --out=tok.json  # train, report bytes per token
+  python bpe.py --train=path/to/text.txt --vocab_size=4096 --out=tok.json  # train, report bytes/token
   python bpe.py --tokenizer=tok.json --text="Hello world"           # ids and pieces (or --tokenizer=gpt2)
   python bpe.py --bench                                             # incremental vs naive, Python vs tiktoken
 Depends on: nothing from this repo. References: Sennrich et al. 2016, Neural Machine Translation of Rare
@@ -345,6 +345,8 @@ def parse_args(config_class, argv=None):
 
 def main(cfg):
     """Benchmark, show --text through --tokenizer, train on --train, or (no flags) a demo on this file."""
+    if cfg.train and not os.path.isfile(cfg.train):
+        raise FileNotFoundError(f"--train={cfg.train}: no such file; pass the path of a UTF-8 text file")
     if cfg.bench:
         return bench(cfg)
     if cfg.tokenizer:  # --- load a tokenizer, or train one on --train or on this very file (offline demo)

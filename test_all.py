@@ -327,6 +327,7 @@ def test_bpe_bad_inputs():
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tok.json")
         raises(FileNotFoundError, bpe.Tokenizer.load, path, match="--train")
+        raises(FileNotFoundError, bpe.main, bpe.BpeConfig(train=os.path.join(tmp, "nope.txt")), match="no such file")
         tok.train(BPE_TEXT, 300).save(path)
         good = open(path, encoding="utf-8").read()
         for bad in (good[: len(good) // 2], good.replace('"merges": [', '"merges": {'), "[]",

@@ -606,4 +606,4 @@ def main(cfg):
     return dict(losses=losses, val_loss=val_loss, best_val_loss=best_val, step=step, ckpt_path=ckpt_path)
 
 if __name__ == "__main__":
-    main(parse_args(TrainConfig))
+    raise SystemExit(130 if main(parse_args(TrainConfig)).get("interrupted") else 0)  # 130: stopped by Ctrl-C
