@@ -762,6 +762,16 @@ def test_train_bad_flags_and_values_fail_early():
             f.write("a single line of text, so the 90/10 split leaves nothing to validate on " * 20)
         raises(ValueError, train.main, tiny(tmp, dataset=path, tokenizer="byte"), match="needs more data")
 
+def test_train_compile_failure_is_a_clear_error():
+    # torch.compile fails lazily, at the first call (here: as without a C++ compiler); train.py calls the
+    # model once before the loop, so the user gets one line naming the fix, not an inductor traceback
+    def broken_compile(model, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in cpp_extension")
+        return call
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(torch, "compile", broken_compile):
+        raises(RuntimeError, train.main, tiny(tmp, compile=True), match="drop --compile")
+
 def test_train_nan_loss_stops_and_keeps_last_checkpoint():
     with tempfile.TemporaryDirectory() as tmp:
         raises(RuntimeError, train.main, tiny(tmp, learning_rate=1e9, min_lr=0.0, grad_clip=0.0), match="diverged")

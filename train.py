@@ -252,17 +252,15 @@ def make_story(rng):
 def generate_stories(n, seed):
     """n distinct (story, summary, words) records, the same for the same (n, seed); a smaller
     n gives a prefix of a larger one, so train/val/instruct can be slices of one call."""
-    rng, records, seen = random.Random(seed), [], set()
+    rng, records = random.Random(seed), {}  # story -> record; a dict keeps the first of repeats, in order
     for _ in range(2 * n + 1000):  # bounded, so an impossible n fails instead of looping forever
         if len(records) == n:
             break
         record = make_story(rng)
-        if record[0] not in seen:
-            seen.add(record[0])
-            records.append(record)
+        records.setdefault(record[0], record)
     if len(records) < n:
         raise ValueError(f"got only {len(records)} distinct stories, not n={n}; ask for fewer")
-    return records
+    return list(records.values())
 
 def format_instruct(story, summary, words):
     """The TinyStories-Instruct record "Words: a, b, c\\nSummary: ...\\nStory: \\n<story>"."""
@@ -354,12 +352,10 @@ def prepare_data(cfg, kind):
             ranges = [(paths[0], 0, f.tell()), (paths[0], f.tell(), ranges[0][2])]
     if kind == "gpt2":
         tok = Tokenizer.gpt2(os.path.join(cfg.data_dir, "gpt2"))
-    elif kind == "byte":  # bytes are BPE with no merges, plus <|endoftext|> as id 256
-        tok = Tokenizer().train("", 257)
-    else:
+    else:  # bpe learns its merges from the start of the train split; byte is BPE with no merges (+ <|endoftext|>)
         with open(paths[0], "rb") as f:
-            text = f.read(min(ranges[0][2], BPE_TRAIN_BYTES)).decode("utf-8", "ignore")
-        tok = Tokenizer().train(text, cfg.vocab_size)
+            text = f.read(min(ranges[0][2], BPE_TRAIN_BYTES)).decode("utf-8", "ignore") if kind == "bpe" else ""
+        tok = Tokenizer().train(text, cfg.vocab_size if kind == "bpe" else 257)
     tok.save(os.path.join(folder, "tokenizer.json"))
     enc, dtype = tok.to_tiktoken(), "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     meta = dict(key=key, dtype=dtype, vocab_size=tok.vocab_size)
@@ -376,9 +372,8 @@ def prepare_data(cfg, kind):
 def get_batch(data, batch_size, block_size, key, device):
     """Windows x and next tokens y, (B, T) each, a pure function of key: resumed or DDP runs draw the same."""
     ix = np.random.default_rng(key).integers(0, len(data) - block_size, size=batch_size)
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))        # (B, T)
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))  # (B, T)
-    return x.to(device), y.to(device)
+    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))  # (B, T + 1)
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)  # x (B, T), and y (B, T): the token after each
 
 def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters):
     """Linear warmup to learning_rate, a cosine down to min_lr at decay_iters, then flat."""
@@ -521,6 +516,12 @@ def main(cfg):
         optimizer.load_state_dict(ckpt["optimizer"])
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")  # float16 gradients underflow without
     model = torch.compile(raw_model) if cfg.compile else raw_model
+    if cfg.compile:  # compiling fails at the first call (no C++ compiler, an unsupported device): make it now
+        try:
+            with ctx:
+                model(*get_batch(data["val"], cfg.batch_size, cfg.block_size, (2,), device))
+        except Exception as e:
+            raise RuntimeError(f"--compile failed on {device}: {repr(e)[:200]}; drop --compile") from None
     if ddp:  # averages the gradients across processes in backward; we save and evaluate raw_model
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     accum, decay_iters = cfg.grad_accum // world, cfg.lr_decay_iters if cfg.lr_decay_iters >= 0 else cfg.max_iters
