@@ -302,11 +302,12 @@ def run_bench(cfg, device):
 
 def main(cfg):
     # --- setup: check the flags before loading anything
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-        raise ValueError(f"--temperature={cfg.temperature}, --top_k={cfg.top_k}, --top_p={cfg.top_p}: "
-                         f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
-    if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
-        raise ValueError(f"--num_samples={cfg.num_samples}, --max_new_tokens={cfg.max_new_tokens}: need >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun would start copies that all do the same work
+        raise RuntimeError("kvcache.py runs in one process: start it with python, not torchrun")
+    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1 or min(cfg.num_samples, cfg.max_new_tokens) < 1:
+        raise ValueError(f"--temperature={cfg.temperature}, --top_k={cfg.top_k}, --top_p={cfg.top_p}, "
+                         f"--num_samples={cfg.num_samples}, --max_new_tokens={cfg.max_new_tokens}: need "
+                         f"temperature >= 0, top_k >= 0, 0 < top_p <= 1, num_samples >= 1, max_new_tokens >= 1")
     if not cfg.bench and not cfg.init_from and not os.path.exists(cfg.ckpt_path):
         raise FileNotFoundError(f"no checkpoint at --ckpt_path={cfg.ckpt_path}: train one with `python train.py`, "
                                 f"or sample OpenAI's GPT-2 with --init_from=gpt2")

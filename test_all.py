@@ -880,6 +880,8 @@ def test_kvcache_gqa_memory_and_eot():
     with tempfile.TemporaryDirectory() as tmp:
         raises(FileNotFoundError, kvcache.main, KVCacheConfig(ckpt_path=os.path.join(tmp, "ckpt.pt")),
                match="python train.py")
+        with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):  # started by torchrun: one process only
+            raises(RuntimeError, kvcache.main, KVCacheConfig(), match="not torchrun")
 
 def test_kvcache_sampling():
     """A seed reproduces a sample; top_k=1 is greedy; top-p keeps the smallest set reaching p on
