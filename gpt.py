@@ -258,8 +258,10 @@ class GPT(nn.Module):
         data/<name>/, or a local model.safetensors file or a directory holding one (plus config.json)."""
         path = os.path.join(name_or_path, "model.safetensors") if os.path.isdir(name_or_path) else name_or_path
         if name_or_path in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-            path = download(f"https://huggingface.co/{name_or_path}/resolve/main/model.safetensors",
-                            os.path.join(data_dir, name_or_path, "model.safetensors"))
+            url, folder = f"https://huggingface.co/{name_or_path}/resolve/main/", os.path.join(data_dir, name_or_path)
+            if not os.path.exists(os.path.join(folder, "model.safetensors")):  # first use: config.json has n_head
+                download(url + "config.json", os.path.join(folder, "config.json"))
+            path = download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found; pass gpt2, gpt2-medium, gpt2-large, gpt2-xl or the path "
                                     f"of a GPT-2 model.safetensors")
@@ -272,8 +274,8 @@ class GPT(nn.Module):
             raise ValueError(f"{path} is not a GPT-2 checkpoint: it has no 2-D wte.weight and wpe.weight")
         n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
         (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
-        # shapes tell everything but the number of heads: config.json beside the file has it, and the
-        # four GPT-2 sizes all use 64 channels per head
+        # shapes tell everything but the number of heads: config.json beside the file has it; without one,
+        # assume GPT-2's 64 channels per head (true of all four sizes)
         config_json = os.path.join(os.path.dirname(path), "config.json")
         try:
             with open(config_json) as f:
@@ -310,7 +312,8 @@ def read_safetensors(path):
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little") if size >= 8 else size
         if n > size - 8:
-            raise ValueError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+            raise ValueError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated, or "
+                             f"not a .safetensors file?)")
         try:
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)  # fails (Attribute/TypeError) when the JSON is not an object
@@ -397,9 +400,9 @@ def pick_device(device="auto"):
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    kind, _, index = device.partition(":")
+    kind, colon, index = device.partition(":")
     if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}.get(kind) or \
-            (index and not (kind == "cuda" and index.isdigit() and int(index) < torch.cuda.device_count())):
+            (colon and not (kind == "cuda" and index.isdigit() and int(index) < torch.cuda.device_count())):
         raise ValueError(f"--device={device} is not available here; use auto, cpu, cuda, cuda:N or mps")
     return device
 
@@ -456,8 +459,11 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path} is not a buildllm checkpoint (no model_config/model); write it with train.py")
     if ckpt.get("version") != CHECKPOINT_VERSION:  # a format change: old checkpoints say so instead of failing
         raise ValueError(f"{path} is version {ckpt.get('version')}, not {CHECKPOINT_VERSION}: retrain with train.py")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:  # unknown config fields, or tensors that do not fit the config
+        raise ValueError(f"{path} does not fit this gpt.py ({str(e)[:150]}); retrain with train.py") from None
     return model.to(device), ckpt
 
 # -----------------------------------------------------------------------------
@@ -475,7 +481,7 @@ class SampleConfig:
     device: str = "auto"           # auto, cpu, cuda, mps
 
 def main(cfg):
-    if cfg.temperature < 0 or cfg.top_k < 0 or cfg.max_new_tokens < 0:
+    if not cfg.temperature >= 0 or cfg.top_k < 0 or cfg.max_new_tokens < 0:  # (not >= also catches nan)
         raise ValueError(f"--temperature={cfg.temperature}, --top_k={cfg.top_k} and --max_new_tokens="
                          f"{cfg.max_new_tokens} must not be negative")
     torch.manual_seed(cfg.seed)

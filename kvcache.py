@@ -67,8 +67,7 @@ class KVCache:
     def update(self, layer, k, v):
         L, T = self.length, k.size(2)
         assert L + T <= self.k.size(3), f"cache overflow: {L} + {T} > {self.k.size(3)} positions"
-        # write in place (no allocation), then hand back views of the filled part only: attention
-        # then costs O(L), not O(max_len)
+        # write in place (no allocation), then return views of the filled part: attention costs O(L), not O(max_len)
         self.k[layer, :, :, L:L + T] = k
         self.v[layer, :, :, L:L + T] = v
         return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]  # (B, nkv, L + T, hs)
@@ -159,7 +158,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     Window rule: the model sees the whole history until it would pass block_size tokens, then only the
     last block_size // 2, which are prefilled again (a batch slides when its left-padded length does)."""
     block_size, device = model.config.block_size, model.lm_head.weight.device
-    keep = block_size // 2
+    keep = max(1, block_size // 2)
     prompts = [p if len(p) <= block_size else p[-keep:] for p in prompts]
     if not all(prompts):
         raise ValueError("an empty prompt has nothing to continue; start it with <|endoftext|> or any text")
@@ -169,7 +168,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     ctx[:, :T] = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
     # room for the prompt and every fed-back token, at most block_size (then the window slides)
-    cache = KVCache(model.config, B, min(block_size, T + max_new_tokens - 1), device, model.lm_head.weight.dtype)
+    room = min(block_size, T + max(max_new_tokens, 1) - 1)
+    cache = KVCache(model.config, B, room, device, model.lm_head.weight.dtype)
     logits = prefill(model, cache, ctx[:, :T], pad)
     slots = torch.arange(block_size, device=device)
     real = (slots >= pad[:, None])[:, None, None, :]               # (B, 1, 1, block_size) real keys
@@ -304,7 +304,7 @@ def main(cfg):
     # --- setup: check the flags before loading anything
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun would start copies that all do the same work
         raise RuntimeError("kvcache.py runs in one process: start it with python, not torchrun")
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1 or min(cfg.num_samples, cfg.max_new_tokens) < 1:
+    if not (cfg.temperature >= 0 and cfg.top_k >= 0 and 0 < cfg.top_p <= 1 <= min(cfg.num_samples, cfg.max_new_tokens)):
         raise ValueError(f"--temperature={cfg.temperature}, --top_k={cfg.top_k}, --top_p={cfg.top_p}, "
                          f"--num_samples={cfg.num_samples}, --max_new_tokens={cfg.max_new_tokens}: need "
                          f"temperature >= 0, top_k >= 0, 0 < top_p <= 1, num_samples >= 1, max_new_tokens >= 1")
@@ -317,9 +317,8 @@ def main(cfg):
     if cfg.bench:
         return run_bench(cfg, device)
     dtype, reason = choose_precision(device.split(":")[0], cfg.dtype, native_bf16(device.split(":")[0]))
-    # --- model and tokenizer
-    model, ckpt = (GPT.from_pretrained(cfg.init_from), None) if cfg.init_from else \
-        load_checkpoint(cfg.ckpt_path, device)
+    # --- model and tokenizer (a checkpoint loads on the cpu: its optimizer state never reaches the device)
+    model, ckpt = (GPT.from_pretrained(cfg.init_from), None) if cfg.init_from else load_checkpoint(cfg.ckpt_path)
     # cast the weights (not autocast): decode reads every weight once per token, so half the bytes is
     # up to twice the speed; the cache takes the same dtype. Batch-1 decode multiplies one row: MatVecLinear
     model = use_matvec(model.to(device, getattr(torch, dtype)).eval())
