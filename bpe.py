@@ -309,10 +309,19 @@ def timed(fn, *args, **kwargs):  # CPU seconds of this process: fair on a busy m
     t0 = time.process_time()
     return fn(*args, **kwargs), time.process_time() - t0
 
+def read_text(path):  # the --train file, or this very file (offline), checked before any work
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: iconv -f latin1 -t utf-8") from None
+    if not text:
+        raise ValueError(f"{path} is empty: there is nothing to learn merges from")
+    return text
+
 def bench(cfg):
     path = cfg.train or os.path.abspath(__file__)  # offline default: this file, repeated to 1 MB
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
     tok, t_fast = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern)
     naive, t_naive = timed(train_naive, text, cfg.vocab_size, cfg.pattern)
@@ -352,8 +361,7 @@ def main(cfg):
     if cfg.tokenizer:  # --- load a tokenizer, or train one on --train or on this very file (offline demo)
         tok, result = Tokenizer.gpt2(cfg.gpt2_dir) if cfg.tokenizer == "gpt2" else Tokenizer.load(cfg.tokenizer), {}
     else:
-        with open(cfg.train or os.path.abspath(__file__), encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(cfg.train or os.path.abspath(__file__))
         tok, seconds = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern, verbose=True)
         n_tokens = len(tok.to_tiktoken().encode(text, allowed_special="all"))
         result = {"seconds": seconds, "bytes_per_token": len(text.encode("utf-8")) / max(1, n_tokens)}

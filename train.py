@@ -67,7 +67,7 @@ class TrainConfig:
     lr_decay_iters: int = -1        # the cosine reaches min_lr at this step; -1 = max_iters
     weight_decay: float = 0.1       # AdamW decay of matrices and embeddings
     beta1: float = 0.9              # AdamW betas
-    beta2: float = 0.99
+    beta2: float = 0.99             # (0.95 for large models)
     grad_clip: float = 1.0          # clip the global gradient norm to this; 0 = off
     # system
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
@@ -297,7 +297,7 @@ def encode_split(enc, eot, path, lo, hi, out_path, dtype, piece=1 << 24):
     # the documents (text between <|endoftext|> markers) in bytes [lo, hi) of a file, each encoded (tiktoken's
     # Rust encoder, on several threads) and followed by <|endoftext|>, into a flat binary file; 16 MB at a
     # time, so a 2 GB corpus never sits in memory
-    decoder, rest, n_tokens, n_bytes = codecs.getincrementaldecoder("utf-8")(), "", 0, 0
+    decoder, rest, part, n_tokens, n_bytes = codecs.getincrementaldecoder("utf-8")(), "", "", 0, 0
     with open(path, "rb") as f, open(out_path + ".tmp", "wb") as out:
         f.seek(lo)
         while lo < hi:
@@ -305,11 +305,12 @@ def encode_split(enc, eot, path, lo, hi, out_path, dtype, piece=1 << 24):
             lo = lo + len(block) if block else hi
             # the decoder holds back a character cut by the piece boundary; the last document may go on
             docs = (rest + decoder.decode(block, final=lo >= hi)).split(EOT)
-            rest, part = docs.pop() if lo < hi else "", ""
+            flushed, rest, part = bool(part), docs.pop() if lo < hi else "", ""
             if len(rest) > piece:  # a document longer than a piece (plain text): flush its lines so far
                 cut = rest.rfind("\n") + 1
                 part, rest = rest[:cut], rest[cut:]
-            docs = [doc.strip() for doc in docs if doc.strip()]
+            # (after a flush the first document is the end of the flushed one: kept, even empty, for its EOT)
+            docs = [doc.strip() for i, doc in enumerate(docs) if doc.strip() or (i == 0 and flushed)]
             ids = [t for ids in enc.encode_ordinary_batch(docs) for t in ids + [eot]] + enc.encode_ordinary(part)
             np.array(ids, dtype).tofile(out)
             n_tokens, n_bytes = n_tokens + len(ids), n_bytes + sum(len(doc.encode()) for doc in docs + [part])
@@ -328,7 +329,7 @@ def prepare_data(cfg, kind):
         try:
             download(url, path)  # streamed, resumable, cached
         except RuntimeError as e:
-            raise RuntimeError(f"{e}. Or train on a local text file: --dataset={local}") from None
+            raise RuntimeError(f"{e}. Or train on a local copy: --dataset={local} --tokenizer={kind}") from None
     if cfg.dataset == "stories":
         paths = [os.path.join(folder, "train.txt"), os.path.join(folder, "val.txt")]
     # the cache key holds everything the prepared files depend on
@@ -342,6 +343,7 @@ def prepare_data(cfg, kind):
         if meta["key"] == key and all(os.path.exists(os.path.join(folder, f"{s}.bin")) for s in ("train", "val")):
             print(f"data: reusing {folder}, prepared earlier for this dataset and tokenizer")
             return folder, meta
+        os.remove(meta_path)  # stale: an interrupted rebuild below must not leave it vouching for new files
     if cfg.dataset == "stories":
         write_stories(folder, cfg.num_stories, cfg.seed)
     ranges = [(p, 0, os.path.getsize(p)) for p in paths]  # byte ranges [lo, hi) of train and val
@@ -360,8 +362,11 @@ def prepare_data(cfg, kind):
     enc, dtype = tok.to_tiktoken(), "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     meta = dict(key=key, dtype=dtype, vocab_size=tok.vocab_size)
     for split, (path, lo, hi) in zip(("train", "val"), ranges):
-        meta[f"{split}_tokens"], meta[f"{split}_bytes"] = encode_split(
-            enc, tok.special_tokens[EOT], path, lo, hi, os.path.join(folder, f"{split}.bin"), dtype)
+        try:
+            meta[f"{split}_tokens"], meta[f"{split}_bytes"] = encode_split(
+                enc, tok.special_tokens[EOT], path, lo, hi, os.path.join(folder, f"{split}.bin"), dtype)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: iconv -f latin1 -t utf-8") from None
     write_text(meta_path, json.dumps(meta))  # written last: its presence means the .bin files are complete
     print(f"data: prepared {folder}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
     return folder, meta
@@ -458,10 +463,14 @@ def main(cfg):
     counts = ("eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "num_stories")
     for name, ok, need in [(name, getattr(cfg, name) >= 1, "1 or more") for name in counts] + [
             ("max_iters", cfg.max_iters >= 0 <= cfg.warmup_iters, "0 or more, and so must --warmup_iters"),
-            ("grad_accum", cfg.grad_accum % world == 0, f"a multiple of the {world} processes"),
+            ("grad_accum", cfg.grad_accum % world == 0, f"a multiple of the {world} processes (resumed: as saved)"),
+            ("learning_rate", 0 <= cfg.min_lr <= cfg.learning_rate, "at least --min_lr, and --min_lr at least 0"),
+            ("beta2", 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "in [0, 1), and so must --beta1"),
+            ("weight_decay", cfg.weight_decay >= 0 <= cfg.grad_clip, "0 or more, and so must --grad_clip"),
+            ("bench", not (ddp and cfg.bench), "False under torchrun: run the benchmark with python"),
             ("seed", cfg.seed >= 0, "0 or more"),
             ("device", not (ddp and device_type == "mps"), "cpu or cuda under torchrun (DDP has no backend for mps)"),
-            ("tokenizer", kind in ("bpe", "gpt2", "byte") and (kind == "gpt2" or not gpt2), "bpe, gpt2 or byte"),
+            ("tokenizer", kind in (("gpt2",) if gpt2 else ("bpe", "gpt2", "byte")), "bpe, gpt2, byte (GPT-2: gpt2)"),
             ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17, "257 (bytes + <|endoftext|>) to 131072"),
             ("init_from", cfg.init_from in ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or
              os.path.exists(cfg.init_from), "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
@@ -512,9 +521,10 @@ def main(cfg):
                          f"{tok.vocab_size} token ids of the data; use the data and tokenizer it was trained on")
     # --- optimizer, loss scaling, compile, DDP
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    if cfg.init_from == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")  # float16 gradients underflow without
+    if cfg.init_from == "resume":  # (the scaler's state is empty unless the run used float16)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler") or scaler.state_dict())
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if cfg.compile:  # compiling fails at the first call (no C++ compiler, an unsupported device): make it now
         try:
@@ -548,7 +558,7 @@ def main(cfg):
                     best_val = val_loss
                     save_checkpoint(best_path, raw_model, step=step, val_loss=val_loss, **common)
                 save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
-                                optimizer=optimizer.state_dict(), **common)
+                                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **common)
             if last:
                 break
             t0, lr = time.time(), get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
@@ -593,7 +603,7 @@ def main(cfg):
     except KeyboardInterrupt:
         if master:  # the weights are those after `step` optimizer steps
             save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
-                            optimizer=optimizer.state_dict(), **common)
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **common)
             print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with --init_from=resume")
         return dict(losses=losses, step=step, ckpt_path=ckpt_path, interrupted=True)
     finally:
