@@ -187,7 +187,7 @@ def train(model, X, Y, steps, lr, batch_size=0, weight_decay=0.0, prior=None, lo
     torch.set_num_threads(threads)
 
 # -----------------------------------------------------------------------------
-# using a model: samples, and a look at the counts
+# using a model (samples, a look at the counts), and the command-line flags
 
 @torch.no_grad()
 def sample(logits_fn, chars, block_size, num_samples, seed, max_len=30):
@@ -233,13 +233,16 @@ def parse_args(config_class, argv=None):
     return config_class(**vars(parser.parse_args(argv)))
 
 # -----------------------------------------------------------------------------
+# the run
 
 def main(cfg):
     # --- setup: validate the flags before any work
-    if not 0 < cfg.val_frac < 1 or cfg.smoothing <= 0 or cfg.top_bigrams < 0 or min(
-            cfg.block_size, cfg.n_embd, cfg.n_hidden, cfg.bigram_iters, cfg.max_iters, cfg.batch_size) < 1:
-        raise ValueError(f"need 0 < --val_frac < 1, --smoothing > 0, --top_bigrams >= 0, and --block_size, --n_embd, "
-                         f"--n_hidden, --bigram_iters, --max_iters, --batch_size >= 1; got {cfg}")
+    counts = ("block_size", "n_embd", "n_hidden", "bigram_iters", "max_iters", "batch_size")
+    ok = dict(val_frac=0 < cfg.val_frac < 1, smoothing=cfg.smoothing > 0, top_bigrams=cfg.top_bigrams >= 0,
+              **{name: getattr(cfg, name) >= 1 for name in counts})
+    if bad := [f"--{name}={getattr(cfg, name)}" for name in ok if not ok[name]]:
+        raise ValueError(f"invalid {', '.join(bad)}: need 0 < val_frac < 1, smoothing > 0, top_bigrams >= 0, "
+                         f"and {', '.join(counts)} >= 1")
     print(dataclasses.asdict(cfg))
     torch.manual_seed(cfg.seed)
     # --- data: a seeded shuffle, then the first val_frac of the words for validation

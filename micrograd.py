@@ -58,6 +58,8 @@ class Value:
             raise TypeError(f"Value ** {type(p).__name__}: the exponent must be an int or float constant")
         if self.data < 0 and p % 1:  # Python would return a complex number
             raise ValueError(f"{self.data} ** {p}: a negative base needs an integer exponent")
+        if self.data == 0 and p < 1:  # 0 ** -1 divides by zero; 0 ** 0.5 has an infinite slope
+            raise ValueError(f"0 ** {p} has no finite derivative; shift the base first, e.g. (x + 1e-9) ** {p}")
         return Value(self.data ** p, (self,), (p * self.data ** (p - 1),))  # d(x^p)/dx = p x^(p-1)
     def exp(self):  # d(e^x)/dx = e^x
         return Value(math.exp(self.data), (self,), (math.exp(self.data),))
@@ -220,11 +222,13 @@ def parse_args(config_class, argv=None):
     return config_class(**vars(parser.parse_args(argv)))
 
 # -----------------------------------------------------------------------------
+# the run
 
 def main(cfg):
     # --- setup: validate the flags before any work
-    if min(cfg.n_samples - 1, cfg.n_layer, cfg.n_hidden, cfg.max_iters, cfg.log_interval) < 1:
-        raise ValueError(f"need --n_samples >= 2 and --n_layer, --n_hidden, --max_iters, --log_interval >= 1: {cfg}")
+    if min(cfg.n_samples - 1, cfg.n_layer, cfg.n_hidden, cfg.max_iters, cfg.log_interval) < 1 or cfg.noise < 0:
+        raise ValueError(f"need --n_samples >= 2, --noise >= 0 and --n_layer, --n_hidden, --max_iters, "
+                         f"--log_interval >= 1: {cfg}")
     print(dataclasses.asdict(cfg))
     if cfg.check:
         worst = check_against_torch(cfg.seed)

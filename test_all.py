@@ -122,7 +122,8 @@ def test_bigram_sampling_reproducible():
 
 def test_bigram_bad_data_raises_and_offline_fallback():
     raises(FileNotFoundError, bigram.load_words, "/no/such/words.txt", match="--data")
-    raises(ValueError, bigram.main, bigram.BigramConfig(data="/no/such/words.txt", val_frac=1.5), match="val_frac")
+    raises(ValueError, bigram.main, bigram.BigramConfig(data="/no/such/words.txt", val_frac=1.5, max_iters=0),
+           match="invalid --val_frac=1.5, --max_iters=0:")  # only the bad flags are named
     saved = bigram.NAMES_URL, bigram.NAMES_PATH
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "dots.txt")
@@ -217,6 +218,9 @@ def test_micrograd_invalid_ops_raise():
     raises(TypeError, lambda: micrograd.Value(2.0) ** micrograd.Value(3.0), match="exponent")
     raises(ValueError, lambda: micrograd.Value(-2.0) ** 0.5, match="negative base")
     assert_close((micrograd.Value(-2.0) ** 3).data, -8.0, 0, "integer power of a negative base")
+    for p in (0.5, -1, 0):  # at 0: an infinite slope, a division by zero, an undefined slope
+        raises(ValueError, lambda: micrograd.Value(0.0) ** p, match="no finite derivative")
+    raises(ValueError, micrograd.main, micrograd.MicrogradConfig(noise=-1.0), match="--noise >= 0")
 
 def test_micrograd_trains_to_full_accuracy():
     result = micrograd.main(micrograd.MicrogradConfig(n_samples=50, n_hidden=8, max_iters=100, log_interval=100))
