@@ -491,12 +491,13 @@ def main(cfg):
         model = GPT(config).to(device)
         idx, targets = torch.randint(0, config.vocab_size, (2, 2, config.block_size), device=device)
         logits, loss = model(idx, targets)
-        print(f"offline demo: a random {config}\nparameters: {model.num_params():,}, training FLOPs per token: "
+        print(f"offline demo on {device}: a random {config}\nparameters: {model.num_params():,}, training FLOPs per token: "
               f"{model.flops_per_token():,}\nidx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss "
               f"{loss.item():.3f} (ln V = {math.log(config.vocab_size):.3f} expected at initialisation)\n"
               f"sampled ids: {model.generate(idx[:1, :4], 8)[0].tolist()}")
         return {"loss": loss.item()}
     model = GPT.from_pretrained(cfg.init_from).to(device).eval()
+    print(f"{cfg.init_from}: {model.num_params():,} parameters on {device}, float32")
     try:  # tiktoken fetches its GPT-2 files on first use, and fails offline
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:
