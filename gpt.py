@@ -259,9 +259,10 @@ class GPT(nn.Module):
         path = os.path.join(name_or_path, "model.safetensors") if os.path.isdir(name_or_path) else name_or_path
         if name_or_path in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
             url, folder = f"https://huggingface.co/{name_or_path}/resolve/main/", os.path.join(data_dir, name_or_path)
-            if not os.path.exists(os.path.join(folder, "model.safetensors")):  # first use: config.json has n_head
-                download(url + "config.json", os.path.join(folder, "config.json"))
+            new = not os.path.exists(os.path.join(folder, "model.safetensors"))
             path = download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
+            if new:  # fetched with the weights on first use: config.json has n_head
+                download(url + "config.json", os.path.join(folder, "config.json"))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found; pass gpt2, gpt2-medium, gpt2-large, gpt2-xl or the path "
                                     f"of a GPT-2 model.safetensors")
@@ -491,8 +492,8 @@ def main(cfg):
         model = GPT(config).to(device)
         idx, targets = torch.randint(0, config.vocab_size, (2, 2, config.block_size), device=device)
         logits, loss = model(idx, targets)
-        print(f"offline demo on {device}: a random {config}\nparameters: {model.num_params():,}, training FLOPs per token: "
-              f"{model.flops_per_token():,}\nidx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss "
+        print(f"offline demo on {device}: a random {config}\nparameters: {model.num_params():,}, training FLOPs "
+              f"per token: {model.flops_per_token():,}\nidx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss "
               f"{loss.item():.3f} (ln V = {math.log(config.vocab_size):.3f} expected at initialisation)\n"
               f"sampled ids: {model.generate(idx[:1, :4], 8)[0].tolist()}")
         return {"loss": loss.item()}
@@ -501,8 +502,9 @@ def main(cfg):
     try:  # tiktoken fetches its GPT-2 files on first use, and fails offline
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:
-        raise RuntimeError(f"tiktoken could not load GPT-2's encoding ({type(e).__name__}): run once online, "
-                           f"or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+        raise RuntimeError(f"tiktoken could not load GPT-2's encoding ({type(e).__name__}): run once online, or "
+                           f"set TIKTOKEN_CACHE_DIR to a cache that has it; or sample the same model with "
+                           f"kvcache.py --init_from=... --gpt2_dir=DIR (DIR holds encoder.json, vocab.bpe)") from None
     ids = torch.tensor([enc.encode(cfg.prompt) or [enc.eot_token]], device=device)  # '' starts a new document
     text = enc.decode(model.generate(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k)[0].tolist())
     print(text)

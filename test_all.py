@@ -504,7 +504,7 @@ def test_gpt_from_pretrained_safetensors_round_trip():
     with tempfile.TemporaryDirectory() as d, mock.patch.object(gpt, "download", fake_download):
         loaded = GPT.from_pretrained("gpt2-medium", data_dir=d).eval()
     hub = "https://huggingface.co/gpt2-medium/resolve/main/"
-    assert fetched == [hub + "config.json", hub + "model.safetensors"], fetched
+    assert fetched == [hub + "model.safetensors", hub + "config.json"], fetched
     assert loaded.config.n_head == 4 and torch.equal(loaded(idx)[0], model4(idx)[0]), loaded.config
 
 def test_gpt_safetensors_rejects_corrupt_files():
@@ -1059,6 +1059,9 @@ def test_repo_ci_runs_the_readme_test_command():
 
 if __name__ == "__main__":
     pattern = sys.argv[1] if len(sys.argv) > 1 else ""
+    if pattern.startswith("-"):  # -h, or a flag meant for a script
+        print("usage: python test_all.py [part of a test name, e.g. kvcache]")
+        sys.exit(2)
     tests = [(n, f) for n, f in list(globals().items()) if n.startswith("test_") and callable(f) and pattern in n]
     if not tests:
         sys.exit(f"no test name contains {pattern!r}")

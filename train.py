@@ -9,7 +9,7 @@ How to run:
     python train.py                     # ~5 min on a 2-core CPU: synthetic stories, then a sampled story
     python train.py --dataset=tinystories --vocab_size=4096 --n_layer=8 --n_head=8 --n_embd=512 --compile
     torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --vocab_size=4096 --grad_accum=8
-Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt; --bench times 3 precisions instead.
+Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt; --bench times fp32/bf16, eager/compiled.
 References (arXiv): AdamW 1711.05101; SGDR 1608.03983; mixed precision 1710.03740; PyTorch DDP 2006.15704;
 TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311.
 """
@@ -44,7 +44,7 @@ class TrainConfig:
     eval_iters: int = 10            # fixed batches per split in each evaluation
     log_interval: int = 50          # steps between log lines
     sample_tokens: int = 200        # length of the story sampled at each evaluation and at the end
-    bench: bool = False             # only measure tokens/s and MFU: float32, bfloat16 and torch.compile
+    bench: bool = False             # only measure tokens/s and MFU: float32, bfloat16, eager, compiled
     # data
     dataset: str = "stories"        # stories (synthetic, offline), tinystories, shakespeare_char or a .txt path
     num_stories: int = 20000        # stories to generate: 90% train, 10% val, and 10% more for instruct.txt
@@ -594,11 +594,11 @@ def main(cfg):
             losses.append(loss_value)
             if master and (step - 1) % cfg.log_interval == 0:
                 dt = time.time() - t0
-                eta = dt * (cfg.max_iters - step)  # at this step's pace, evaluations not counted
+                eta = divmod(round(dt * (cfg.max_iters - step)), 60)  # (min, s) at this pace, evaluations aside
                 mfu, bar = raw_model.estimate_mfu(tokens_per_step, dt, peak * world), "#" * (20 * step // cfg.max_iters)
                 print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms"
                       f" | {tokens_per_step / dt:,.0f} tok/s | mfu {100 * mfu:.1f}% | [{bar:<20}] eta "
-                      f"{eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
+                      f"{eta[0]}m{eta[1]:02d}s", flush=True)
         dist.barrier() if ddp else None  # no rank tears the group down while another still talks to it
     except KeyboardInterrupt:
         if master:  # the weights are those after `step` optimizer steps
