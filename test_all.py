@@ -731,6 +731,23 @@ def test_train_resume_reproduces_uninterrupted_run():
         rest = train.main(tiny(tmp, init_from="resume", out_dir=os.path.join(tmp, "c"), **other))["losses"]
         assert stopped["losses"] + rest == full, f"{stopped['losses']} + {rest} != {full}"
 
+def test_train_checkpoint_keeps_the_loss_scale():
+    # float16 (CUDA) runs keep their loss scale across a resume; on a CPU the scaler is off: a stub records it
+    with tempfile.TemporaryDirectory() as tmp:
+        train.main(tiny(tmp, max_iters=2, eval_interval=2))
+        path = os.path.join(tmp, "out", "ckpt.pt")
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["scaler"] == {}, ckpt["scaler"]  # disabled: nothing to keep
+        ckpt["scaler"] = state = {"scale": 1024.0, "growth_factor": 2.0, "_growth_tracker": 3}
+        torch.save(ckpt, path)
+        loaded = []
+        class Recorder(torch.amp.GradScaler):
+            def load_state_dict(self, state_dict):
+                loaded.append(state_dict)
+        with mock.patch.object(torch.amp, "GradScaler", Recorder):
+            train.main(tiny(tmp, init_from="resume", max_iters=3, eval_interval=2))
+        assert loaded == [state], loaded
+
 def test_train_ddp_two_processes_match_one():
     # same global batch: 2 processes x 1 micro-step (gloo on CPU) vs 1 process x 2 micro-steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -783,13 +800,14 @@ def test_train_prepare_cache_reused_and_redone():
         ids = np.fromfile(out, dtype=np.uint16).tolist()
         assert byte_tok.decode(ids) == text.strip() + "<|endoftext|>" and n_tokens == len(ids) == len(text)
         assert 100 < max(longest) < 200, f"longest text encoded at once: {max(longest)} characters"
-        # a flushed document that ends exactly where a piece ends still gets its <|endoftext|>
+        # a flushed document keeps its <|endoftext|> when only whitespace follows, at once or a piece later
         first = "".join(f"{i:04d} {'x' * 14}\n" for i in range(10))  # 200 characters: two pieces of 100
-        with open(plain, "w") as f:
-            f.write(first + "<|endoftext|>\nsecond\n<|endoftext|>\n")
-        train.encode_split(byte_tok.to_tiktoken(), 256, plain, 0, os.path.getsize(plain), out, "uint16", piece=100)
-        decoded = byte_tok.decode(np.fromfile(out, dtype=np.uint16).tolist())
-        assert decoded == first + "<|endoftext|>second<|endoftext|>", repr(decoded)
+        for gap in ("", " " * 100):
+            with open(plain, "w") as f:
+                f.write(first + gap + "<|endoftext|>\nsecond\n<|endoftext|>\n")
+            train.encode_split(byte_tok.to_tiktoken(), 256, plain, 0, os.path.getsize(plain), out, "uint16", piece=100)
+            decoded = byte_tok.decode(np.fromfile(out, dtype=np.uint16).tolist())
+            assert decoded == first + "<|endoftext|>second<|endoftext|>", repr(decoded)
         # a rebuild that stops half-way (here: an error before val.bin) leaves no meta.json vouching for it
         real_encode = train.encode_split
         def fails_on_val(*args, **kwargs):
@@ -813,9 +831,10 @@ def test_train_bad_flags_and_values_fail_early():
         raises(ValueError, train.main, tiny(tmp, n_embd=30, n_head=4), match="divisible")
         raises(ValueError, train.main, tiny(tmp, dataset="nope.txt"), match="existing")
         raises(ValueError, train.main, tiny(tmp, seed=-1), match="--seed=-1")
-        raises(ValueError, train.main, tiny(tmp, min_lr=-1.0), match="--learning_rate")
-        raises(ValueError, train.main, tiny(tmp, beta2=1.5), match="--beta2=1.5")
-        raises(ValueError, train.main, tiny(tmp, weight_decay=-0.1), match="--weight_decay=-0.1")
+        raises(ValueError, train.main, tiny(tmp, min_lr=-1.0), match="--min_lr=-1.0")
+        raises(ValueError, train.main, tiny(tmp, learning_rate=1e-4, min_lr=2e-4), match="to --learning_rate=0.0001")
+        for name, bad in (("beta1", 1.5), ("beta2", -0.1), ("weight_decay", -0.1), ("grad_clip", -1.0)):
+            raises(ValueError, train.main, tiny(tmp, **{name: bad}), match=f"--{name}={bad} is invalid")
         with mock.patch.dict(os.environ, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}):
             raises(ValueError, train.main, tiny(tmp, bench=True), match="--bench=True")
         raises(ValueError, train.main, tiny(tmp, init_from="gpt3"), match="safetensors")

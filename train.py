@@ -297,7 +297,7 @@ def encode_split(enc, eot, path, lo, hi, out_path, dtype, piece=1 << 24):
     # the documents (text between <|endoftext|> markers) in bytes [lo, hi) of a file, each encoded (tiktoken's
     # Rust encoder, on several threads) and followed by <|endoftext|>, into a flat binary file; 16 MB at a
     # time, so a 2 GB corpus never sits in memory
-    decoder, rest, part, n_tokens, n_bytes = codecs.getincrementaldecoder("utf-8")(), "", "", 0, 0
+    decoder, rest, opened, n_tokens, n_bytes = codecs.getincrementaldecoder("utf-8")(), "", False, 0, 0
     with open(path, "rb") as f, open(out_path + ".tmp", "wb") as out:
         f.seek(lo)
         while lo < hi:
@@ -305,12 +305,13 @@ def encode_split(enc, eot, path, lo, hi, out_path, dtype, piece=1 << 24):
             lo = lo + len(block) if block else hi
             # the decoder holds back a character cut by the piece boundary; the last document may go on
             docs = (rest + decoder.decode(block, final=lo >= hi)).split(EOT)
-            flushed, rest, part = bool(part), docs.pop() if lo < hi else "", ""
+            continued, rest, part = opened, docs.pop() if lo < hi else "", ""
             if len(rest) > piece:  # a document longer than a piece (plain text): flush its lines so far
                 cut = rest.rfind("\n") + 1
                 part, rest = rest[:cut], rest[cut:]
-            # (after a flush the first document is the end of the flushed one: kept, even empty, for its EOT)
-            docs = [doc.strip() for i, doc in enumerate(docs) if doc.strip() or (i == 0 and flushed)]
+            opened = bool(part) or (opened and not docs)  # some of the unfinished document is written already
+            # a document partly written in earlier pieces ends here: kept even if empty, for its <|endoftext|>
+            docs = [doc.strip() for i, doc in enumerate(docs) if doc.strip() or (i == 0 and continued)]
             ids = [t for ids in enc.encode_ordinary_batch(docs) for t in ids + [eot]] + enc.encode_ordinary(part)
             np.array(ids, dtype).tofile(out)
             n_tokens, n_bytes = n_tokens + len(ids), n_bytes + sum(len(doc.encode()) for doc in docs + [part])
@@ -461,14 +462,15 @@ def main(cfg):
         cfg = dataclasses.replace(cfg, **{k: resumed[1]["train_config"][k] for k in RESUMED_FIELDS})
     kind = cfg.tokenizer or ("gpt2" if gpt2 else "byte" if cfg.dataset == "shakespeare_char" else "bpe")
     counts = ("eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "num_stories")
-    for name, ok, need in [(name, getattr(cfg, name) >= 1, "1 or more") for name in counts] + [
+    rules = [(name, getattr(cfg, name) >= 1, "1 or more") for name in counts]
+    rules += [(name, getattr(cfg, name) >= 0, "0 or more") for name in ("learning_rate", "weight_decay", "grad_clip")]
+    rules += [(name, 0 <= getattr(cfg, name) < 1, "in [0, 1)") for name in ("beta1", "beta2")]
+    for name, ok, need in rules + [
             ("max_iters", cfg.max_iters >= 0 <= cfg.warmup_iters, "0 or more, and so must --warmup_iters"),
             ("grad_accum", cfg.grad_accum % world == 0, f"a multiple of the {world} processes (resumed: as saved)"),
-            ("learning_rate", 0 <= cfg.min_lr <= cfg.learning_rate, "at least --min_lr, and --min_lr at least 0"),
-            ("beta2", 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "in [0, 1), and so must --beta1"),
-            ("weight_decay", cfg.weight_decay >= 0 <= cfg.grad_clip, "0 or more, and so must --grad_clip"),
-            ("bench", not (ddp and cfg.bench), "False under torchrun: run the benchmark with python"),
+            ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate, f"0 to --learning_rate={cfg.learning_rate}, e.g. a tenth"),
             ("seed", cfg.seed >= 0, "0 or more"),
+            ("bench", not (ddp and cfg.bench), "False under torchrun: run the benchmark with python"),
             ("device", not (ddp and device_type == "mps"), "cpu or cuda under torchrun (DDP has no backend for mps)"),
             ("tokenizer", kind in (("gpt2",) if gpt2 else ("bpe", "gpt2", "byte")), "bpe, gpt2, byte (GPT-2: gpt2)"),
             ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17, "257 (bytes + <|endoftext|>) to 131072"),
