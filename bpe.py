@@ -1,23 +1,27 @@
 """Byte-level BPE: the tokenizer every later script uses, trained in pure Python, exact for GPT-2.
 
-What you learn: text becomes UTF-8 bytes, then ids, by repeatedly merging the most frequent adjacent pair
-into a new token (Sennrich et al.); a split regex first cuts text into chunks so merges stay inside words.
-Training is fast because each distinct chunk is counted once and a merge recounts only the chunks holding
-its pair. The key idea: encoding applies the learned merges (a, b) -> id in the order they were learned.
+What you learn: text becomes UTF-8 bytes, then ids, by repeatedly merging the most frequent
+adjacent pair into a new token (Sennrich et al.); a split regex first cuts text into chunks so
+merges stay inside words. Training is fast because each distinct chunk is counted once and a merge
+recounts only the chunks holding its pair. The key idea: encoding applies the learned merges
+(a, b) -> id in the order they were learned.
 How to run:
-  python bpe.py                                                     # offline demo: trains on this file
-  python bpe.py --train=path/to/text.txt --vocab_size=4096 --out=tok.json  # train, report bytes/token
-  python bpe.py --tokenizer=tok.json --text="Hello world"           # ids and pieces (or --tokenizer=gpt2)
-  python bpe.py --bench                                             # incremental vs naive, Python vs tiktoken
-Depends on: nothing from this repo. References: Sennrich et al. 2016, Neural Machine Translation of Rare
-Words with Subword Units, arXiv:1508.07909; Radford et al. 2019, Language Models are Unsupervised
-Multitask Learners (GPT-2); https://github.com/openai/tiktoken
+  python bpe.py                                          # offline demo: trains on this file
+  python bpe.py --train=text.txt --vocab_size=4096 --out=tok.json  # train, report bytes/token
+  python bpe.py --tokenizer=tok.json --text="Hello world"  # ids and pieces (or --tokenizer=gpt2)
+  python bpe.py --bench                          # incremental vs naive, Python vs tiktoken
+Depends on: nothing from this repo. References: Sennrich et al. 2016, Neural Machine Translation
+of Rare Words with Subword Units, arXiv:1508.07909; Radford et al. 2019, Language Models are
+Unsupervised Multitask Learners (GPT-2); https://github.com/openai/tiktoken
 """
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import heapq
+import inspect
 import json
+import linecache
 import os
 import re
 import sys
@@ -35,17 +39,17 @@ class BpeConfig:
     train: str = ""  # UTF-8 text file to train on ('' = offline demo on this source file)
     out: str = "tok.json"  # where --train writes the tokenizer (readable JSON)
     tokenizer: str = ""  # 'gpt2' or a tok.json: print the ids and pieces of --text ('' = off)
-    bench: bool = False  # time training (incremental vs naive) and encoding (Python vs tiktoken) on 1 MB
-    text: str = "Hello world! Tokens 🤖 naïve 東京 <|endoftext|>"  # what --tokenizer and the demo encode
-    gpt2_dir: str = "data/gpt2"  # GPT-2's encoder.json and vocab.bpe live here (downloaded if missing)
+    bench: bool = False  # time training (incremental vs naive) and encoding (Python vs tiktoken)
+    text: str = "Hello world! Tokens 🤖 naïve 東京 <|endoftext|>"  # shown by --tokenizer and the demo
+    gpt2_dir: str = "data/gpt2"  # holds GPT-2's encoder.json and vocab.bpe (downloaded if missing)
     # tokenizer
     vocab_size: int = 1024  # 256 bytes + merges + 1 special token (<|endoftext|>); GPT-2 has 50257
     pattern: str = "gpt2"  # split regex applied before BPE: 'gpt2', 'gpt4' (cl100k) or 'none'
 
-SPLIT_PATTERNS = {  # merges never cross a chunk boundary, so " dog" in " dog." and " dog," is learned once
+SPLIT_PATTERNS = {  # merges never cross a chunk boundary: " dog" in " dog." and " dog," is one
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-            r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    "gpt4": (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+             r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""),
     "none": "",  # the whole text is one chunk, as in the textbook example (slow on long texts)
 }
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -56,8 +60,9 @@ GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36
 # building blocks: merging a pair, counting chunks, downloading GPT-2's files
 
 def merge(ids, pair, new_id):
-    """Replace each occurrence of pair, left to right: merge([1, 2, 2, 1, 2], (1, 2), 9) -> [9, 2, 9]."""
-    out, i = [], 0
+    """Replace each pair, left to right: merge([1, 2, 2, 1, 2], (1, 2), 9) -> [9, 2, 9]."""
+    out = []
+    i = 0
     while i < len(ids):
         hit = ids[i] == pair[0] and i + 1 < len(ids) and ids[i + 1] == pair[1]
         out.append(new_id if hit else ids[i])
@@ -65,9 +70,11 @@ def merge(ids, pair, new_id):
     return out
 
 def count_chunks(text, pattern, specials):
-    """How often each chunk occurs: count_chunks("a a a", SPLIT_PATTERNS["gpt2"], []) -> {"a": 1, " a": 2}."""
-    counts = Counter()  # special tokens are cut out first, so no merge learns a piece of "<|endoftext|>"
-    for part in re.split("|".join(map(re.escape, specials)), text) if specials else [text]:
+    """Chunk -> count: count_chunks("a a a", SPLIT_PATTERNS["gpt2"], []) -> {"a": 1, " a": 2}."""
+    # special tokens are cut out first, so no merge learns a piece of "<|endoftext|>"
+    parts = re.split("|".join(map(re.escape, specials)), text) if specials else [text]
+    counts = Counter()
+    for part in parts:
         counts.update(regex.findall(pattern, part) if pattern else [part])
     return counts
 
@@ -84,7 +91,8 @@ def download(url, path, sha256=""):
         with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"}) as r:
             if r.status_code != 416:  # 416: nothing is left to fetch, the .part file is complete
                 r.raise_for_status()
-                done = done if r.status_code == 206 else 0  # 200: the server ignored Range, start over
+                if r.status_code != 206:  # 200: the server ignored Range, start over
+                    done = 0
                 total = done + int(r.headers.get("content-length", 0))
                 with open(part, "ab" if done else "wb") as f:
                     for block in r.iter_content(1 << 20):
@@ -92,8 +100,8 @@ def download(url, path, sha256=""):
                         print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
                 print(file=sys.stderr)
     except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and save it as "
-                           f"{path} (a rerun resumes from {part})") from None
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and "
+                           f"save it as {path} (a rerun resumes from {part})") from None
     if sha256:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
@@ -101,7 +109,8 @@ def download(url, path, sha256=""):
                 digest.update(block)
         if digest.hexdigest() != sha256:
             os.remove(part)
-            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected {sha256}); retry")
+            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected "
+                               f"{sha256}); retry")
     os.replace(part, path)  # atomic: path is either absent or complete
     return path
 
@@ -109,15 +118,16 @@ def download(url, path, sha256=""):
 # the tokenizer
 
 class Tokenizer:
-    """Byte-level BPE. Tokenizer() knows the 256 bytes only; train(), load() or gpt2() add merges."""
+    """Byte-level BPE. Tokenizer() knows the 256 bytes only; train(), load(), gpt2() add merges."""
     def __init__(self, pattern="gpt2", byte_order=range(256), merges=(), special_tokens=()):
         if pattern not in SPLIT_PATTERNS:
             raise ValueError(f"pattern={pattern!r} is unknown; use one of {list(SPLIT_PATTERNS)}")
         if sorted(byte_order) != list(range(256)):
             raise ValueError("byte_order must list each byte 0..255 exactly once")
-        self.pattern, self._split = pattern, regex.compile(SPLIT_PATTERNS[pattern]) if pattern != "none" else None
-        self.vocab = {i: bytes([b]) for i, b in enumerate(byte_order)}  # id -> bytes; GPT-2 permutes 0..255
-        self.byte_ids = {b: i for i, b in enumerate(byte_order)}  # byte value -> id
+        self.pattern = pattern
+        self._split = regex.compile(SPLIT_PATTERNS[pattern]) if pattern != "none" else None
+        self.vocab = {i: bytes([b]) for i, b in enumerate(byte_order)}  # id -> bytes
+        self.byte_ids = {b: i for i, b in enumerate(byte_order)}  # byte -> id (GPT-2 permutes them)
         self.merges = {}  # (id_a, id_b) -> new id; the new id doubles as the merge's priority
         for a, b in merges:
             if a not in self.vocab or b not in self.vocab or (a, b) in self.merges:
@@ -127,47 +137,56 @@ class Tokenizer:
         self.special_tokens = {}  # str -> id, after the last merge (GPT-2: <|endoftext|> = 50256)
         for s in special_tokens:
             if not isinstance(s, str) or not s or s in self.special_tokens:
-                raise ValueError(f"special tokens must be distinct non-empty strings, got {special_tokens!r}")
+                raise ValueError(f"special tokens must be distinct non-empty strings, "
+                                 f"got {special_tokens!r}")
             self.special_tokens[s] = len(self.vocab)
             self.vocab[len(self.vocab)] = s.encode("utf-8")
-        self.vocab_size, self._cache = len(self.vocab), {}  # _cache: chunk -> ids
+        self.vocab_size = len(self.vocab)
+        self._cache = {}  # chunk -> ids
 
-    def train(self, text, vocab_size, pattern="gpt2", special_tokens=("<|endoftext|>",), verbose=False):
-        """Learn vocab_size - 256 - len(special_tokens) merges, ties going to the smallest pair (id_a, id_b);
-        train("aaabdaaabac", 259, "none", ()) learns (97, 97) -> 256, (97, 98) -> 257, (256, 257) -> 258."""
-        self.__init__(pattern, range(256), [], special_tokens)  # checks the pattern and special tokens
-        specials, n_merges = list(self.special_tokens), vocab_size - self.vocab_size
+    def train(self, text, vocab_size, pattern="gpt2", special_tokens=("<|endoftext|>",),
+              verbose=False):
+        """Learn vocab_size - 256 - len(special_tokens) merges, ties to the smallest pair (a, b):
+        train("aaabdaaabac", 259, "none", ()) learns (97, 97), (97, 98), (256, 257) -> 256..258."""
+        self.__init__(pattern, range(256), [], special_tokens)  # checks pattern and special tokens
+        specials = list(self.special_tokens)
+        n_merges = vocab_size - self.vocab_size
         if n_merges < 0:
-            raise ValueError(f"vocab_size={vocab_size} is too small for 256 byte tokens + {len(specials)} "
-                             f"special tokens; pass vocab_size>={self.vocab_size}")
-        # 1. each distinct chunk is one word with a count: " the" may occur 10,000 times, it is one word
+            raise ValueError(f"vocab_size={vocab_size} is too small for 256 byte tokens + "
+                             f"{len(specials)} special tokens; pass vocab_size>={self.vocab_size}")
+        # 1. each distinct chunk is one word with a count: " the" may occur 10,000 times, once here
         chunks = count_chunks(text, SPLIT_PATTERNS[pattern], specials)
-        words, counts = [list(c.encode("utf-8")) for c in chunks], list(chunks.values())
+        words = [list(c.encode("utf-8")) for c in chunks]
+        counts = list(chunks.values())
         # 2. count adjacent pairs (weighted by word count) and remember which words hold each pair
-        stats, where = defaultdict(int), defaultdict(set)
+        stats = defaultdict(int)  # pair -> count
+        where = defaultdict(set)  # pair -> the words holding it
         for i, word in enumerate(words):
             for pair in zip(word, word[1:]):
                 stats[pair] += counts[i]
                 where[pair].add(i)
-        # 3. a heap of (-count, pair) pops the most frequent pair, ties to the smallest pair. Rather than
-        # update entries when counts change we push fresh ones and skip stale ones as they come up
-        heap, merges = [(-n, pair) for pair, n in stats.items()], []
+        # 3. a heap of (-count, pair) pops the most frequent pair, ties to the smallest pair. Rather
+        # than update entries when counts change we push fresh ones and skip stale ones later
+        heap = [(-n, pair) for pair, n in stats.items()]
         heapq.heapify(heap)
+        merges = []
         while len(merges) < n_merges:
             if not heap:
-                raise ValueError(f"vocab_size={vocab_size} is too large: this text allows {len(merges)} merges; "
-                                 f"pass vocab_size<={vocab_size - n_merges + len(merges)} or more text")
+                raise ValueError(f"vocab_size={vocab_size} is too large: this text allows "
+                                 f"{len(merges)} merges; pass "
+                                 f"vocab_size<={vocab_size - n_merges + len(merges)} or more text")
             neg_count, pair = heapq.heappop(heap)
             if stats[pair] != -neg_count:
                 continue  # stale entry: the count changed after it was pushed
             merges.append(pair)
             new_id = 255 + len(merges)
-            # 4. touch only the words holding the pair: take their old pairs out, put their new pairs in
+            # 4. touch only the words holding the pair: take their old pairs out, put the new in
             delta = defaultdict(int)  # pair -> change of its count
             for i in where.pop(pair):
-                old, new = words[i], merge(words[i], pair, new_id)
+                old = words[i]
+                new = merge(old, pair, new_id)
                 if len(new) == len(old):
-                    continue  # the word lost this pair to an earlier merge; where[] keeps old entries
+                    continue  # the word lost this pair to an earlier merge; where[] keeps it
                 for p in zip(old, old[1:]):
                     delta[p] -= counts[i]
                 for p in zip(new, new[1:]):
@@ -179,129 +198,169 @@ class Tokenizer:
                 if change and stats[p] > 0:
                     heapq.heappush(heap, (-stats[p], p))
             if verbose and len(merges) % 200 == 0:
-                print(f"merge {len(merges)}/{n_merges}: {pair} -> {new_id}, seen {-neg_count} times")
+                print(f"merge {len(merges)}/{n_merges}: {pair} -> {new_id}, "
+                      f"seen {-neg_count} times")
         self.__init__(pattern, range(256), merges, specials)
         return self
 
     def _encode_chunk(self, chunk):
-        # apply the earliest-learned merge present (lowest new id), as training did, until none applies
         ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
-        while (pair := min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, 1e9), default=None)) in self.merges:
+        while len(ids) >= 2:
+            # apply the earliest-learned merge present (lowest new id), as training did
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, float("inf")))
+            if pair not in self.merges:
+                break  # no merge applies any more
             ids = merge(ids, pair, self.merges[pair])
         return ids
 
     def encode(self, text, allowed_special="none_raise"):
         """str -> ids. As in tiktoken, text holding a special token raises unless it is allowed:
-        allowed_special is 'all', a set of tokens, 'none' (encode them as plain text) or 'none_raise'."""
-        allowed = set(self.special_tokens) if allowed_special == "all" else set() \
-            if allowed_special in ("none", "none_raise") else set(allowed_special) & set(self.special_tokens)
-        for s in self.special_tokens if allowed_special != "none" else ():
-            if s in text and s not in allowed:
-                raise ValueError(f"text contains the special token {s!r}, which is not allowed: pass allowed_special="
-                                 f"{{{s!r}}} or 'all' to encode it as its id, or 'none' to encode it as plain text")
-        # split on the allowed specials; the capture group keeps them, at the odd positions of parts
-        parts = re.split(f"({'|'.join(map(re.escape, allowed))})", text) if allowed else [text]
+        allowed_special is 'all', a set of tokens, 'none' (as plain text) or 'none_raise'."""
+        if allowed_special == "all":
+            allowed = set(self.special_tokens)
+        elif allowed_special in ("none", "none_raise"):
+            allowed = set()
+        else:
+            allowed = set(allowed_special) & set(self.special_tokens)
+        for s in self.special_tokens:
+            if allowed_special != "none" and s in text and s not in allowed:
+                raise ValueError(f"text contains the special token {s!r}, which is not allowed: "
+                                 f"pass allowed_special={{{s!r}}} or 'all' to encode it as its id, "
+                                 f"or 'none' to encode it as plain text")
+        parts = [text]
+        if allowed:  # split on the allowed specials; the capture group keeps them, at odd positions
+            parts = re.split(f"({'|'.join(map(re.escape, allowed))})", text)
         ids = []
         for k, part in enumerate(parts):
-            for chunk in [] if k % 2 else self._split.findall(part) if self._split else [part] if part else []:
+            if k % 2:  # an allowed special token
+                ids.append(self.special_tokens[part])
+                continue
+            chunks = self._split.findall(part) if self._split else [part]
+            for chunk in chunks:
                 if chunk not in self._cache:  # a word seen before costs one dict lookup
                     self._cache[chunk] = self._encode_chunk(chunk)
                 ids.extend(self._cache[chunk])
-            ids.extend([self.special_tokens[part]] if k % 2 else [])
         return ids
 
     def pieces(self, ids):
-        """The bytes behind each id, to show an encoding: pieces([72, 105, 226]) -> [b'H', b'i', b'\\xe2']."""
+        """The bytes behind each id: pieces([72, 105, 226]) -> [b'H', b'i', b'\\xe2']."""
         if unknown := [i for i in ids if i not in self.vocab]:
-            raise ValueError(f"unknown token ids {unknown[:5]}: this tokenizer has ids 0..{self.vocab_size - 1}")
+            raise ValueError(f"unknown token ids {unknown[:5]}: this tokenizer has ids "
+                             f"0..{self.vocab_size - 1}")
         return [self.vocab[i] for i in ids]
 
     def decode(self, ids):
-        """ids -> str. Bytes that are not valid UTF-8 (a character split across ids) become U+FFFD."""
+        """ids -> str. Bytes that are not UTF-8 (a character split across ids) become U+FFFD."""
         return b"".join(self.pieces(ids)).decode("utf-8", errors="replace")
 
     def to_tiktoken(self, name="bpe"):
         """The same tokenizer as a tiktoken.Encoding: identical ids at Rust speed (rank = id)."""
         ranks = {b: i for i, b in self.vocab.items() if i not in self.special_tokens.values()}
-        assert len(ranks) + len(self.special_tokens) == len(self.vocab), "two tokens have the same bytes"
+        n_ids = len(ranks) + len(self.special_tokens)
+        assert n_ids == len(self.vocab), f"two tokens have the same bytes: {n_ids} distinct"
         return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERNS[self.pattern] or r"[\s\S]+",
                                  mergeable_ranks=ranks, special_tokens=dict(self.special_tokens))
 
     def to_dict(self):
-        """Plain types only, so a checkpoint can carry the tokenizer (torch.load(weights_only=True) reads it)."""
+        """Plain types, so a checkpoint can carry it: torch.load(weights_only=True) reads it."""
         return {"version": 1, "pattern": self.pattern, "special_tokens": list(self.special_tokens),
-                "byte_order": [self.vocab[i][0] for i in range(256)], "merges": [list(p) for p in self.merges]}
+                "byte_order": [self.vocab[i][0] for i in range(256)],
+                "merges": [list(p) for p in self.merges]}
 
     @classmethod
     def from_dict(cls, obj, source="the tokenizer"):
-        """Inverse of to_dict; anything malformed raises a ValueError that names the source and the fix."""
+        """Inverse of to_dict; anything malformed raises a ValueError naming source and fix."""
         try:
             if obj["version"] != 1:
                 raise ValueError(f"version is {obj['version']!r}, this code reads 1")
             return cls(obj["pattern"], obj["byte_order"], obj["merges"], obj["special_tokens"])
         except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"{source} is not a valid tokenizer ({type(e).__name__}: {e}); re-create it "
-                             f"with `python bpe.py --train=FILE --out=tok.json`") from None
+            problem = f"{type(e).__name__}: {e}"
+            raise ValueError(f"{source} is not a valid tokenizer ({problem}); re-create it with "
+                             f"`python bpe.py --train=FILE --out=tok.json`") from None
 
     def save(self, path):
-        """Readable JSON: pattern, special tokens (ids after the merges), bytes of ids 0..255, one merge a line."""
+        """Readable JSON: pattern, special tokens, the bytes of ids 0..255, then a merge a line."""
         obj = self.to_dict()
         head = json.dumps({k: v for k, v in obj.items() if k != "merges"}, ensure_ascii=False)
+        merges = ",\n".join(f"[{a}, {b}]" for a, b in obj["merges"])
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(head[:-1] + ', "merges": [\n' + ",\n".join(f"[{a}, {b}]" for a, b in obj["merges"]) + "\n]}\n")
+            f.write(head[:-1] + ', "merges": [\n' + merges + "\n]}\n")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a file
 
     @classmethod
     def load(cls, path):
-        """Read a file written by save(); a missing, truncated or corrupt file raises with the fix."""
+        """Read a file from save(); a missing, truncated or corrupt file raises with the fix."""
         if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer file {path} not found; create it with "
-                                    f"`python bpe.py --train=FILE --out={path}` or use --tokenizer=gpt2")
+            raise FileNotFoundError(f"tokenizer file {path} not found; create it with `python "
+                                    f"bpe.py --train=FILE --out={path}` or use --tokenizer=gpt2")
         try:
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)
         except ValueError as e:  # JSON errors, bad UTF-8
-            raise ValueError(f"{path} is not valid JSON ({e}); it may be truncated: re-create it") from None
+            raise ValueError(f"{path} is not valid JSON ({e}); it may be truncated: "
+                             f"re-create it") from None
         return cls.from_dict(obj, path)
 
     @classmethod
     def gpt2(cls, dir="data/gpt2"):
-        """GPT-2's exact tokenizer from OpenAI's encoder.json and vocab.bpe in dir (downloaded if missing)."""
+        """GPT-2's exact tokenizer from OpenAI's encoder.json and vocab.bpe in dir (downloaded)."""
         for name, sha256 in GPT2_FILES.items():
             try:
                 download(GPT2_URL + name, os.path.join(dir, name), sha256)
-            except RuntimeError as e:  # name both files: a user fetching them by hand needs the pair
-                raise RuntimeError(f"{e}. GPT-2's tokenizer needs encoder.json ({GPT2_URL}encoder.json) and "
-                                   f"vocab.bpe ({GPT2_URL}vocab.bpe) in {os.path.abspath(dir)}") from None
-        # ids 0..255 are the 188 printable bytes, then the other 68 (the files spell those chr(256 + k))
+            except RuntimeError as e:  # name both files: fetching them by hand needs the pair
+                raise RuntimeError(f"{e}. GPT-2's tokenizer needs encoder.json "
+                                   f"({GPT2_URL}encoder.json) and vocab.bpe ({GPT2_URL}vocab.bpe) "
+                                   f"in {os.path.abspath(dir)}; or pass --gpt2_dir=DIR, a folder "
+                                   f"holding encoder.json and vocab.bpe") from None
+        # ids 0..255: the 188 printable bytes, then the other 68 (the files spell them chr(256 + k))
         order = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
         order += [b for b in range(256) if b not in order]
         try:
-            with open(os.path.join(dir, "encoder.json"), encoding="utf-8") as f, \
-                    open(os.path.join(dir, "vocab.bpe"), encoding="utf-8") as g:
-                encoder, lines = json.load(f), g.read().split("\n")[1:-1]  # skip "#version: 0.2" and the end
+            with open(os.path.join(dir, "encoder.json"), encoding="utf-8") as f:
+                encoder = json.load(f)
+            with open(os.path.join(dir, "vocab.bpe"), encoding="utf-8") as f:
+                lines = f.read().split("\n")[1:-1]  # skip "#version: 0.2" and the end
             # vocab.bpe line i is "left right", spelled in GPT-2's alphabet, and makes id 256 + i
-            tok = cls("gpt2", order, [[encoder[s] for s in line.split(" ")] for line in lines], ["<|endoftext|>"])
+            merges = [[encoder[s] for s in line.split(" ")] for line in lines]
+            tok = cls("gpt2", order, merges, ["<|endoftext|>"])
             if tok.vocab_size != len(encoder):  # e.g. a truncated vocab.bpe
-                raise ValueError(f"{len(lines)} merges in vocab.bpe do not fit {len(encoder)} tokens in encoder.json")
+                raise ValueError(f"{len(lines)} merges in vocab.bpe do not fit {len(encoder)} "
+                                 f"tokens in encoder.json")
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"the GPT-2 files in {dir} are corrupt ({type(e).__name__}: {e}); delete "
+            problem = f"{type(e).__name__}: {e}"
+            raise ValueError(f"the GPT-2 files in {dir} are corrupt ({problem}); delete "
                              f"encoder.json and vocab.bpe there to download them again") from None
         return tok
 
+    @classmethod
+    def from_saved(cls, saved, gpt2_dir="data/gpt2"):
+        """The tokenizer in a checkpoint's "tokenizer" key: 'gpt2', a to_dict() dict or a tok.json
+        path. Tokenizer.from_saved(ckpt["tokenizer"]) -> the one the model was trained with."""
+        if saved == "gpt2":
+            return cls.gpt2(gpt2_dir)
+        if isinstance(saved, dict):
+            return cls.from_dict(saved, "the checkpoint's tokenizer")
+        if isinstance(saved, str) and (saved.endswith(".json") or os.path.isfile(saved)):
+            return cls.load(saved)
+        raise ValueError(f"the checkpoint's tokenizer {str(saved)[:60]!r} is neither 'gpt2', a "
+                         f"bpe.py dict nor a tok.json path; retrain with train.py")
+
 # -----------------------------------------------------------------------------
-# helpers used by main: the naive baseline, the benchmark, flags
+# helpers used by main: the naive baseline, the benchmark, flags, the entry point
 
 def train_naive(text, vocab_size, pattern):
-    # the baseline: the same distinct words as train(), but every pair is recounted after every merge
+    # the baseline: train()'s distinct words, but every pair is recounted after every merge
     chunks = count_chunks(text, SPLIT_PATTERNS[pattern], ["<|endoftext|>"])
-    words, counts, merges = [list(c.encode("utf-8")) for c in chunks], list(chunks.values()), []
+    words = [list(c.encode("utf-8")) for c in chunks]
+    counts = list(chunks.values())
+    merges = []
     for new_id in range(256, vocab_size - 1):
         stats = defaultdict(int)
         for word, n in zip(words, counts):
             for pair in zip(word, word[1:]):
                 stats[pair] += n
-        merges.append(min(stats, key=lambda p: (-stats[p], p)))  # same rule: most frequent, then smallest
+        merges.append(min(stats, key=lambda p: (-stats[p], p)))  # most frequent, then smallest
         words = [merge(word, merges[-1], new_id) for word in words]
     return merges
 
@@ -314,7 +373,8 @@ def read_text(path):  # the --train file, or this very file (offline), checked b
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: iconv -f latin1 -t utf-8") from None
+        raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: "
+                         f"iconv -f latin1 -t utf-8") from None
     if not text:
         raise ValueError(f"{path} is empty: there is nothing to learn merges from")
     return text
@@ -325,56 +385,102 @@ def bench(cfg):
     text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
     tok, t_fast = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern)
     naive, t_naive = timed(train_naive, text, cfg.vocab_size, cfg.pattern)
-    ids, t_python = timed(tok.encode, text, allowed_special="all")  # cold cache: each chunk merged once
+    ids, t_python = timed(tok.encode, text, allowed_special="all")  # cold cache: chunks merge once
     ids_tiktoken, t_tiktoken = timed(tok.to_tiktoken().encode, text, allowed_special="all")
     mb = len(text.encode("utf-8")) / 1e6
-    print(f"{len(text):,} chars of {os.path.normpath(path)}, vocab_size={cfg.vocab_size}, CPU seconds\n"
-          f"train:  incremental {t_fast:.2f} s, naive {t_naive:.2f} s -> {t_naive / t_fast:.1f}x faster, "
-          f"identical merges: {naive == list(tok.merges)}\nencode: Python {mb / t_python:.2f} MB/s, "
-          f"tiktoken {mb / t_tiktoken:.2f} MB/s, identical ids: {ids == ids_tiktoken}")
-    return {"speedup": t_naive / t_fast, "same_merges": naive == list(tok.merges), "same_ids": ids == ids_tiktoken}
+    result = {"speedup": t_naive / t_fast, "same_merges": naive == list(tok.merges),
+              "same_ids": ids == ids_tiktoken}
+    print(f"{len(text):,} chars of {os.path.normpath(path)}, vocab_size={cfg.vocab_size}, "
+          f"CPU seconds")
+    print(f"train:  incremental {t_fast:.2f} s, naive {t_naive:.2f} s -> "
+          f"{result['speedup']:.1f}x faster, identical merges: {result['same_merges']}")
+    print(f"encode: Python {mb / t_python:.2f} MB/s, tiktoken {mb / t_tiktoken:.2f} MB/s, "
+          f"identical ids: {result['same_ids']}")
+    return result
 
 # identical to gpt.parse_args; copied so this file stands alone
 def parse_args(config_class, argv=None):
     """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
-    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). A misspelled flag or a
-    value of the wrong type stops with exit code 2 and a usage line that lists every valid flag."""
+    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). -h shows each flag's
+    default and the comment beside its field; a misspelled flag or a value of the wrong type stops
+    with exit code 2, naming the closest flag."""
     def to_bool(text):  # type=bool would turn "False" into True
         if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
             raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
         return text.lower() in ("true", "1", "yes")
+    # the comment beside each field (`n_layer: int = 4  # transformer blocks`) is its help text
+    comments = {}
+    for line in inspect.getsource(config_class).splitlines():
+        if match := re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line):
+            comments[match[1]] = match[2].replace("%", "%%")  # argparse formats help with %
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field in dataclasses.fields(config_class):
-        kind = to_bool if isinstance(field.default, bool) else type(field.default)
-        # a bare boolean flag (`--bench`) means True
-        extra = dict(nargs="?", const=True) if kind is to_bool else {}
+        kind = type(field.default)
+        extra = {}
+        if kind is bool:  # a bare boolean flag (`--bench`) means True
+            kind = to_bool
+            extra = dict(nargs="?", const=True)
         parser.add_argument(f"--{field.name}", type=kind, default=field.default,
-                            metavar=type(field.default).__name__, **extra)
-    return config_class(**vars(parser.parse_args(argv)))
+                            metavar=type(field.default).__name__,
+                            help=f"{comments.get(field.name, '')} (default: {field.default!r})",
+                            **extra)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [f"--{field.name}" for field in dataclasses.fields(config_class)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return config_class(**vars(args))
+
+# identical to gpt.run_main; copied so this file stands alone
+def run_main(main, config_class, argv=None):
+    """The entry point of every script: parse the flags, then return main(config). A mistake the user
+    can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one line on
+    stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
+    config = parse_args(config_class, argv)
+    try:
+        return main(config)
+    except (ValueError, OSError, RuntimeError) as e:
+        tb = e.__traceback__
+        while tb.tb_next is not None:  # the frame that raised it
+            tb = tb.tb_next
+        path = tb.tb_frame.f_code.co_filename
+        ours = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(__file__))
+        if not ours or not linecache.getline(path, tb.tb_lineno).strip().startswith("raise "):
+            raise
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
 
 def main(cfg):
-    """Benchmark, show --text through --tokenizer, train on --train, or (no flags) a demo on this file."""
+    """Benchmark, show --text via --tokenizer, train on --train, or (no flags) run the demo."""
     if cfg.train and not os.path.isfile(cfg.train):
-        raise FileNotFoundError(f"--train={cfg.train}: no such file; pass the path of a UTF-8 text file")
+        raise FileNotFoundError(f"--train={cfg.train}: no such file; pass the path of a "
+                                f"UTF-8 text file")
     if cfg.bench:
         return bench(cfg)
-    if cfg.tokenizer:  # --- load a tokenizer, or train one on --train or on this very file (offline demo)
-        tok, result = Tokenizer.gpt2(cfg.gpt2_dir) if cfg.tokenizer == "gpt2" else Tokenizer.load(cfg.tokenizer), {}
+    # --- load a tokenizer, or train one on --train or on this very file (offline demo)
+    result = {}
+    if cfg.tokenizer == "gpt2":
+        tok = Tokenizer.gpt2(cfg.gpt2_dir)
+    elif cfg.tokenizer:
+        tok = Tokenizer.load(cfg.tokenizer)
     else:
         text = read_text(cfg.train or os.path.abspath(__file__))
         tok, seconds = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern, verbose=True)
         n_tokens = len(tok.to_tiktoken().encode(text, allowed_special="all"))
-        result = {"seconds": seconds, "bytes_per_token": len(text.encode("utf-8")) / max(1, n_tokens)}
+        bytes_per_token = len(text.encode("utf-8")) / max(1, n_tokens)
+        result = {"seconds": seconds, "bytes_per_token": bytes_per_token}
         print(f"trained {len(tok.merges)} merges on {len(text):,} chars in {seconds:.2f} s; "
-              f"compression {result['bytes_per_token']:.2f} bytes per token")
+              f"compression {bytes_per_token:.2f} bytes per token")
         if cfg.train:
             tok.save(cfg.out)
             print(f"wrote {cfg.out}")
-    # --- the ids and pieces of --text (tokens are bytes: show partial UTF-8 escaped), and the round trip
+    # --- the ids and pieces of --text (bytes: partial UTF-8 is shown escaped), the round trip
     ids = tok.encode(cfg.text, allowed_special="all")
     pieces = [piece.decode("utf-8", errors="backslashreplace") for piece in tok.pieces(ids)]
-    print(f"{len(ids)} ids: {ids}\npieces: {pieces}\nround trip ok: {tok.decode(ids) == cfg.text}")
+    print(f"{len(ids)} ids: {ids}")
+    print(f"pieces: {pieces}")
+    print(f"round trip ok: {tok.decode(ids) == cfg.text}")
     return result | {"ids": ids}
 
 if __name__ == "__main__":
-    main(parse_args(BpeConfig))
+    run_main(main, BpeConfig)

@@ -1,30 +1,36 @@
 """GPT: the transformer language model every other script trains, finetunes, caches or quantizes.
 
 What you learn here: causal self-attention, the pre-norm transformer block, weight tying, GPT-2's
-initialisation, and the modern (Llama-style) switches: rotary positions, RMSNorm, SwiGLU and grouped-query
-attention. The key equation: attention(Q, K, V) = softmax(Q K^T / sqrt(hs) + causal mask) V.
+initialisation, and the modern (Llama-style) switches: rotary positions, RMSNorm, SwiGLU and
+grouped-query attention. The key equation: attention(Q, K, V) = softmax(Q K^T / sqrt(hs) + mask) V.
 It also reads OpenAI's GPT-2 weights from a Hugging Face safetensors file with no extra dependency.
 
 How to run:
-    python gpt.py                                  # offline demo: a small random model, one forward pass
-    python gpt.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # downloads GPT-2 (500 MB)
+    python gpt.py                                  # offline demo: a small random model
+    python gpt.py --init_from=gpt2                 # downloads GPT-2 small (500 MB) and runs it once
     python gpt.py --init_from=path/to/model.safetensors --device=cuda
+    (to sample GPT-2 text, use kvcache.py --init_from=gpt2: it has the tokenizer and the KV cache)
 
-Depends on nothing of ours; its last section holds the plumbing every later script shares (flags, downloads,
-device and precision, checkpoints). Shapes: B batch, T time, C channels, V vocab, nh heads, nkv key/value heads,
-hs head size. References: Attention Is All You Need (arXiv:1706.03762); GPT-2 (OpenAI 2019); RoFormer
-(arXiv:2104.09864); RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245); PaLM app. B (2204.02311).
+Depends on nothing of ours. The section after the model holds the plumbing every later script shares
+(flags, the entry point, device and precision, downloads, checkpoints). Shapes: B batch, T time,
+C channels, V vocab, nh heads, nkv key/value heads, hs head size.
+References: Attention Is All You Need (arXiv:1706.03762); GPT-2 (OpenAI 2019); RoFormer (2104.09864);
+RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245); PaLM appendix B (2204.02311).
 """
 import argparse
+import contextlib
 import dataclasses
+import difflib
 import hashlib
+import inspect
 import json
+import linecache
 import math
 import os
+import re
 import sys
 
 import requests
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,13 +55,15 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be at least 1")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; change either")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"change either")
         kv = self.n_kv_head or self.n_head
         if kv < 0 or self.n_head % kv:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
                              f"use a divisor of n_head (1 = multi-query, n_head = plain attention)")
         if self.rope and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+            raise ValueError(f"rope needs an even head size, got n_embd/n_head="
+                             f"{self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -66,13 +74,16 @@ class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean and the bias."""
     def __init__(self, dim, eps=1e-5):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 def make_norm(config):
-    return RMSNorm(config.n_embd) if config.rmsnorm else nn.LayerNorm(config.n_embd, bias=config.bias)
+    if config.rmsnorm:
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 def rope_tables(hs, length, base=10000.0):
     # rotary embeddings rotate each pair of channels (i, i + hs/2) by the angle pos * base^(-2i/hs)
@@ -90,10 +101,12 @@ def apply_rope(x, cos, sin):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
         self.hs = config.n_embd // config.n_head
         # one matmul makes q (nh heads) and k, v (nkv heads each); GPT-2's c_attn when nkv == nh
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.hs, bias=config.bias)
+        qkv_size = (self.n_head + 2 * self.n_kv_head) * self.hs
+        self.c_attn = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -101,23 +114,26 @@ class CausalSelfAttention(nn.Module):
     def qkv(self, x, rope=None):
         """Project x (B, T, C) to q (B, nh, T, hs) and k, v (B, nkv, T, hs), rotated when rope is given."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv_head * self.hs,
-                                        self.n_kv_head * self.hs], dim=2)
+        kv_size = self.n_kv_head * self.hs
+        q, k, v = self.c_attn(x).split([self.n_head * self.hs, kv_size, kv_size], dim=2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
         return q, k, v
 
     def attend(self, q, k, v, mask=None):
         """softmax(q k^T / sqrt(hs)) v, causal unless a boolean mask (True = may attend) is given."""
-        # grouped-query: each k/v head serves nh/nkv query heads; enable_gqa pairs them without copying k, v
+        # grouped-query: each k/v head serves nh/nkv query heads; enable_gqa pairs them without
+        # copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)       # (B, nh, T, hs)
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         B, nh, T, hs = y.shape
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, nh * hs)))  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)               # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
     def forward(self, x, rope=None):
         return self.attend(*self.qkv(x, rope))
@@ -126,25 +142,29 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.swiglu
-        # SwiGLU has three matrices, so its hidden width is 2/3 of 4C to keep the parameter count
-        hidden = 4 * config.n_embd if not config.swiglu else 32 * math.ceil(8 * config.n_embd / 3 / 32)
-        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        if config.swiglu:
+        hidden = 4 * config.n_embd
+        if config.swiglu:  # three matrices, so 2/3 of the width keeps the parameter count
+            hidden = 32 * math.ceil(8 * config.n_embd / 3 / 32)
             self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        # (B, T, hidden); GPT-2 used GELU's tanh approximation
-        h = F.silu(self.c_gate(x)) * self.c_fc(x) if self.swiglu else F.gelu(self.c_fc(x), approximate="tanh")
+        if self.swiglu:
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)              # (B, T, hidden)
+        else:  # GPT-2 used GELU's tanh approximation
+            h = F.gelu(self.c_fc(x), approximate="tanh")           # (B, T, hidden)
         return self.dropout(self.c_proj(h))
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
     def __init__(self, config):
         super().__init__()
-        self.ln_1, self.attn = make_norm(config), CausalSelfAttention(config)
-        self.ln_2, self.mlp = make_norm(config), MLP(config)
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
 
     def forward(self, x, rope=None):
         x = x + self.attn(self.ln_1(x), rope)
@@ -171,8 +191,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the output layer reuses the token embedding (saves V*C parameters)
         self.lm_head.weight = self.transformer.wte.weight
-        # GPT-2 init: N(0, 0.02); the projections into the residual stream shrink by 1/sqrt(2 * n_layer)
-        # so the stream's variance does not grow with depth
+        # GPT-2 init: N(0, 0.02); the projections into the residual stream shrink by
+        # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -196,7 +216,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
-                             f"{self.config.block_size}; crop the input to the last {self.config.block_size} tokens")
+                             f"{self.config.block_size}; crop the input to its last "
+                             f"{self.config.block_size} tokens")
         x, rope = self.embed(idx, torch.arange(T, device=idx.device))
         for block in self.transformer.h:
             x = block(x, rope)
@@ -212,15 +233,16 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self):
-        # 6 FLOPs per weight per token (2 forward, 4 backward) plus attention's scores and mixing; the
-        # position table does no multiplications, so it is left out
-        cfg, n = self.config, self.num_params()
+        # 6 FLOPs per weight per token (2 forward, 4 backward) plus attention's scores and mixing;
+        # the position table does no multiplications, so it is left out
+        cfg = self.config
+        n = self.num_params()
         if not cfg.rope:
             n -= self.transformer.wpe.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (e.g. 312e12 for an A100 in bf16)."""
+        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (e.g. 312e12, an A100 in bf16)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -228,13 +250,16 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # the fused kernel updates every tensor in one pass (CUDA, and CPUs since torch 2.4); MPS keeps the loop
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        # the fused kernel updates every tensor in one pass (CUDA, and CPUs since torch 2.4);
+        # MPS keeps the loop
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
-        """Append max_new_tokens sampled tokens to idx (B, T), re-running the whole (cropped) sequence at every
-        step: simple and slow, the reference that kvcache.py is checked against. temperature=0 is greedy."""
+        """Append max_new_tokens sampled tokens to idx (B, T), re-running the whole (cropped) sequence
+        at every step: simple and slow, the reference that kvcache.py is checked against.
+        temperature=0 is greedy."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :].float()                      # (B, V)
@@ -249,119 +274,129 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_id], dim=1)
         return idx
 
-    # -------------------------------------------------------------------------
-    # OpenAI's GPT-2 weights, from a Hugging Face safetensors file
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, data_dir="data"):
-        """GPT-2 with OpenAI's weights: a name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), downloaded once to
-        data/<name>/, or a local model.safetensors file or a directory holding one (plus config.json)."""
-        path = os.path.join(name_or_path, "model.safetensors") if os.path.isdir(name_or_path) else name_or_path
-        if name_or_path in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-            url, folder = f"https://huggingface.co/{name_or_path}/resolve/main/", os.path.join(data_dir, name_or_path)
-            new = not os.path.exists(os.path.join(folder, "model.safetensors"))
-            path = download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
-            if new:  # fetched with the weights on first use: config.json has n_head
-                download(url + "config.json", os.path.join(folder, "config.json"))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; pass gpt2, gpt2-medium, gpt2-large, gpt2-xl or the path "
-                                    f"of a GPT-2 model.safetensors")
-        tensors = read_safetensors(path)
-        # checkpoints from the Hub name tensors "h.0.attn..." or "transformer.h.0.attn..."; attn.bias and
-        # attn.masked_bias are saved causal-mask buffers, not weights
-        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()
-                   if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
-        if any(k not in tensors or tensors[k].dim() != 2 for k in ("wte.weight", "wpe.weight")):
-            raise ValueError(f"{path} is not a GPT-2 checkpoint: it has no 2-D wte.weight and wpe.weight")
-        n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
-        (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
-        # shapes tell everything but the number of heads: config.json beside the file has it; without one,
-        # assume GPT-2's 64 channels per head (true of all four sizes)
-        config_json = os.path.join(os.path.dirname(path), "config.json")
-        try:
-            with open(config_json) as f:
-                n_head = int(json.load(f)["n_head"])
-        except FileNotFoundError:
-            n_head = max(1, n_embd // 64)
-        except (ValueError, KeyError, TypeError) as e:  # a JSONDecodeError is a ValueError
-            raise ValueError(f"{config_json} has no usable n_head ({e!r}); fix or delete it") from None
-        model = cls(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd))
-        own = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        missing, unexpected = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
-        if missing or unexpected:
-            raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-        with torch.no_grad():
-            for name, target in own.items():
-                # GPT-2 stored its Linear layers as "Conv1D", with the weight transposed: (in, out)
-                t = tensors[name]
-                if name.endswith(("attn.weight", "proj.weight", "fc.weight")) and t.dim() == 2:
-                    t = t.t()
-                if t.shape != target.shape:
-                    raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected "
-                                     f"{tuple(target.shape)}")
-                target.copy_(t)
-        return model
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-def read_safetensors(path):
-    """Read a .safetensors file into {name: tensor}. The format: an 8-byte little-endian header length N,
-    N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian data."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else size
-        if n > size - 8:
-            raise ValueError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated, or "
-                             f"not a .safetensors file?)")
-        try:
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)  # fails (Attribute/TypeError) when the JSON is not an object
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
-            raise ValueError(f"{path}: the safetensors header is not a valid JSON object ({e})") from None
-        data_size, spans, tensors = size - 8 - n, [], {}
-        for name, info in header.items():
-            try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: tensor {name} has a malformed header entry or unknown dtype: "
-                                 f"{str(info)[:100]}") from None
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end]):
-                raise ValueError(f"{path}: tensor {name} has a malformed shape {shape} or offsets [{begin}, {end}]")
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if not begin <= end <= data_size or end - begin != nbytes:
-                raise ValueError(f"{path}: tensor {name} has offsets [{begin}, {end}] that do not fit its "
-                                 f"shape {shape} inside {data_size} bytes of data")
-            spans.append((begin, end, name))
-            f.seek(8 + n + begin)  # (frombuffer cannot take 0 bytes: an empty tensor is made directly)
-            tensors[name] = torch.frombuffer(bytearray(f.read(nbytes)), dtype=dtype).reshape(shape) if nbytes \
-                else torch.empty(shape, dtype=dtype)
-        spans.sort()
-        for (_, end1, name1), (begin2, _, name2) in zip(spans, spans[1:]):
-            if begin2 < end1:
-                raise ValueError(f"{path}: tensors {name1} and {name2} overlap in the data section")
-    return tensors
-
 # -----------------------------------------------------------------------------
-# helpers shared by the scripts
+# helpers shared by the scripts: flags, the entry point, device and precision, downloads, checkpoints
 
 def parse_args(config_class, argv=None):
     """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
-    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). A misspelled flag or a
-    value of the wrong type stops with exit code 2 and a usage line that lists every valid flag."""
+    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). -h shows each flag's
+    default and the comment beside its field; a misspelled flag or a value of the wrong type stops
+    with exit code 2, naming the closest flag."""
     def to_bool(text):  # type=bool would turn "False" into True
         if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
             raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
         return text.lower() in ("true", "1", "yes")
+    # the comment beside each field (`n_layer: int = 4  # transformer blocks`) is its help text
+    comments = {}
+    for line in inspect.getsource(config_class).splitlines():
+        if match := re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line):
+            comments[match[1]] = match[2].replace("%", "%%")  # argparse formats help with %
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field in dataclasses.fields(config_class):
-        kind = to_bool if isinstance(field.default, bool) else type(field.default)
-        # a bare boolean flag (`--bench`) means True
-        extra = dict(nargs="?", const=True) if kind is to_bool else {}
+        kind = type(field.default)
+        extra = {}
+        if kind is bool:  # a bare boolean flag (`--bench`) means True
+            kind = to_bool
+            extra = dict(nargs="?", const=True)
         parser.add_argument(f"--{field.name}", type=kind, default=field.default,
-                            metavar=type(field.default).__name__, **extra)
-    return config_class(**vars(parser.parse_args(argv)))
+                            metavar=type(field.default).__name__,
+                            help=f"{comments.get(field.name, '')} (default: {field.default!r})",
+                            **extra)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [f"--{field.name}" for field in dataclasses.fields(config_class)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return config_class(**vars(args))
+
+def run_main(main, config_class, argv=None):
+    """The entry point of every script: parse the flags, then return main(config). A mistake the user
+    can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one line on
+    stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
+    config = parse_args(config_class, argv)
+    try:
+        return main(config)
+    except (ValueError, OSError, RuntimeError) as e:
+        tb = e.__traceback__
+        while tb.tb_next is not None:  # the frame that raised it
+            tb = tb.tb_next
+        path = tb.tb_frame.f_code.co_filename
+        ours = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(__file__))
+        if not ours or not linecache.getline(path, tb.tb_lineno).strip().startswith("raise "):
+            raise
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+
+def format_config(cfg, per_line=3):
+    """The config as aligned `name = value` columns, a few to a line, for the top of a run's log."""
+    items = [f"{k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()]
+    width = max(map(len, items)) + 2
+    rows = [items[i:i + per_line] for i in range(0, len(items), per_line)]
+    return "\n".join("  " + "".join(item.ljust(width) for item in row).rstrip() for row in rows)
+
+def refuse_torchrun(script):
+    """Single-process scripts call this first: torchrun would start copies that all do the same work."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(f"{script} runs in one process: start it with python, not torchrun")
+
+def pick_device(device="auto"):
+    """'auto' -> cuda if available, then mps (Apple GPUs), then cpu; anything else is checked."""
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if mps else "cpu"
+    kind, colon, index = device.partition(":")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}.get(kind, False)
+    if colon:  # only cuda:N names a device by number
+        cuda_index = kind == "cuda" and index.isdigit()
+        available = available and cuda_index and int(index) < torch.cuda.device_count()
+    if not available:
+        raise ValueError(f"--device={device} is not available here; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+def choose_precision(device_type, dtype="auto", bf16=False):
+    """Pure decision: (dtype, reason) for a device kind and whether it computes in bf16 natively.
+    'auto' picks bfloat16 where it is native (Ampere+ CUDA, CPUs with AVX512-BF16/AMX), float16
+    (+ GradScaler) on older CUDA, and float32 elsewhere, Apple MPS included."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
+    if dtype == "auto":
+        if device_type == "cuda" and bf16:
+            return "bfloat16", "CUDA GPU with bf16"
+        if device_type == "cuda":
+            return "float16", "CUDA GPU without bf16"
+        if device_type == "cpu" and bf16:
+            return "bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)"
+        return "float32", f"{device_type} without fast low precision"
+    if dtype != "float32" and device_type == "mps":  # kept simple: MPS autocast varies by version
+        raise ValueError(f"--dtype={dtype} on mps: this code runs MPS in float32; pass --dtype=float32")
+    if dtype == "float16" and device_type != "cuda":
+        raise ValueError("--dtype=float16 needs CUDA (its GradScaler is CUDA-only); "
+                         "pass bfloat16 or float32")
+    if dtype == "bfloat16" and device_type == "cuda" and not bf16:
+        raise ValueError("--dtype=bfloat16: this GPU has no bf16; pass --dtype=float16")
+    return dtype, "asked for"
+
+def native_bf16(device_type):
+    # CUDA: compute capability 8.0+ (older GPUs only emulate bf16, slowly). CPUs: Linux lists the
+    # features in /proc/cpuinfo; elsewhere assume none
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type != "cpu" or not os.path.exists("/proc/cpuinfo"):
+        return False
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+def setup_precision(device, dtype="auto"):
+    """(dtype, reason, autocast context) for a device such as 'cuda:1': choose_precision's decision
+    with this machine's bf16 support filled in; the context is a no-op in float32."""
+    device_type = device.split(":")[0]
+    dtype, reason = choose_precision(device_type, dtype, native_bf16(device_type))
+    if dtype == "float32":
+        return dtype, reason, contextlib.nullcontext()
+    return dtype, reason, torch.autocast(device_type, getattr(torch, dtype))
 
 def download(url, path, sha256=""):
     """Fetch url to path once: streamed with progress, resumed from path.part after an interruption,
@@ -375,7 +410,8 @@ def download(url, path, sha256=""):
         with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"}) as r:
             if r.status_code != 416:  # 416: nothing is left to fetch, the .part file is complete
                 r.raise_for_status()
-                done = done if r.status_code == 206 else 0  # 200: the server ignored Range, start over
+                if r.status_code != 206:  # 200: the server ignored Range, start over
+                    done = 0
                 total = done + int(r.headers.get("content-length", 0))
                 with open(part, "ab" if done else "wb") as f:
                     for block in r.iter_content(1 << 20):
@@ -383,8 +419,8 @@ def download(url, path, sha256=""):
                         print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
                 print(file=sys.stderr)
     except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and save it as "
-                           f"{path} (a rerun resumes from {part})") from None
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and "
+                           f"save it as {path} (a rerun resumes from {part})") from None
     if sha256:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
@@ -392,54 +428,16 @@ def download(url, path, sha256=""):
                 digest.update(block)
         if digest.hexdigest() != sha256:
             os.remove(part)
-            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected {sha256}); retry")
+            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected "
+                               f"{sha256}); retry")
     os.replace(part, path)  # atomic: path is either absent or complete
     return path
-
-def pick_device(device="auto"):
-    """'auto' -> cuda if available, then mps (Apple GPUs), then cpu; anything else is checked and returned."""
-    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    kind, colon, index = device.partition(":")
-    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}.get(kind) or \
-            (colon and not (kind == "cuda" and index.isdigit() and int(index) < torch.cuda.device_count())):
-        raise ValueError(f"--device={device} is not available here; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-def choose_precision(device_type, dtype="auto", bf16=False):
-    """Pure decision: (dtype, reason) for a device kind and whether it computes in bf16 natively (bf16, from
-    native_bf16). 'auto' picks bfloat16 where it is native (Ampere+ CUDA, CPUs with AVX512-BF16/AMX), float16
-    (+ GradScaler) on older CUDA, and float32 elsewhere, Apple MPS included."""
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
-    if dtype == "auto":
-        if device_type == "cuda":
-            return ("bfloat16", "CUDA GPU with bf16") if bf16 else ("float16", "CUDA GPU without bf16")
-        if device_type == "cpu" and bf16:
-            return "bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)"
-        return "float32", f"{device_type} without fast low precision"
-    if dtype != "float32" and device_type == "mps":  # kept simple: MPS autocast varies across torch versions
-        raise ValueError(f"--dtype={dtype} on mps: this code runs MPS in float32; pass --dtype=float32")
-    if dtype == "float16" and device_type != "cuda":
-        raise ValueError(f"--dtype=float16 needs CUDA (its GradScaler is CUDA-only); pass bfloat16 or float32")
-    if dtype == "bfloat16" and device_type == "cuda" and not bf16:
-        raise ValueError("--dtype=bfloat16: this GPU has no bf16; pass --dtype=float16")
-    return dtype, "asked for"
-
-def native_bf16(device_type):
-    # CUDA: compute capability 8.0+ (older GPUs only emulate bf16, slowly). CPUs: Linux lists the features
-    # in /proc/cpuinfo; elsewhere assume none
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    flags = open("/proc/cpuinfo").read() if device_type == "cpu" and os.path.exists("/proc/cpuinfo") else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 CHECKPOINT_VERSION = 1
 
 def save_checkpoint(path, model, **extra):
-    """Write {version, model_config, model, **extra} atomically: a temporary file, then a rename, so an
-    interrupted save never leaves a half-written checkpoint. Extras must be tensors or plain Python types."""
+    """Write {version, model_config, model, **extra} atomically: a temporary file, then a rename, so
+    an interrupted save never leaves a half-written checkpoint. Extras: tensors or plain Python types."""
     ckpt = dict(version=CHECKPOINT_VERSION, model_config=dataclasses.asdict(model.config),
                 model=model.state_dict(), **extra)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -447,68 +445,178 @@ def save_checkpoint(path, model, **extra):
     os.replace(path + ".tmp", path)
     return path
 
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint written by save_checkpoint: returns (model, ckpt) with the model on device."""
+def describe_checkpoint(path, ckpt):
+    """One line naming what a checkpoint holds: path, step, dataset and val loss."""
+    dataset = ckpt.get("train_config", {}).get("dataset", "?")
+    val_loss = ckpt.get("val_loss", float("nan"))
+    return f"checkpoint {path}: step {ckpt.get('step', '?')}, dataset {dataset}, val loss {val_loss:.4f}"
+
+def load_checkpoint(path, device="cpu", verbose=True):
+    """Read a checkpoint written by save_checkpoint: returns (model, ckpt) with the model on device,
+    and (verbose) prints which checkpoint it loaded."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py` (it writes out/ckpt.pt)")
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py` "
+                                f"(it writes out/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a bad file raises many kinds here (OSError, KeyError, UnpicklingError, ...)
+    except Exception as e:  # a bad file raises many kinds here (OSError, KeyError, UnpicklingError)
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); "
                          f"it may be truncated: retrain with train.py") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a buildllm checkpoint (no model_config/model); write it with train.py")
-    if ckpt.get("version") != CHECKPOINT_VERSION:  # a format change: old checkpoints say so instead of failing
-        raise ValueError(f"{path} is version {ckpt.get('version')}, not {CHECKPOINT_VERSION}: retrain with train.py")
+        raise ValueError(f"{path} is not a buildllm checkpoint (no model_config/model); "
+                         f"write it with train.py")
+    if ckpt.get("version") != CHECKPOINT_VERSION:  # a format change says so instead of failing
+        raise ValueError(f"{path} is version {ckpt.get('version')}, not {CHECKPOINT_VERSION}: "
+                         f"retrain with train.py")
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as e:  # unknown config fields, or tensors that do not fit the config
-        raise ValueError(f"{path} does not fit this gpt.py ({str(e)[:150]}); retrain with train.py") from None
+    except (TypeError, RuntimeError) as e:  # unknown config fields, or tensors that do not fit
+        raise ValueError(f"{path} does not fit this gpt.py ({str(e)[:150]}); "
+                         f"retrain with train.py") from None
+    if verbose:
+        print(describe_checkpoint(path, ckpt))
     return model.to(device), ckpt
 
 # -----------------------------------------------------------------------------
-# demo: a random small model offline, or GPT-2 continuing a prompt
+# OpenAI's GPT-2 weights, from a Hugging Face safetensors file
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+def read_safetensors(path):
+    """Read a .safetensors file into {name: tensor}. The format: an 8-byte little-endian header length
+    N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else size
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} runs past the end of the {size}-byte file "
+                             f"(truncated, or not a .safetensors file?)")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)  # fails (Attribute/TypeError) unless the JSON is an object
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise ValueError(f"{path}: the safetensors header is not a valid JSON object ({e})") from None
+        data_size = size - 8 - n
+        spans = []
+        tensors = {}
+        for name, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = info["shape"]
+                begin, end = info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: tensor {name} has a malformed header entry or unknown dtype: "
+                                 f"{str(info)[:100]}") from None
+            numbers = [*shape, begin, end] if isinstance(shape, list) else []
+            if not numbers or not all(isinstance(d, int) and d >= 0 for d in numbers):
+                raise ValueError(f"{path}: tensor {name} has a malformed shape {shape} or offsets "
+                                 f"[{begin}, {end}]")
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if end > data_size or end - begin != nbytes:
+                raise ValueError(f"{path}: tensor {name} has offsets [{begin}, {end}] that do not fit "
+                                 f"its shape {shape} inside {data_size} bytes of data")
+            spans.append((begin, end, name))
+            f.seek(8 + n + begin)
+            if nbytes:
+                tensors[name] = torch.frombuffer(bytearray(f.read(nbytes)), dtype=dtype).reshape(shape)
+            else:  # frombuffer cannot take 0 bytes: an empty tensor is made directly
+                tensors[name] = torch.empty(shape, dtype=dtype)
+        spans.sort()
+        for (_, end1, name1), (begin2, _, name2) in zip(spans, spans[1:]):
+            if begin2 < end1:
+                raise ValueError(f"{path}: tensors {name1} and {name2} overlap in the data section")
+    return tensors
+
+def gpt2_head_count(path, n_embd):
+    # shapes tell everything but the number of heads: config.json beside the file has it; without
+    # one, assume GPT-2's 64 channels per head (true of all four sizes)
+    config_json = os.path.join(os.path.dirname(path), "config.json")
+    try:
+        with open(config_json) as f:
+            return int(json.load(f)["n_head"])
+    except FileNotFoundError:
+        return max(1, n_embd // 64)
+    except (ValueError, KeyError, TypeError) as e:  # a JSONDecodeError is a ValueError
+        raise ValueError(f"{config_json} has no usable n_head ({e!r}); fix or delete it") from None
+
+def from_pretrained(name_or_path, data_dir="data"):
+    """GPT-2 with OpenAI's weights: a name in GPT2_NAMES, downloaded once to data/<name>/, or a local
+    model.safetensors file or a directory holding one (plus config.json)."""
+    path = name_or_path
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, "model.safetensors")
+    if name_or_path in GPT2_NAMES:
+        url = f"https://huggingface.co/{name_or_path}/resolve/main/"
+        folder = os.path.join(data_dir, name_or_path)
+        new = not os.path.exists(os.path.join(folder, "model.safetensors"))
+        path = download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
+        if new:  # fetched with the weights on first use: config.json has n_head
+            download(url + "config.json", os.path.join(folder, "config.json"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; pass {', '.join(GPT2_NAMES)} or the path of a "
+                                f"GPT-2 model.safetensors")
+    # checkpoints from the Hub name tensors "h.0.attn..." or "transformer.h.0.attn..."; attn.bias and
+    # attn.masked_bias are saved causal-mask buffers, not weights
+    tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(path).items()
+               if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+    if any(k not in tensors or tensors[k].dim() != 2 for k in ("wte.weight", "wpe.weight")):
+        raise ValueError(f"{path} is not a GPT-2 checkpoint: it has no 2-D wte.weight and wpe.weight")
+    vocab_size, n_embd = tensors["wte.weight"].shape
+    config = GPTConfig(vocab_size=vocab_size, block_size=tensors["wpe.weight"].shape[0],
+                       n_layer=len({k.split(".")[1] for k in tensors if k.startswith("h.")}),
+                       n_head=gpt2_head_count(path, n_embd), n_embd=n_embd)
+    model = GPT(config)
+    own = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()
+           if k != "lm_head.weight"}
+    missing = sorted(own.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    with torch.no_grad():
+        for name, target in own.items():
+            # GPT-2 stored its Linear layers as "Conv1D", with the weight transposed: (in, out)
+            t = tensors[name]
+            if name.endswith(("attn.weight", "proj.weight", "fc.weight")) and t.dim() == 2:
+                t = t.t()
+            if t.shape != target.shape:
+                raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(target.shape)}")
+            target.copy_(t)
+    return model
+
+# -----------------------------------------------------------------------------
+# demo: a random small model offline, or OpenAI's GPT-2
 
 @dataclasses.dataclass
-class SampleConfig:
-    """Sample from GPT-2 (or run an offline demo with no flags)."""
-    init_from: str = ""            # '' = offline demo; gpt2, gpt2-medium, gpt2-large, gpt2-xl or a .safetensors path
-    prompt: str = "Hello, I'm a language model,"
-    max_new_tokens: int = 40       # tokens to sample
-    temperature: float = 0.8       # 0 = greedy
-    top_k: int = 200               # 0 = no top-k cut
-    seed: int = 1337
-    device: str = "auto"           # auto, cpu, cuda, mps
+class DemoConfig:
+    """Build a small random GPT (or load GPT-2), run one forward pass and sample a few token ids."""
+    init_from: str = ""       # '' = a small random model; gpt2, gpt2-medium, ... or a .safetensors path
+    max_new_tokens: int = 8   # token ids to sample
+    seed: int = 1337          # the random weights and the samples
+    device: str = "auto"      # auto, cpu, cuda, cuda:N, mps
 
 def main(cfg):
-    if not cfg.temperature >= 0 or cfg.top_k < 0 or cfg.max_new_tokens < 0:  # (not >= also catches nan)
-        raise ValueError(f"--temperature={cfg.temperature}, --top_k={cfg.top_k} and --max_new_tokens="
-                         f"{cfg.max_new_tokens} must not be negative")
+    if cfg.max_new_tokens < 0:
+        raise ValueError(f"--max_new_tokens={cfg.max_new_tokens} must not be negative")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    if not cfg.init_from:  # offline: a small random model
-        config = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
-        model = GPT(config).to(device)
-        idx, targets = torch.randint(0, config.vocab_size, (2, 2, config.block_size), device=device)
-        logits, loss = model(idx, targets)
-        print(f"offline demo on {device}: a random {config}\nparameters: {model.num_params():,}, training FLOPs "
-              f"per token: {model.flops_per_token():,}\nidx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss "
-              f"{loss.item():.3f} (ln V = {math.log(config.vocab_size):.3f} expected at initialisation)\n"
-              f"sampled ids: {model.generate(idx[:1, :4], 8)[0].tolist()}")
-        return {"loss": loss.item()}
-    model = GPT.from_pretrained(cfg.init_from).to(device).eval()
-    print(f"{cfg.init_from}: {model.num_params():,} parameters on {device}, float32")
-    try:  # tiktoken fetches its GPT-2 files on first use, and fails offline
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise RuntimeError(f"tiktoken could not load GPT-2's encoding ({type(e).__name__}): run once online, or "
-                           f"set TIKTOKEN_CACHE_DIR to a cache that has it; or sample the same model with "
-                           f"kvcache.py --init_from=... --gpt2_dir=DIR (DIR holds encoder.json, vocab.bpe)") from None
-    ids = torch.tensor([enc.encode(cfg.prompt) or [enc.eot_token]], device=device)  # '' starts a new document
-    text = enc.decode(model.generate(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k)[0].tolist())
-    print(text)
-    return {"text": text}
+    if cfg.init_from:
+        model = from_pretrained(cfg.init_from).to(device).eval()
+    else:
+        model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)).to(device)
+    config = model.config
+    idx = torch.randint(0, config.vocab_size, (2, min(64, config.block_size)), device=device)
+    logits, loss = model(idx, idx)
+    print(f"{cfg.init_from or 'a random model'} on {device}: {config}")
+    print(f"parameters: {model.num_params():,}; training FLOPs per token: {model.flops_per_token():,}")
+    print(f"idx {tuple(idx.shape)} -> logits {tuple(logits.shape)}; loss {loss.item():.3f} on random "
+          f"ids (ln V = {math.log(config.vocab_size):.3f}, expected at initialisation)")
+    print(f"sampled ids: {model.generate(idx[:1, :4], cfg.max_new_tokens)[0, 4:].tolist()}")
+    return {"loss": loss.item()}
 
 if __name__ == "__main__":
-    main(parse_args(SampleConfig))
+    run_main(main, DemoConfig)

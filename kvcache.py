@@ -13,7 +13,7 @@ How to run:
     python kvcache.py --prompt="Once upon a time|The cat" --num_samples=2 --temperature=0.9 --top_p=0.9
     python kvcache.py --interactive                 # type, the story continues; Ctrl-D exits
     python kvcache.py --bench                       # tokens/s with and without the cache, vs bandwidth
-    python kvcache.py --init_from=gpt2 --gpt2_dir=../shared/data/gpt2 --device=cuda   # OpenAI GPT-2
+    python kvcache.py --init_from=gpt2 --device=cuda    # OpenAI's GPT-2 (--gpt2_dir: its tokenizer)
 
 Depends on gpt.py (the model) and bpe.py (the tokenizer); reads out/ckpt.pt from train.py, or GPT-2. References:
 Efficiently Scaling Transformer Inference (arXiv:2211.05102); top-p (1904.09751); GQA (2305.13245); gpt-fast.
@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import Tokenizer
-from gpt import GPT, GPTConfig, choose_precision, load_checkpoint, native_bf16, parse_args, pick_device
+from gpt import (GPT, GPTConfig, format_config, from_pretrained, load_checkpoint, pick_device,
+                 refuse_torchrun, run_main, setup_precision)
 
 @dataclasses.dataclass
 class KVCacheConfig:
@@ -302,8 +303,7 @@ def run_bench(cfg, device):
 
 def main(cfg):
     # --- setup: check the flags before loading anything
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun would start copies that all do the same work
-        raise RuntimeError("kvcache.py runs in one process: start it with python, not torchrun")
+    refuse_torchrun("kvcache.py")
     if not (cfg.temperature >= 0 and cfg.top_k >= 0 and 0 < cfg.top_p <= 1 <= min(cfg.num_samples, cfg.max_new_tokens)):
         raise ValueError(f"--temperature={cfg.temperature}, --top_k={cfg.top_k}, --top_p={cfg.top_p}, "
                          f"--num_samples={cfg.num_samples}, --max_new_tokens={cfg.max_new_tokens}: need "
@@ -311,14 +311,17 @@ def main(cfg):
     if not cfg.bench and not cfg.init_from and not os.path.exists(cfg.ckpt_path):
         raise FileNotFoundError(f"no checkpoint at --ckpt_path={cfg.ckpt_path}: train one with `python train.py`, "
                                 f"or sample OpenAI's GPT-2 with --init_from=gpt2")
-    print(dataclasses.asdict(cfg))
+    print(f"config:\n{format_config(cfg)}")
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if cfg.bench:
         return run_bench(cfg, device)
-    dtype, reason = choose_precision(device.split(":")[0], cfg.dtype, native_bf16(device.split(":")[0]))
+    dtype, reason, _ = setup_precision(device, cfg.dtype)  # weights are cast, not autocast
     # --- model and tokenizer (a checkpoint loads on the cpu: its optimizer state never reaches the device)
-    model, ckpt = (GPT.from_pretrained(cfg.init_from), None) if cfg.init_from else load_checkpoint(cfg.ckpt_path)
+    if cfg.init_from:
+        model, ckpt = from_pretrained(cfg.init_from), None
+    else:
+        model, ckpt = load_checkpoint(cfg.ckpt_path)
     # cast the weights (not autocast): decode reads every weight once per token, so half the bytes is
     # up to twice the speed; the cache takes the same dtype. Batch-1 decode multiplies one row: MatVecLinear
     model = use_matvec(model.to(device, getattr(torch, dtype)).eval())
@@ -356,4 +359,4 @@ def main(cfg):
     return {"tokens": tokens, "tok_per_s": tokens / max(seconds, 1e-9)}
 
 if __name__ == "__main__":
-    main(parse_args(KVCacheConfig))
+    run_main(main, KVCacheConfig)

@@ -1,19 +1,21 @@
-"""Train a GPT from scratch (or from GPT-2) on synthetic stories, TinyStories, Shakespeare or any text file.
+"""Train a GPT from scratch (or from GPT-2) on synthetic stories, TinyStories, Shakespeare or any text.
 
-What you learn here (LLM101n chapters 07-11): data tokenized once into a flat file read through numpy.memmap,
-AdamW with warmup and cosine decay, gradient accumulation and clipping, bfloat16 autocast, torch.compile,
-DistributedDataParallel, checkpoints that resume exactly. The key idea: a step uses the mean gradient of
-grad_accum micro-batches, whether one process makes them one after another or many make them at once.
+What you learn here (LLM101n chapters 07-11): data tokenized once into a flat file read through
+numpy.memmap, AdamW with warmup and cosine decay, gradient accumulation and clipping, bfloat16
+autocast, torch.compile, DistributedDataParallel, checkpoints that resume exactly. The key idea: a step
+uses the mean gradient of grad_accum micro-batches, whether one process makes them one after another
+or many make them at once.
 
 How to run:
-    python train.py                     # ~5 min on a 2-core CPU: synthetic stories, then a sampled story
-    python train.py --dataset=tinystories --vocab_size=4096 --n_layer=8 --n_head=8 --n_embd=512 --compile
-    torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --vocab_size=4096 --grad_accum=8
-Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt; --bench times fp32/bf16, eager/compiled.
-References (arXiv): AdamW 1711.05101; SGDR 1608.03983; mixed precision 1710.03740; PyTorch DDP 2006.15704;
-TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311.
+    python train.py                     # ~5 min on a 2-core CPU: synthetic stories, then a story
+    python train.py --dataset=tinystories --vocab_size=4096 --n_layer=8 --n_embd=512 --compile
+    torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --grad_accum=8
+Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt, and the prepared data in
+data/<dataset>/ (for the stories also instruct.json, held-out records for finetune.py and dpo.py);
+--bench times float32/bfloat16, eager/compiled.
+References (arXiv): AdamW 1711.05101; SGDR 1608.03983; mixed precision 1710.03740; PyTorch DDP
+2006.15704; TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311.
 """
-import codecs
 import contextlib
 import dataclasses
 import gc
@@ -30,14 +32,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bpe import Tokenizer
-from gpt import (GPT, GPTConfig, choose_precision, download, load_checkpoint, native_bf16, parse_args,
-                 pick_device, save_checkpoint)
+from gpt import (GPT, GPT2_NAMES, GPTConfig, download, format_config, from_pretrained,
+                 load_checkpoint, pick_device, run_main, save_checkpoint, setup_precision)
 
 @dataclasses.dataclass
 class TrainConfig:
     """Train a GPT on a text dataset; every field is a flag: python train.py --n_layer=4 --max_iters=500"""
     # I/O
-    out_dir: str = "out"            # ckpt.pt (latest state, resumable) and best.pt (lowest val loss) go here
+    out_dir: str = "out"            # ckpt.pt (latest state, resumable) and best.pt (lowest val loss)
+    overwrite: bool = False         # replace a checkpoint already in out_dir (else that is an error)
     data_dir: str = "data"          # downloads and prepared token files are cached here
     init_from: str = "scratch"      # scratch, resume (out_dir/ckpt.pt), gpt2, gpt2-medium, ... or a .safetensors
     eval_interval: int = 200        # steps between evaluations, checkpoints and samples
@@ -47,9 +50,10 @@ class TrainConfig:
     bench: bool = False             # only measure tokens/s and MFU: float32, bfloat16, eager, compiled
     # data
     dataset: str = "stories"        # stories (synthetic, offline), tinystories, shakespeare_char or a .txt path
-    num_stories: int = 20000        # stories to generate: 90% train, 10% val, and 10% more for instruct.txt
-    tokenizer: str = ""             # bpe, gpt2, byte; '' = byte for shakespeare_char, gpt2 for GPT-2, else bpe
+    num_stories: int = 20000        # stories to generate: 90% train, 10% val, and 10% more for instruct.json
+    tokenizer: str = ""             # bpe, gpt2, byte or a bpe.py tok.json; '' = byte for shakespeare_char, gpt2 for GPT-2, else bpe
     vocab_size: int = 1024          # bpe: 256 bytes + merges + <|endoftext|> (the stories allow <= 1223)
+    gpt2_dir: str = "data/gpt2"     # GPT-2's tokenizer files (encoder.json, vocab.bpe), fetched if missing
     # model (ignored when resuming or starting from GPT-2)
     n_layer: int = 4                # transformer blocks
     n_head: int = 4                 # attention heads
@@ -73,11 +77,551 @@ class TrainConfig:
     device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     dtype: str = "auto"             # auto, float32, bfloat16, float16 (float16 = CUDA + GradScaler)
     compile: bool = False           # torch.compile the model (slow first steps, faster after)
-    peak_flops: float = 0.0         # device peak for MFU in FLOP/s; 0 = auto (see peak_flops_for)
+    peak_flops: float = 0.0         # device peak FLOP/s for MFU; 0 = an A100's on CUDA, none on a CPU
     seed: int = 1337                # model init, batch order, dropout, stories
 
 # -----------------------------------------------------------------------------
-# a synthetic children's-story generator (the offline default dataset)
+# datasets: text files on disk, tokenized once into flat files of ids
+
+EOT = "<|endoftext|>"
+SEP = f"\n{EOT}\n"  # between documents, as in the TinyStories files
+STORIES_VERSION = 2  # bump to rebuild cached data after changing the story generator
+PREP_VERSION = 1     # ... or the way text becomes token files
+BPE_TRAIN_BYTES = 8 << 20  # bpe learns its merges from (at most) the first 8 MB of the train split
+TS = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-"
+SHAKESPEARE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATASETS = {  # name -> urls: [train, val], or [one file that is split 90/10]
+    "tinystories": [TS + "train.txt", TS + "valid.txt"],
+    "shakespeare_char": [SHAKESPEARE]}
+# --init_from=resume takes these from the checkpoint (the data, its order, the batches), the rest
+# from the flags
+RESUMED_FIELDS = ("dataset", "num_stories", "tokenizer", "vocab_size", "seed", "block_size",
+                  "batch_size", "grad_accum")
+
+def write_text(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves half a file
+
+def instruct_record(story, summary, words):
+    """A held-out story as an instruction-data record: the fields of the Alpaca-style
+    instruction-data.json (instruction, input, output) plus what a program needs to check a story
+    written for it (words, summary)."""
+    quoted = ", ".join(f'"{w}"' for w in words[:-1]) + f' and "{words[-1]}"'
+    return {"instruction": f"Write a short story for children that uses the words {quoted} "
+                           f"and follows this summary.",
+            "input": summary, "output": story, "words": list(words), "summary": summary}
+
+def write_stories(folder, n, seed):
+    # train and val stories, and held-out ones as instruction records for finetune.py and dpo.py;
+    # the generator is in the appendix at the end of this file
+    records = generate_stories(n + n // 10, seed)
+    n_train = n - n // 10
+    write_text(os.path.join(folder, "train.txt"), "".join(r[0] + SEP for r in records[:n_train]))
+    write_text(os.path.join(folder, "val.txt"), "".join(r[0] + SEP for r in records[n_train:n]))
+    held_out = [instruct_record(*r) for r in records[n:]]
+    write_text(os.path.join(folder, "instruct.json"), json.dumps(held_out, indent=1))
+
+def read_documents(f, lo, hi, piece):
+    """Yield (text, ends) for bytes [lo, hi) of the binary file f, read line by line: the text up to
+    each <|endoftext|> marker, and at hi, with ends=True; a document longer than `piece` characters
+    (plain text has no markers) also comes out in parts of whole lines, at most `piece` characters
+    each unless one line is longer, with ends=False."""
+    f.seek(lo)
+    lines = []
+    size = 0
+    while f.tell() < hi:
+        *finished, rest = f.readline().decode("utf-8").split(EOT)
+        for text in finished:
+            yield "".join(lines) + text, True
+            lines = []
+            size = 0
+        if lines and size + len(rest) > piece:  # the lines so far, keeping this one for later
+            yield "".join(lines), False
+            lines = []
+            size = 0
+        lines.append(rest)
+        size += len(rest)
+    yield "".join(lines), True
+
+def write_ids(out, enc, docs, eot, dtype, part=""):
+    # encode the finished documents (tiktoken's Rust encoder, on several threads), each followed by
+    # <|endoftext|>, then the part of an unfinished one; append the ids to out
+    ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [eot]]
+    if part:
+        ids += enc.encode_ordinary(part)
+    np.array(ids, dtype).tofile(out)
+    return len(ids)
+
+def encode_split(enc, eot, path, lo, hi, out_path, dtype, piece=1 << 24):
+    """Tokenize the documents in bytes [lo, hi) of a UTF-8 file into out_path, a flat file of ids,
+    each document stripped of outer whitespace and followed by <|endoftext|>. About `piece`
+    characters are encoded at a time, so a 2 GB corpus never sits in memory.
+    Returns (tokens, bytes of text) written."""
+    batch = []        # finished documents, encoded together once they hold `piece` characters
+    held = 0
+    started = False   # part of the current document is written already
+    n_tokens = 0
+    n_bytes = 0
+    with open(path, "rb") as f, open(out_path + ".tmp", "wb") as out:
+        for text, ends in read_documents(f, lo, hi, piece):
+            if not started:
+                text = text.lstrip()
+            if ends:
+                text = text.rstrip()
+            n_bytes += len(text.encode("utf-8"))
+            if not ends:  # a part of a long document: the documents before it go first
+                n_tokens += write_ids(out, enc, batch, eot, dtype, part=text)
+                batch = []
+                held = 0
+                started = started or bool(text)
+                continue
+            if text or started:  # an empty document is dropped, unless it is partly written
+                batch.append(text)
+                held += len(text)
+            started = False
+            if held >= piece:
+                n_tokens += write_ids(out, enc, batch, eot, dtype)
+                batch = []
+                held = 0
+        n_tokens += write_ids(out, enc, batch, eot, dtype)
+    os.replace(out_path + ".tmp", out_path)  # atomic, like write_text
+    return n_tokens, n_bytes
+
+def load_tokenizer(cfg, kind, text_path, max_bytes):
+    # GPT-2's files, a bpe.py tok.json, or merges learned now from the start of the train split
+    # ("byte" is BPE with no merges: 256 bytes + <|endoftext|>)
+    if kind == "gpt2":
+        return Tokenizer.gpt2(cfg.gpt2_dir)
+    if kind not in ("bpe", "byte"):
+        return Tokenizer.load(kind)
+    text = ""
+    if kind == "bpe":
+        with open(text_path, "rb") as f:
+            text = f.read(min(max_bytes, BPE_TRAIN_BYTES)).decode("utf-8", "ignore")
+    return Tokenizer().train(text, cfg.vocab_size if kind == "bpe" else 257)
+
+def dataset_files(cfg, folder, kind):
+    # the text files behind a dataset: downloaded, generated, or the user's own
+    if cfg.dataset == "stories":
+        return [os.path.join(folder, "train.txt"), os.path.join(folder, "val.txt")]
+    if cfg.dataset not in DATASETS:
+        return [os.path.abspath(cfg.dataset)]
+    paths = []
+    for url in DATASETS[cfg.dataset]:
+        path = os.path.join(folder, url.rsplit("/", 1)[1])
+        try:
+            download(url, path)  # streamed, resumable, cached
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}. Or train on a local copy: --dataset=path/to/"
+                               f"{os.path.basename(path)} --tokenizer={kind}") from None
+        paths.append(path)
+    return paths
+
+def prepare_data(cfg, kind):
+    """Text -> tokenizer -> train.bin, val.bin (uint16 ids; uint32 beyond 65536 ids) in the dataset's
+    folder, cached: redone only when the text, the tokenizer or vocab_size change.
+    Returns (folder, meta)."""
+    name = cfg.dataset
+    if cfg.dataset not in ("stories", *DATASETS):
+        name = os.path.splitext(os.path.basename(cfg.dataset))[0]
+    folder = os.path.join(cfg.data_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    paths = dataset_files(cfg, folder, kind)
+    # the cache key holds everything the prepared files depend on
+    files = paths if cfg.dataset != "stories" else []
+    if kind not in ("bpe", "byte", "gpt2"):
+        files = files + [kind]  # a tok.json: retraining it rebuilds the data
+    source = [[p, os.path.getsize(p), os.path.getmtime(p)] for p in files]
+    if cfg.dataset == "stories":
+        source += [cfg.num_stories, cfg.seed, STORIES_VERSION]
+    key = dict(source=source, tokenizer=kind, vocab_size=cfg.vocab_size * (kind == "bpe"),
+               version=PREP_VERSION)
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        bins = [os.path.join(folder, f"{split}.bin") for split in ("train", "val")]
+        if meta["key"] == key and all(map(os.path.exists, bins)):
+            print(f"data: reusing {folder}, prepared earlier for this dataset and tokenizer")
+            return folder, meta
+        os.remove(meta_path)  # stale: an interrupted rebuild must not leave it vouching for new files
+    if cfg.dataset == "stories":
+        write_stories(folder, cfg.num_stories, cfg.seed)
+    ranges = [(p, 0, os.path.getsize(p)) for p in paths]  # byte ranges [lo, hi) of train and val
+    if len(paths) == 1:  # one file: the first 90% (up to a line break) trains, the rest validates
+        with open(paths[0], "rb") as f:
+            f.seek(int(0.9 * ranges[0][2]))
+            f.readline()
+            cut = f.tell()
+        ranges = [(paths[0], 0, cut), (paths[0], cut, ranges[0][2])]
+    tok = load_tokenizer(cfg, kind, paths[0], ranges[0][2])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    enc = tok.to_tiktoken()
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    meta = dict(key=key, dtype=dtype, vocab_size=tok.vocab_size)
+    for split, (path, lo, hi) in zip(("train", "val"), ranges):
+        out_path = os.path.join(folder, f"{split}.bin")
+        try:
+            n_tokens, n_bytes = encode_split(enc, tok.special_tokens[EOT], path, lo, hi, out_path, dtype)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: "
+                             f"iconv -f latin1 -t utf-8") from None
+        meta[f"{split}_tokens"] = n_tokens
+        meta[f"{split}_bytes"] = n_bytes
+    write_text(meta_path, json.dumps(meta))  # written last: its presence means the .bin files are complete
+    print(f"data: prepared {folder}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
+          f"val tokens")
+    return folder, meta
+
+# -----------------------------------------------------------------------------
+# batches, learning rate, evaluation, sampling, MFU
+
+def get_batch(data, batch_size, block_size, key, device):
+    """Windows x and next tokens y, (B, T) each, a pure function of key: resumed or DDP runs draw
+    the same batches."""
+    ix = np.random.default_rng(key).integers(0, len(data) - block_size, size=batch_size)
+    windows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
+    xy = torch.from_numpy(windows)                                 # (B, T + 1)
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)  # x (B, T), and y (B, T): the token after each
+
+def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters):
+    """Linear warmup to learning_rate, a cosine down to min_lr at decay_iters, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / warmup_iters
+    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+    progress = min(1.0, progress)  # 0 -> 1, then stays 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+@torch.no_grad()
+def estimate_loss(model, splits, batch_size, block_size, eval_iters, device, ctx):
+    # the mean loss on the same batches every time (keys (1, split, i)), so evaluations compare
+    model.eval()
+    out = {}
+    for k, (name, data) in enumerate(splits.items()):
+        total = 0.0
+        for i in range(eval_iters):
+            x, y = get_batch(data, batch_size, block_size, (1, k, i), device)
+            with ctx:
+                total += model(x, y)[1].item()
+        out[name] = total / eval_iters
+    model.train()
+    return out
+
+@torch.no_grad()
+def sample_story(model, tok, max_new_tokens, device, ctx, seed):
+    # a document starts after <|endoftext|> and ends at the next one
+    torch.manual_seed(seed)  # the same seed every time: successive samples show progress, not luck
+    model.eval()
+    start = torch.tensor([[tok.special_tokens[EOT]]], device=device)
+    with ctx:
+        ids = model.generate(start, max_new_tokens, 0.8, 50)
+    model.train()
+    return tok.decode(ids[0, 1:].tolist()).split(EOT)[0].strip()
+
+def measure_matmul_flops(device, dtype):
+    # a CPU has no simple datasheet peak, so the bench times a big matmul in each dtype: this
+    # machine's practical peak (the fastest of 8; the first warms up, .item() waits for a GPU)
+    a = torch.randn(2048, 2048, device=device, dtype=getattr(torch, dtype))
+    best = float("inf")
+    for _ in range(8):
+        t0 = time.time()
+        (a @ a)[0, 0].item()
+        best = min(best, time.time() - t0)
+    return 2 * 2048 ** 3 / best
+
+def bench(cfg, device, low_dtype):
+    # a fixed GPT (6 layers, 384 wide, 256 tokens) trains on random tokens in each mode, side by side
+    print("| 6 layers, 384 wide, 8 x 256 tokens | tokens/s | MFU | peak TFLOP/s | speedup |\n"
+          "|---|---|---|---|---|")
+    rows = {}
+    kind = device.split(":")[0]
+    x = torch.randint(0, 2048, (8, 256), device=device)
+    dtypes = list(dict.fromkeys(("float32", low_dtype)))
+    for compiled in (False, True):
+        for dtype in dtypes:
+            name = f"{dtype} {'+ compile' if compiled else 'eager'}"
+            config = GPTConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False)
+            model = GPT(config).to(device)
+            opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), kind)
+            step_model = torch.compile(model) if compiled else model
+            times = []
+            try:
+                for _ in range(8):  # 2 warmup steps (compilation happens there), then the fastest of 6
+                    t0 = time.time()
+                    with torch.autocast(kind, getattr(torch, dtype), enabled=dtype != "float32"):
+                        loss = step_model(x, x)[1]
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    loss.item()  # waits for a GPU
+                    times.append(time.time() - t0)
+            except Exception as e:  # compile fails in many ways (no C++ compiler, an unsupported op)
+                print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
+                continue
+            dt = min(times[2:])  # the fastest step: the least disturbed by other work on the machine
+            rows[name] = 8 * 256 / dt
+            peak = cfg.peak_flops or measure_matmul_flops(device, dtype)
+            print(f"| {name} | {rows[name]:,.0f} | {100 * model.estimate_mfu(8 * 256, dt, peak):.1f}% | "
+                  f"{peak / 1e12:.2f} | {rows[name] / rows['float32 eager']:.2f}x |", flush=True)
+    return rows
+
+# -----------------------------------------------------------------------------
+# the run: the flags checked first, then setup, data, model, optimizer, the loop
+
+def check_config(cfg, kind, world, ddp, device_type):
+    """Every check of the flags, before any data or model work: one ValueError naming the flag."""
+    rules = []
+    for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum",
+                 "num_stories"):
+        rules.append((name, getattr(cfg, name) >= 1, "1 or more"))
+    for name in ("max_iters", "warmup_iters", "learning_rate", "weight_decay", "grad_clip", "seed"):
+        rules.append((name, getattr(cfg, name) >= 0, "0 or more"))
+    for name in ("beta1", "beta2"):
+        rules.append((name, 0 <= getattr(cfg, name) < 1, "in [0, 1)"))
+    tokenizers = ["gpt2"] if cfg.init_from in GPT2_NAMES else ["bpe", "gpt2", "byte"]
+    init_ok = cfg.init_from in ("scratch", "resume", *GPT2_NAMES) or os.path.exists(cfg.init_from)
+    rules += [
+        ("grad_accum", cfg.grad_accum % world == 0,
+         f"a multiple of the {world} processes (resumed: as saved)"),
+        ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate,
+         f"0 to --learning_rate={cfg.learning_rate}, e.g. a tenth"),
+        ("bench", not (ddp and cfg.bench), "False under torchrun: run the benchmark with python"),
+        ("device", not (ddp and device_type == "mps"),
+         "cpu or cuda under torchrun (DDP has no backend for mps)"),
+        ("tokenizer", kind in tokenizers or (kind.endswith(".json") and os.path.isfile(kind)),
+         f"one of {', '.join(tokenizers)} or an existing tok.json from bpe.py"),
+        ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17,
+         "257 (bytes + <|endoftext|>) to 131072"),
+        ("init_from", init_ok, "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
+        ("dataset", cfg.dataset in ("stories", *DATASETS) or os.path.isfile(cfg.dataset),
+         "stories, tinystories, shakespeare_char or the path of an existing UTF-8 text file")]
+    for name, ok, need in rules:
+        if not ok:
+            raise ValueError(f"--{name}={getattr(cfg, name)!r} is invalid: it must be {need}")
+    if cfg.init_from in ("scratch", "resume"):  # the model's shape, e.g. n_embd divisible by n_head
+        GPTConfig(**model_args(cfg))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from != "resume" and not cfg.bench and not cfg.overwrite and os.path.exists(ckpt_path):
+        raise FileExistsError(f"{ckpt_path} holds an earlier run; pass --out_dir=NEW_DIR for a new "
+                              f"run, --init_from=resume to continue it, or --overwrite to replace it")
+
+def model_args(cfg):
+    # the GPTConfig fields that train.py has flags for (vocab_size comes from the tokenizer)
+    names = [f.name for f in dataclasses.fields(GPTConfig) if hasattr(cfg, f.name)]
+    return {name: getattr(cfg, name) for name in names}
+
+def resume_command(cfg, world):
+    # what to type to continue this run: the data flags come from the checkpoint, the rest must match
+    launcher = "python train.py"
+    if world > 1:
+        launcher = f"torchrun --standalone --nproc_per_node={world} train.py"
+    defaults = TrainConfig()
+    flags = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+             if k not in (*RESUMED_FIELDS, "init_from", "out_dir", "overwrite")
+             and v != getattr(defaults, k)]
+    return " ".join([launcher, "--init_from=resume", f"--out_dir={cfg.out_dir}", *flags])
+
+def main(cfg):
+    # --- setup: processes (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python does not),
+    # the device, the precision, and every check, before any data or model work
+    ddp = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0
+    device = pick_device(cfg.device)
+    device_type = device.split(":")[0]
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    resumed = None
+    if cfg.init_from == "resume":  # the data and its order are the run's own, whatever the flags say
+        resumed = load_checkpoint(ckpt_path, verbose=master)  # (model, ckpt) on the cpu
+        saved = resumed[1]["train_config"]
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in RESUMED_FIELDS})
+    kind = cfg.tokenizer
+    if not kind:
+        kind = "byte" if cfg.dataset == "shakespeare_char" else "bpe"
+        if cfg.init_from not in ("scratch", "resume"):
+            kind = "gpt2"
+    check_config(cfg, kind, world, ddp, device_type)
+    dtype, reason, ctx = setup_precision(device, cfg.dtype)
+    if ddp:
+        if device_type == "cuda":
+            device = f"cuda:{local_rank}"  # one GPU per process
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if master:
+        print(f"config:\n{format_config(cfg)}")
+        print(f"device: {device} x {world} process(es); dtype: {dtype} ({reason})")
+    if cfg.bench:
+        return bench(cfg, device, dtype if dtype != "float32" else "bfloat16")
+    # TF32 matmuls on CUDA: training does not need full float32 accuracy (a no-op elsewhere)
+    torch.backends.cuda.matmul.allow_tf32 = device_type == "cuda"
+    torch.backends.cudnn.allow_tf32 = device_type == "cuda"
+
+    # --- data: rank 0 prepares it (or finds it cached) and tells the other ranks where it is; it
+    # also downloads GPT-2's weights, once, while they wait
+    gpt2 = cfg.init_from not in ("scratch", "resume")
+    pretrained = from_pretrained(cfg.init_from, cfg.data_dir) if master and gpt2 else None
+    shared = [prepare_data(cfg, kind) if master else None]
+    if ddp:
+        dist.broadcast_object_list(shared)
+    folder, meta = shared[0]
+    if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
+        raise ValueError(f"--block_size={cfg.block_size} needs more data than {meta['train_tokens']} "
+                         f"train and {meta['val_tokens']} val tokens: a larger dataset or a smaller "
+                         f"--block_size")
+    data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r") for s in ("train", "val")}
+    tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
+    saved_config = dataclasses.asdict(dataclasses.replace(cfg, tokenizer=kind))
+    common = dict(tokenizer=tok.to_dict(), train_config=saved_config)
+
+    # --- model: from scratch, from our last checkpoint, or from OpenAI's GPT-2
+    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP copies rank 0's weights anyway)
+    start = 0
+    best_val = float("inf")
+    val_loss = float("nan")
+    best_path = os.path.join(cfg.out_dir, "best.pt")
+    if cfg.init_from == "resume":
+        raw_model, ckpt = resumed
+        raw_model = raw_model.to(device)
+        start = ckpt["step"]
+        best_val = ckpt["best_val_loss"]
+        if master:
+            print(f"resuming from step {start} of {ckpt_path}")
+    elif cfg.init_from == "scratch":
+        raw_model = GPT(GPTConfig(**{**model_args(cfg), "vocab_size": tok.vocab_size})).to(device)
+    else:
+        raw_model = (pretrained or from_pretrained(cfg.init_from, cfg.data_dir)).to(device)
+    if raw_model.config.vocab_size != tok.vocab_size or cfg.block_size > raw_model.config.block_size:
+        raise ValueError(f"the model ({raw_model.config}) does not fit --block_size={cfg.block_size} "
+                         f"or the {tok.vocab_size} token ids of the data; use the data and tokenizer "
+                         f"it was trained on")
+
+    # --- optimizer, loss scaling, compile, DDP
+    betas = (cfg.beta1, cfg.beta2)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")  # float16 gradients underflow
+    if cfg.init_from == "resume":  # (the scaler's state is empty unless the run used float16)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler") or scaler.state_dict())
+    model = raw_model
+    if cfg.compile:  # compiling fails at the first call (no C++ compiler, an unsupported device)
+        model = torch.compile(raw_model)
+        try:
+            with ctx:
+                model(*get_batch(data["val"], cfg.batch_size, cfg.block_size, (2,), device))
+        except Exception as e:
+            raise RuntimeError(f"--compile failed on {device}: {repr(e)[:200]}; drop --compile") from None
+    if ddp:  # averages the gradients across processes in backward; we save and evaluate raw_model
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    accum = cfg.grad_accum // world
+    decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters >= 0 else cfg.max_iters
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    # MFU needs the device's peak FLOP/s: an A100's in bf16 on CUDA (--peak_flops for other GPUs);
+    # a CPU has no datasheet number, so there the log shows achieved TFLOP/s instead
+    peak = cfg.peak_flops or (312e12 if device_type == "cuda" else 0.0)
+    if master:
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per "
+              f"step = {cfg.batch_size} sequences x {cfg.block_size} tokens x {accum} micro-steps x "
+              f"{world} process(es)")
+        if peak:
+            print(f"MFU against {peak / 1e12:.0f} TFLOP/s per device")
+
+    # --- the loop: evaluate and save every eval_interval steps, log every log_interval steps
+    losses = []
+    step = start
+    t_start = time.time()
+    try:  # the finally tears the process group down even when a rank fails
+        while True:
+            last = step >= cfg.max_iters  # >=: resuming a finished run just evaluates
+            if master and (step % cfg.eval_interval == 0 or last):
+                ev = estimate_loss(raw_model, data, cfg.batch_size, cfg.block_size, cfg.eval_iters,
+                                   device, ctx)
+                # bits per byte = bits per token x tokens per byte: comparable across tokenizers
+                bpb = {s: ev[s] / math.log(2) * meta[f"{s}_tokens"] / meta[f"{s}_bytes"] for s in ev}
+                print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} "
+                      f"(bits per byte: train {bpb['train']:.3f}, val {bpb['val']:.3f})")
+                story = sample_story(raw_model, tok, cfg.sample_tokens, device, ctx, cfg.seed)
+                val_loss = ev["val"]
+                if not last:
+                    print(f"sample: {story}\n")
+                if val_loss < best_val:
+                    best_val = val_loss
+                    save_checkpoint(best_path, raw_model, step=step, val_loss=val_loss, **common)
+                save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss,
+                                best_val_loss=best_val, optimizer=optimizer.state_dict(),
+                                scaler=scaler.state_dict(), **common)
+            if last:
+                break
+            t0 = time.time()
+            lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # dropout's randomness is a pure function of (seed, step, rank) too: resuming needs no RNG state
+            torch.manual_seed(cfg.seed + 1_000_003 * step + rank)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                # rank r's micro-step m is micro-batch m * world + r: the same global batch for any
+                # number of processes
+                key = (0, cfg.seed, step, micro * world + rank)
+                x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, key, device)
+                # no_sync: only the last micro-step all-reduces the gradients; the others accumulate
+                sync = contextlib.nullcontext()
+                if ddp and micro < accum - 1:
+                    sync = model.no_sync()
+                with sync:
+                    with ctx:
+                        loss = model(x, y)[1] / accum  # the mean over micro-batches, not the sum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if ddp:  # log the mean over the global batch (gloo has no AVG: SUM, then divide)
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            loss_value = loss_sum.item()  # waits for the device, so the timing below is honest
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"the loss is {loss_value} at step {step}: training diverged. "
+                                   f"{ckpt_path} keeps the last good state; lower --learning_rate "
+                                   f"and continue with --init_from=resume")
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            step += 1  # at once: from here on, a Ctrl-C saves these weights with this count
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_value)
+            if master and (step - 1) % cfg.log_interval == 0:
+                dt = time.time() - t0
+                # the ETA at the average pace so far (evaluations included), not the last step's
+                eta = divmod(round((time.time() - t_start) / (step - start) * (cfg.max_iters - step)), 60)
+                bar = "#" * (20 * step // cfg.max_iters)
+                flops = raw_model.flops_per_token() * tokens_per_step / dt
+                speed = f"mfu {100 * flops / (peak * world):.1f}%" if peak else f"{flops / 1e12:.2f} TFLOP/s"
+                print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                      f"{1000 * dt:.0f} ms | {tokens_per_step / dt:,.0f} tok/s | {speed} | [{bar:<20}] "
+                      f"eta {eta[0]}m{eta[1]:02d}s", flush=True)
+        if ddp:  # no rank tears the group down while another still talks to it
+            dist.barrier()
+    except KeyboardInterrupt:
+        if master:  # the weights are those after `step` optimizer steps
+            save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **common)
+            print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with:\n"
+                  f"  {resume_command(cfg, world)}")
+        return dict(losses=losses, step=step, ckpt_path=ckpt_path, interrupted=True)
+    finally:
+        if ddp:  # free the DDP wrapper (a reference cycle, so gc) first: it holds the process group
+            del model
+            gc.collect()
+            dist.destroy_process_group()
+    if master:
+        print(f"done: {step - start} steps in {time.time() - t_start:.0f} s; val loss {val_loss:.4f} "
+              f"(best {best_val:.4f}); saved {ckpt_path} and {best_path}\n\n{story}")
+    return dict(losses=losses, val_loss=val_loss, best_val_loss=best_val, step=step, ckpt_path=ckpt_path)
+
+# -----------------------------------------------------------------------------
+# appendix: the synthetic children's-story generator behind --dataset=stories (the offline default)
 
 # small closed word banks keep the language learnable by a tiny GPT in minutes, while the product
 # of all the choices below (far beyond 10^9) leaves room for as many distinct stories as we need
@@ -214,12 +758,15 @@ def make_story(rng):
     """One random story from rng (a random.Random) as (story, summary, words): words are a noun,
     a verb and an adjective in random order, each a whole word of the story, e.g.
     ("Once upon a time, there was a little girl named Lily. ...", "Lily lost ...", ["red", ...])."""
-    she, friend_she = rng.random() < 0.5, rng.random() < 0.5
+    she = rng.random() < 0.5
+    friend_she = rng.random() < 0.5
     name = rng.choice(GIRLS if she else BOYS)
     fname = rng.choice([n for n in (GIRLS if friend_she else BOYS) if n != name])
     he, his, him = ("she", "her", "her") if she else ("he", "his", "him")
     # a quarter of the heroes are animals, as in TinyStories ("a little bunny named Max")
-    kind = rng.choice(ANIMALS) if rng.random() < 0.25 else ("girl" if she else "boy")
+    kind = "girl" if she else "boy"
+    if rng.random() < 0.25:
+        kind = rng.choice(ANIMALS)
     parent = rng.choice(["mom", "dad"])
     slots = dict(name=name, fname=fname, he=he, his=his, him=him, He=he.capitalize(),
                  His=his.capitalize(), fhe="she" if friend_she else "he", kind=kind,
@@ -252,7 +799,8 @@ def make_story(rng):
 def generate_stories(n, seed):
     """n distinct (story, summary, words) records, the same for the same (n, seed); a smaller
     n gives a prefix of a larger one, so train/val/instruct can be slices of one call."""
-    rng, records = random.Random(seed), {}  # story -> record; a dict keeps the first of repeats, in order
+    rng = random.Random(seed)
+    records = {}  # story -> record; a dict keeps the first of repeats, in order
     for _ in range(2 * n + 1000):  # bounded, so an impossible n fails instead of looping forever
         if len(records) == n:
             break
@@ -262,361 +810,6 @@ def generate_stories(n, seed):
         raise ValueError(f"got only {len(records)} distinct stories, not n={n}; ask for fewer")
     return list(records.values())
 
-def format_instruct(story, summary, words):
-    """The TinyStories-Instruct record "Words: a, b, c\\nSummary: ...\\nStory: \\n<story>"."""
-    return f"Words: {', '.join(words)}\nSummary: {summary}\nStory: \n{story}"
-
-# -----------------------------------------------------------------------------
-# datasets: text files on disk, tokenized once into flat files of ids
-
-EOT = "<|endoftext|>"
-SEP = f"\n{EOT}\n"  # between documents, as in the TinyStories files
-STORIES_VERSION, PREP_VERSION = 1, 1  # bump to rebuild cached data after changing the generator or the prep
-BPE_TRAIN_BYTES = 8 << 20  # bpe learns its merges from (at most) the first 8 MB of the train split
-TS = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-"
-SHAKESPEARE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-# --init_from=resume takes these from the checkpoint (the data, its order, the batches); the rest from the flags
-RESUMED_FIELDS = ("dataset", "num_stories", "tokenizer", "vocab_size", "seed", "block_size", "batch_size", "grad_accum")
-DATASETS = {  # name -> (urls: [train, val] or [one file split 90/10], a local file that works offline)
-    "tinystories": ([TS + "train.txt", TS + "valid.txt"], "../shared/data/tinystories/TinyStories-train-head2MiB.txt"),
-    "shakespeare_char": ([SHAKESPEARE], "../shared/data/tinyshakespeare/input.txt")}
-
-def write_text(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves half a file
-
-def write_stories(folder, n, seed):
-    # train and val stories, and held-out ones in TinyStories-Instruct format for finetune.py and dpo.py
-    records, n_train = generate_stories(n + n // 10, seed), n - n // 10
-    write_text(os.path.join(folder, "train.txt"), "".join(r[0] + SEP for r in records[:n_train]))
-    write_text(os.path.join(folder, "val.txt"), "".join(r[0] + SEP for r in records[n_train:n]))
-    write_text(os.path.join(folder, "instruct.txt"), "".join(format_instruct(*r) + SEP for r in records[n:]))
-
-def encode_split(enc, eot, path, lo, hi, out_path, dtype, piece=1 << 24):
-    # the documents (text between <|endoftext|> markers) in bytes [lo, hi) of a file, each encoded (tiktoken's
-    # Rust encoder, on several threads) and followed by <|endoftext|>, into a flat binary file; 16 MB at a
-    # time, so a 2 GB corpus never sits in memory
-    decoder, rest, opened, n_tokens, n_bytes = codecs.getincrementaldecoder("utf-8")(), "", False, 0, 0
-    with open(path, "rb") as f, open(out_path + ".tmp", "wb") as out:
-        f.seek(lo)
-        while lo < hi:
-            block = f.read(min(piece, hi - lo))
-            lo = lo + len(block) if block else hi
-            # the decoder holds back a character cut by the piece boundary; the last document may go on
-            docs = (rest + decoder.decode(block, final=lo >= hi)).split(EOT)
-            continued, rest, part = opened, docs.pop() if lo < hi else "", ""
-            if len(rest) > piece:  # a document longer than a piece (plain text): flush its lines so far
-                cut = rest.rfind("\n") + 1
-                part, rest = rest[:cut], rest[cut:]
-            opened = bool(part) or (opened and not docs)  # some of the unfinished document is written already
-            # a document partly written in earlier pieces ends here: kept even if empty, for its <|endoftext|>
-            docs = [doc.strip() for i, doc in enumerate(docs) if doc.strip() or (i == 0 and continued)]
-            ids = [t for ids in enc.encode_ordinary_batch(docs) for t in ids + [eot]] + enc.encode_ordinary(part)
-            np.array(ids, dtype).tofile(out)
-            n_tokens, n_bytes = n_tokens + len(ids), n_bytes + sum(len(doc.encode()) for doc in docs + [part])
-    os.replace(out_path + ".tmp", out_path)  # atomic, like write_text
-    return n_tokens, n_bytes
-
-def prepare_data(cfg, kind):
-    """Text -> tokenizer -> train.bin, val.bin (uint16 ids; uint32 beyond 65536 ids) in the dataset's folder,
-    cached: redone only when the text, the tokenizer or vocab_size change. Returns (folder, meta)."""
-    name = cfg.dataset if cfg.dataset in ("stories", *DATASETS) else os.path.splitext(os.path.basename(cfg.dataset))[0]
-    folder = os.path.join(cfg.data_dir, name)
-    os.makedirs(folder, exist_ok=True)
-    urls, local = DATASETS.get(cfg.dataset, ([], ""))
-    paths = [os.path.join(folder, url.rsplit("/", 1)[1]) for url in urls] or [os.path.abspath(cfg.dataset)]
-    for url, path in zip(urls, paths):
-        try:
-            download(url, path)  # streamed, resumable, cached
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}. Or train on a local copy: --dataset={local} --tokenizer={kind}") from None
-    if cfg.dataset == "stories":
-        paths = [os.path.join(folder, "train.txt"), os.path.join(folder, "val.txt")]
-    # the cache key holds everything the prepared files depend on
-    source = [cfg.num_stories, cfg.seed, STORIES_VERSION] if cfg.dataset == "stories" else \
-        [[p, os.path.getsize(p), os.path.getmtime(p)] for p in paths]
-    key = dict(source=source, tokenizer=kind, vocab_size=cfg.vocab_size * (kind == "bpe"), version=PREP_VERSION)
-    meta_path = os.path.join(folder, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta["key"] == key and all(os.path.exists(os.path.join(folder, f"{s}.bin")) for s in ("train", "val")):
-            print(f"data: reusing {folder}, prepared earlier for this dataset and tokenizer")
-            return folder, meta
-        os.remove(meta_path)  # stale: an interrupted rebuild below must not leave it vouching for new files
-    if cfg.dataset == "stories":
-        write_stories(folder, cfg.num_stories, cfg.seed)
-    ranges = [(p, 0, os.path.getsize(p)) for p in paths]  # byte ranges [lo, hi) of train and val
-    if len(paths) == 1:  # one file: the first 90% (up to a line break) trains, the rest validates
-        with open(paths[0], "rb") as f:
-            f.seek(int(0.9 * ranges[0][2]))
-            f.readline()
-            ranges = [(paths[0], 0, f.tell()), (paths[0], f.tell(), ranges[0][2])]
-    if kind == "gpt2":
-        tok = Tokenizer.gpt2(os.path.join(cfg.data_dir, "gpt2"))
-    else:  # bpe learns its merges from the start of the train split; byte is BPE with no merges (+ <|endoftext|>)
-        with open(paths[0], "rb") as f:
-            text = f.read(min(ranges[0][2], BPE_TRAIN_BYTES)).decode("utf-8", "ignore") if kind == "bpe" else ""
-        tok = Tokenizer().train(text, cfg.vocab_size if kind == "bpe" else 257)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    enc, dtype = tok.to_tiktoken(), "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-    meta = dict(key=key, dtype=dtype, vocab_size=tok.vocab_size)
-    for split, (path, lo, hi) in zip(("train", "val"), ranges):
-        try:
-            meta[f"{split}_tokens"], meta[f"{split}_bytes"] = encode_split(
-                enc, tok.special_tokens[EOT], path, lo, hi, os.path.join(folder, f"{split}.bin"), dtype)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: iconv -f latin1 -t utf-8") from None
-    write_text(meta_path, json.dumps(meta))  # written last: its presence means the .bin files are complete
-    print(f"data: prepared {folder}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
-    return folder, meta
-
-# -----------------------------------------------------------------------------
-# batches, learning rate, evaluation, sampling, MFU
-
-def get_batch(data, batch_size, block_size, key, device):
-    """Windows x and next tokens y, (B, T) each, a pure function of key: resumed or DDP runs draw the same."""
-    ix = np.random.default_rng(key).integers(0, len(data) - block_size, size=batch_size)
-    xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))  # (B, T + 1)
-    return xy[:, :-1].to(device), xy[:, 1:].to(device)  # x (B, T), and y (B, T): the token after each
-
-def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters):
-    """Linear warmup to learning_rate, a cosine down to min_lr at decay_iters, then flat."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / warmup_iters
-    progress = min(1.0, (step - warmup_iters) / max(1, decay_iters - warmup_iters))  # 0 -> 1, then stays 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-@torch.no_grad()
-def estimate_loss(model, splits, batch_size, block_size, eval_iters, device, ctx):
-    # the mean loss on the same batches every time (keys (1, split, i)), so evaluations compare
-    model.eval()
-    with ctx:
-        out = {name: sum(model(*get_batch(data, batch_size, block_size, (1, k, i), device))[1].item()
-                         for i in range(eval_iters)) / eval_iters for k, (name, data) in enumerate(splits.items())}
-    model.train()
-    return out
-
-@torch.no_grad()
-def sample_story(model, tok, max_new_tokens, device, ctx, seed):
-    # a document starts after <|endoftext|> and ends at the next one
-    torch.manual_seed(seed)  # the same seed every time: successive samples show progress, not luck
-    model.eval()
-    with ctx:
-        ids = model.generate(torch.tensor([[tok.special_tokens[EOT]]], device=device), max_new_tokens, 0.8, 50)
-    model.train()
-    return tok.decode(ids[0, 1:].tolist()).split(EOT)[0].strip()
-
-def peak_flops_for(device, dtype):
-    # MFU needs a peak FLOP/s. CUDA: an A100 in bf16 (312e12; pass --peak_flops for other GPUs). A CPU has no
-    # simple datasheet number, so we time a big matmul in the training dtype: this machine's practical peak
-    if device.startswith("cuda"):
-        return 312e12
-    a, best = torch.randn(2048, 2048, device=device, dtype=getattr(torch, dtype)), float("inf")
-    for _ in range(8):  # the fastest of 8 (the first warms up; .item() waits for an asynchronous device)
-        t0 = time.time()
-        (a @ a)[0, 0].item()
-        best = min(best, time.time() - t0)
-    return 2 * 2048 ** 3 / best
-
-def bench(cfg, device, low_dtype):
-    # a fixed GPT (6 layers, 384 wide, 256 tokens) trains on random tokens in each mode, side by side
-    print("| 6 layers, 384 wide, 8 x 256 tokens | tokens/s | MFU | peak TFLOP/s | speedup |\n|---|---|---|---|---|")
-    rows, kind, x = {}, device.split(":")[0], torch.randint(0, 2048, (8, 256), device=device)
-    for dtype, compiled in [(d, c) for c in (False, True) for d in dict.fromkeys(("float32", low_dtype))]:
-        name = f"{dtype} {'+ compile' if compiled else 'eager'}"
-        model = GPT(GPTConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False)).to(device)
-        opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), kind)
-        try:
-            step_model, times = torch.compile(model) if compiled else model, []
-            for _ in range(8):  # 2 warmup steps (compilation happens there), then the fastest of 6
-                t0 = time.time()
-                with torch.autocast(kind, getattr(torch, dtype), enabled=dtype != "float32"):
-                    loss = step_model(x, x)[1]
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                loss.item()  # waits for a GPU
-                times.append(time.time() - t0)
-        except Exception as e:  # compile fails in many ways (no C++ compiler, an unsupported op): report it
-            print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
-            continue
-        dt = min(times[2:])  # the fastest step: the least disturbed by other work on the machine
-        rows[name], peak = 8 * 256 / dt, cfg.peak_flops or peak_flops_for(device, dtype)
-        print(f"| {name} | {rows[name]:,.0f} | {100 * model.estimate_mfu(8 * 256, dt, peak):.1f}% | "
-              f"{peak / 1e12:.2f} | {rows[name] / rows['float32 eager']:.2f}x |", flush=True)
-    return rows
-
-# -----------------------------------------------------------------------------
-# the run
-
-def main(cfg):
-    # --- setup: processes, device, precision and every check, before any data or model work
-    ddp = "RANK" in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python does not
-    rank, local_rank, world = [int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")] if ddp else [0, 0, 1]
-    master, device, gpt2 = rank == 0, pick_device(cfg.device), cfg.init_from not in ("scratch", "resume")
-    device_type, ckpt_path = device.split(":")[0], os.path.join(cfg.out_dir, "ckpt.pt")
-    resumed = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None  # (model, ckpt) on the cpu
-    if resumed:  # the data and its order are the run's own, whatever the flags say
-        cfg = dataclasses.replace(cfg, **{k: resumed[1]["train_config"][k] for k in RESUMED_FIELDS})
-    kind = cfg.tokenizer or ("gpt2" if gpt2 else "byte" if cfg.dataset == "shakespeare_char" else "bpe")
-    counts = ("eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum", "num_stories")
-    rules = [(name, getattr(cfg, name) >= 1, "1 or more") for name in counts]
-    rules += [(name, getattr(cfg, name) >= 0, "0 or more") for name in ("learning_rate", "weight_decay", "grad_clip")]
-    rules += [(name, 0 <= getattr(cfg, name) < 1, "in [0, 1)") for name in ("beta1", "beta2")]
-    for name, ok, need in rules + [
-            ("max_iters", cfg.max_iters >= 0 <= cfg.warmup_iters, "0 or more, and so must --warmup_iters"),
-            ("grad_accum", cfg.grad_accum % world == 0, f"a multiple of the {world} processes (resumed: as saved)"),
-            ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate, f"0 to --learning_rate={cfg.learning_rate}, e.g. a tenth"),
-            ("seed", cfg.seed >= 0, "0 or more"),
-            ("bench", not (ddp and cfg.bench), "False under torchrun: run the benchmark with python"),
-            ("device", not (ddp and device_type == "mps"), "cpu or cuda under torchrun (DDP has no backend for mps)"),
-            ("tokenizer", kind in (("gpt2",) if gpt2 else ("bpe", "gpt2", "byte")), "bpe, gpt2, byte (GPT-2: gpt2)"),
-            ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17, "257 (bytes + <|endoftext|>) to 131072"),
-            ("init_from", cfg.init_from in ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or
-             os.path.exists(cfg.init_from), "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
-            ("dataset", cfg.dataset in ("stories", *DATASETS) or os.path.isfile(cfg.dataset),
-             "stories, tinystories, shakespeare_char or the path of an existing UTF-8 text file")]:
-        if not ok:
-            raise ValueError(f"--{name}={getattr(cfg, name)!r} is invalid: it must be {need}")
-    model_args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if hasattr(cfg, f.name)}
-    GPTConfig(**model_args)  # checks the shape now (e.g. n_embd divisible by n_head), not after data prep
-    dtype, reason = choose_precision(device_type, cfg.dtype, native_bf16(device_type))
-    if ddp:
-        if device_type == "cuda":
-            device = f"cuda:{local_rank}"  # one GPU per process
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    if master:
-        print(f"config: {dataclasses.asdict(cfg)}\ndevice: {device} x {world} process(es); dtype: {dtype} ({reason})")
-    if cfg.bench:
-        return bench(cfg, device, dtype if dtype != "float32" else "bfloat16")
-    # TF32 matmuls on CUDA: training does not need full float32 accuracy (a no-op elsewhere)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device_type == "cuda"
-    # --- data: rank 0 prepares it (or finds it cached) and tells the other ranks where it is; it also
-    # downloads GPT-2's weights, once, while they wait
-    pretrained = GPT.from_pretrained(cfg.init_from, cfg.data_dir) if master and gpt2 else None
-    shared = [prepare_data(cfg, kind) if master else None]
-    if ddp:
-        dist.broadcast_object_list(shared)
-    folder, meta = shared[0]
-    if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
-        raise ValueError(f"--block_size={cfg.block_size} needs more data than {meta['train_tokens']} train and "
-                         f"{meta['val_tokens']} val tokens: a larger dataset or a smaller --block_size")
-    data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r") for s in ("train", "val")}
-    tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
-    common = dict(tokenizer=tok.to_dict(), train_config=dataclasses.asdict(dataclasses.replace(cfg, tokenizer=kind)))
-    # --- model: from scratch, from our last checkpoint, or from OpenAI's GPT-2
-    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP copies rank 0's weights anyway)
-    start, best_val, val_loss, best_path = 0, float("inf"), float("nan"), os.path.join(cfg.out_dir, "best.pt")
-    ctx = torch.autocast(device_type, getattr(torch, dtype), enabled=dtype != "float32")  # float32: a no-op
-    if cfg.init_from == "resume":
-        raw_model, ckpt = resumed[0].to(device), resumed[1]
-        start, best_val = ckpt["step"], ckpt["best_val_loss"]
-    elif cfg.init_from == "scratch":
-        raw_model = GPT(GPTConfig(**{**model_args, "vocab_size": tok.vocab_size})).to(device)
-    else:
-        raw_model = (pretrained or GPT.from_pretrained(cfg.init_from, cfg.data_dir)).to(device)
-    if raw_model.config.vocab_size != tok.vocab_size or cfg.block_size > raw_model.config.block_size:
-        raise ValueError(f"the model ({raw_model.config}) does not fit --block_size={cfg.block_size} or the "
-                         f"{tok.vocab_size} token ids of the data; use the data and tokenizer it was trained on")
-    # --- optimizer, loss scaling, compile, DDP
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")  # float16 gradients underflow without
-    if cfg.init_from == "resume":  # (the scaler's state is empty unless the run used float16)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler") or scaler.state_dict())
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if cfg.compile:  # compiling fails at the first call (no C++ compiler, an unsupported device): make it now
-        try:
-            with ctx:
-                model(*get_batch(data["val"], cfg.batch_size, cfg.block_size, (2,), device))
-        except Exception as e:
-            raise RuntimeError(f"--compile failed on {device}: {repr(e)[:200]}; drop --compile") from None
-    if ddp:  # averages the gradients across processes in backward; we save and evaluate raw_model
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    accum, decay_iters = cfg.grad_accum // world, cfg.lr_decay_iters if cfg.lr_decay_iters >= 0 else cfg.max_iters
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    peak = cfg.peak_flops or peak_flops_for(device, dtype)
-    if master:
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step = "
-              f"{cfg.batch_size} sequences x {cfg.block_size} tokens x {accum} micro-steps x {world} process(es); "
-              f"MFU against {peak / 1e12:.2f} TFLOP/s per device")
-    # --- the loop: evaluate and save every eval_interval steps, log every log_interval steps
-    losses, step, t_start = [], start, time.time()
-    try:  # the finally tears the process group down even when a rank fails
-        while True:
-            last = step >= cfg.max_iters  # >=: resuming a finished run just evaluates
-            if master and (step % cfg.eval_interval == 0 or last):
-                ev = estimate_loss(raw_model, data, cfg.batch_size, cfg.block_size, cfg.eval_iters, device, ctx)
-                # bits per byte = bits per token x tokens per byte of text: comparable across tokenizers
-                bpb = {s: ev[s] / math.log(2) * meta[f"{s}_tokens"] / meta[f"{s}_bytes"] for s in ev}
-                print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} "
-                      f"(bits per byte: train {bpb['train']:.3f}, val {bpb['val']:.3f})")
-                story, val_loss = sample_story(raw_model, tok, cfg.sample_tokens, device, ctx, cfg.seed), ev["val"]
-                print("" if last else f"sample: {story}\n")
-                if val_loss < best_val:
-                    best_val = val_loss
-                    save_checkpoint(best_path, raw_model, step=step, val_loss=val_loss, **common)
-                save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
-                                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **common)
-            if last:
-                break
-            t0, lr = time.time(), get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # dropout's randomness is a pure function of (seed, step, rank) too: resuming needs no RNG state
-            torch.manual_seed(cfg.seed + 1_000_003 * step + rank)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                # rank r's micro-step m is micro-batch m * world + r: the same global batch for any world size
-                key = (0, cfg.seed, step, micro * world + rank)
-                x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, key, device)
-                # no_sync: only the last micro-step all-reduces the gradients; the others just accumulate
-                with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
-                    with ctx:
-                        loss = model(x, y)[1] / accum  # the mean over micro-batches, not the sum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if ddp:  # log the mean over the global batch (gloo has no AVG: SUM, then divide)
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            loss_value = loss_sum.item()  # waits for the device, so the timing below is honest
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"the loss is {loss_value} at step {step}: training diverged. {ckpt_path} keeps "
-                                   f"the last good state; lower --learning_rate and continue with --init_from=resume")
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            step += 1  # at once: from here on, a Ctrl-C saves these weights with this count
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss_value)
-            if master and (step - 1) % cfg.log_interval == 0:
-                dt = time.time() - t0
-                eta = divmod(round(dt * (cfg.max_iters - step)), 60)  # (min, s) at this pace, evaluations aside
-                mfu, bar = raw_model.estimate_mfu(tokens_per_step, dt, peak * world), "#" * (20 * step // cfg.max_iters)
-                print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:.0f} ms"
-                      f" | {tokens_per_step / dt:,.0f} tok/s | mfu {100 * mfu:.1f}% | [{bar:<20}] eta "
-                      f"{eta[0]}m{eta[1]:02d}s", flush=True)
-        dist.barrier() if ddp else None  # no rank tears the group down while another still talks to it
-    except KeyboardInterrupt:
-        if master:  # the weights are those after `step` optimizer steps
-            save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
-                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **common)
-            print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with --init_from=resume")
-        return dict(losses=losses, step=step, ckpt_path=ckpt_path, interrupted=True)
-    finally:
-        if ddp:  # free the DDP wrapper (a reference cycle, so gc) first: it holds the process group
-            del model
-            gc.collect()
-            dist.destroy_process_group()
-    if master:
-        print(f"done: {step - start} steps in {time.time() - t_start:.0f} s; val loss {val_loss:.4f} (best "
-              f"{best_val:.4f}); saved {ckpt_path} and {best_path}\n\n{story}")
-    return dict(losses=losses, val_loss=val_loss, best_val_loss=best_val, step=step, ckpt_path=ckpt_path)
-
 if __name__ == "__main__":
-    raise SystemExit(130 if main(parse_args(TrainConfig)).get("interrupted") else 0)  # 130: stopped by Ctrl-C
+    result = run_main(main, TrainConfig)
+    raise SystemExit(130 if result.get("interrupted") else 0)  # 130: stopped by Ctrl-C
