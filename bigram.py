@@ -106,7 +106,8 @@ def download(url, path, sha256=""):
                 with open(part, "ab" if done else "wb") as f:
                     for block in r.iter_content(1 << 20):
                         done += f.write(block)
-                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
+                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="",
+                              file=sys.stderr)
                 print(file=sys.stderr)
     except requests.RequestException as e:
         raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and "
@@ -282,9 +283,9 @@ def parse_args(config_class, argv=None):
 
 # identical to gpt.run_main; copied so this file stands alone
 def run_main(main, config_class, argv=None):
-    """The entry point of every script: parse the flags, then return main(config). A mistake the user
-    can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one line on
-    stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
+    """The entry point of every script: parse the flags, then return main(config). A mistake the
+    user can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one
+    line on stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
     config = parse_args(config_class, argv)
     try:
         return main(config)

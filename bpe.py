@@ -39,7 +39,7 @@ class BpeConfig:
     train: str = ""  # UTF-8 text file to train on ('' = offline demo on this source file)
     out: str = "tok.json"  # where --train writes the tokenizer (readable JSON)
     tokenizer: str = ""  # 'gpt2' or a tok.json: print the ids and pieces of --text ('' = off)
-    bench: bool = False  # time training (incremental vs naive) and encoding (Python vs tiktoken)
+    bench: bool = False  # time train (incremental vs naive) and encode (Python vs tiktoken) on 1 MB
     text: str = "Hello world! Tokens 🤖 naïve 東京 <|endoftext|>"  # shown by --tokenizer and the demo
     gpt2_dir: str = "data/gpt2"  # holds GPT-2's encoder.json and vocab.bpe (downloaded if missing)
     # tokenizer
@@ -97,7 +97,8 @@ def download(url, path, sha256=""):
                 with open(part, "ab" if done else "wb") as f:
                     for block in r.iter_content(1 << 20):
                         done += f.write(block)
-                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
+                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="",
+                              file=sys.stderr)
                 print(file=sys.stderr)
     except requests.RequestException as e:
         raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and "
@@ -146,15 +147,16 @@ class Tokenizer:
 
     def train(self, text, vocab_size, pattern="gpt2", special_tokens=("<|endoftext|>",),
               verbose=False):
-        """Learn vocab_size - 256 - len(special_tokens) merges, ties to the smallest pair (a, b):
-        train("aaabdaaabac", 259, "none", ()) learns (97, 97), (97, 98), (256, 257) -> 256..258."""
+        """Learn vocab_size - 256 - len(special_tokens) merges, ties going to the smallest pair
+        (id_a, id_b): train("aaabdaaabac", 259, "none", ()) learns (97, 97) -> 256,
+        (97, 98) -> 257 and (256, 257) -> 258."""
         self.__init__(pattern, range(256), [], special_tokens)  # checks pattern and special tokens
         specials = list(self.special_tokens)
         n_merges = vocab_size - self.vocab_size
         if n_merges < 0:
             raise ValueError(f"vocab_size={vocab_size} is too small for 256 byte tokens + "
                              f"{len(specials)} special tokens; pass vocab_size>={self.vocab_size}")
-        # 1. each distinct chunk is one word with a count: " the" may occur 10,000 times, once here
+        # 1. each distinct chunk is a word with a count: " the" may occur 10,000 times, one word
         chunks = count_chunks(text, SPLIT_PATTERNS[pattern], specials)
         words = [list(c.encode("utf-8")) for c in chunks]
         counts = list(chunks.values())
@@ -166,7 +168,7 @@ class Tokenizer:
                 stats[pair] += counts[i]
                 where[pair].add(i)
         # 3. a heap of (-count, pair) pops the most frequent pair, ties to the smallest pair. Rather
-        # than update entries when counts change we push fresh ones and skip stale ones later
+        # than update entries when counts change we push fresh ones and skip stale ones as they come
         heap = [(-n, pair) for pair, n in stats.items()]
         heapq.heapify(heap)
         merges = []
@@ -257,7 +259,7 @@ class Tokenizer:
         """The same tokenizer as a tiktoken.Encoding: identical ids at Rust speed (rank = id)."""
         ranks = {b: i for i, b in self.vocab.items() if i not in self.special_tokens.values()}
         n_ids = len(ranks) + len(self.special_tokens)
-        assert n_ids == len(self.vocab), f"two tokens have the same bytes: {n_ids} distinct"
+        assert n_ids == len(self.vocab), "two tokens have the same bytes"
         return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERNS[self.pattern] or r"[\s\S]+",
                                  mergeable_ranks=ranks, special_tokens=dict(self.special_tokens))
 
@@ -304,7 +306,7 @@ class Tokenizer:
 
     @classmethod
     def gpt2(cls, dir="data/gpt2"):
-        """GPT-2's exact tokenizer from OpenAI's encoder.json and vocab.bpe in dir (downloaded)."""
+        """GPT-2's exact tokenizer: encoder.json and vocab.bpe in dir, downloaded if missing."""
         for name, sha256 in GPT2_FILES.items():
             try:
                 download(GPT2_URL + name, os.path.join(dir, name), sha256)
@@ -434,9 +436,9 @@ def parse_args(config_class, argv=None):
 
 # identical to gpt.run_main; copied so this file stands alone
 def run_main(main, config_class, argv=None):
-    """The entry point of every script: parse the flags, then return main(config). A mistake the user
-    can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one line on
-    stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
+    """The entry point of every script: parse the flags, then return main(config). A mistake the
+    user can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one
+    line on stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
     config = parse_args(config_class, argv)
     try:
         return main(config)

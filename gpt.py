@@ -14,7 +14,7 @@ How to run:
 Depends on nothing of ours. The section after the model holds the plumbing every later script shares
 (flags, the entry point, device and precision, downloads, checkpoints). Shapes: B batch, T time,
 C channels, V vocab, nh heads, nkv key/value heads, hs head size.
-References: Attention Is All You Need (arXiv:1706.03762); GPT-2 (OpenAI 2019); RoFormer (2104.09864);
+References: Attention Is All You Need (1706.03762); GPT-2 (OpenAI 2019); RoFormer (2104.09864);
 RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245); PaLM appendix B (2204.02311).
 """
 import argparse
@@ -59,8 +59,9 @@ class GPTConfig:
                              f"change either")
         kv = self.n_kv_head or self.n_head
         if kv < 0 or self.n_head % kv:
-            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
-                             f"use a divisor of n_head (1 = multi-query, n_head = plain attention)")
+            raise ValueError(f"n_head={self.n_head} is not divisible by "
+                             f"n_kv_head={self.n_kv_head}; use a divisor of n_head "
+                             f"(1 = multi-query, n_head = plain attention)")
         if self.rope and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got n_embd/n_head="
                              f"{self.n_embd // self.n_head}")
@@ -94,7 +95,8 @@ def rope_tables(hs, length, base=10000.0):
 def apply_rope(x, cos, sin):
     # x: (B, nh, T, hs); cos, sin: (T, hs/2), or (B, T, hs/2) when each row has its own positions
     if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]                      # (B, 1, T, hs/2)
+        cos = cos[:, None]                                         # (B, 1, T, hs/2)
+        sin = sin[:, None]                                         # (B, 1, T, hs/2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -112,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def qkv(self, x, rope=None):
-        """Project x (B, T, C) to q (B, nh, T, hs) and k, v (B, nkv, T, hs), rotated when rope is given."""
+        """x (B, T, C) -> q (B, nh, T, hs), k and v (B, nkv, T, hs); rotated by rope if given."""
         B, T, C = x.shape
         kv_size = self.n_kv_head * self.hs
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, kv_size, kv_size], dim=2)
@@ -125,18 +127,22 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask=None):
-        """softmax(q k^T / sqrt(hs)) v, causal unless a boolean mask (True = may attend) is given."""
+        """softmax(q k^T / sqrt(hs)) v, causal unless given a boolean mask (True = may attend)."""
         # grouped-query: each k/v head serves nh/nkv query heads; enable_gqa pairs them without
         # copying k and v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)              # (B, nh, T, hs)
         B, nh, T, hs = y.shape
         y = y.transpose(1, 2).reshape(B, T, nh * hs)               # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward(self, x, rope=None):
-        return self.attend(*self.qkv(x, rope))
+    def forward(self, x, rope=None, cache=None, mask=None):
+        q, k, v = self.qkv(x, rope)
+        if cache is not None:  # append the new keys and values; attend over every cached position
+            k, v = cache.update(k, v)                              # (B, nkv, L + T, hs)
+        return self.attend(q, k, v, mask)
 
 class MLP(nn.Module):
     def __init__(self, config):
@@ -166,9 +172,60 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None):
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+# -----------------------------------------------------------------------------
+# the KV cache and sampling, for fast generation
+
+class KVCache:
+    """One layer's keys and values for B rows of up to max_len positions: two preallocated
+    (B, nkv, max_len, hs) tensors, made at the first write in the dtype attention computes in.
+    update(k, v) writes new positions and returns the keys and values of all positions so far."""
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.k = None
+        self.v = None
+        self.length = 0  # filled positions, the same in every row because prompts are left-padded
+
+    def update(self, k, v):
+        B, nkv, T, hs = k.shape
+        if self.k is None:  # only the nkv key/value heads are kept: GQA shrinks the cache nh/nkv x
+            self.k = k.new_zeros(B, nkv, self.max_len, hs)
+            self.v = torch.zeros_like(self.k)
+        L = self.length
+        assert L + T <= self.max_len, f"cache overflow: {L} + {T} > {self.max_len} positions"
+        # write in place (no allocation), then return views of the filled part: attention reads
+        # L + T positions, not max_len
+        self.k[:, :, L:L + T] = k
+        self.v[:, :, L:L + T] = v
+        self.length = L + T
+        return self.k[:, :, :L + T], self.v[:, :, :L + T]          # (B, nkv, L + T, hs)
+
+def top_p_filter(probs, p):
+    """Keep the smallest set of most likely tokens whose probability reaches p, renormalised:
+    top_p_filter([[0.5, 0.3, 0.15, 0.05]], 0.8) -> [[0.625, 0.375, 0, 0]]; p=0.81 keeps three."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = F.pad(sorted_probs.cumsum(-1)[..., :-1], (1, 0))     # probability of the tokens above
+    # a token is dropped when the tokens above it already reach p (the first one is always kept)
+    sorted_probs = sorted_probs.masked_fill(before >= p, 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Next token ids (B,) from logits (B, V): argmax when temperature == 0, else a draw from the
+    tempered softmax cut to the top_k tokens (0 = all), then to the top_p nucleus (1.0 = all)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]   # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        probs = top_p_filter(probs, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 # -----------------------------------------------------------------------------
 # the model
@@ -205,14 +262,14 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def embed(self, idx, pos):
-        """Token (+ learned position) embeddings and the rotary tables for positions pos (T,) or (B, T)."""
+        """Token (+ learned position) embeddings and rope tables at positions pos (T,) or (B, T)."""
         x = self.transformer.wte(idx)                              # (B, T, C)
         if self.config.rope:
             return self.transformer.drop(x), (self.rope_cos[pos], self.rope_sin[pos])
         return self.transformer.drop(x + self.transformer.wpe(pos)), None
 
     def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy over targets != -100."""
+        """token ids idx (B, T) -> logits (B, T, V), and mean cross-entropy over targets != -100."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
@@ -229,7 +286,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self):
-        """Parameters counted once each (the tied embedding/head once): 124,439,808 for GPT-2 small."""
+        """Parameter count, the tied embedding/head once: 124,439,808 for GPT-2 small."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self):
@@ -242,7 +299,7 @@ class GPT(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (e.g. 312e12, an A100 in bf16)."""
+        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (312e12 for an A100 in bf16)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -255,27 +312,92 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
-        """Append max_new_tokens sampled tokens to idx (B, T), re-running the whole (cropped) sequence
-        at every step: simple and slow, the reference that kvcache.py is checked against.
-        temperature=0 is greedy."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :].float()                      # (B, V)
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat([idx, next_id], dim=1)
-        return idx
+    # -------------------------------------------------------------------------
+    # generation: prefill the prompts once, then one cached decode step per token
+
+    def forward_cached(self, idx, cache, pos, mask):
+        """The new tokens idx (B, T) at positions pos (B, T) attend to the cache (a KVCache per
+        layer) and to themselves where mask (B, 1, T, L + T) is True. Appends their keys and values
+        to the cache; returns the last position's logits (B, V) in float32."""
+        x, rope = self.embed(idx, pos)                             # (B, T, C)
+        for block, layer_cache in zip(self.transformer.h, cache):
+            x = block(x, rope, layer_cache, mask)
+        # only the last position picks the next token: skip T - 1 rows of the lm_head
+        return self.lm_head(self.transformer.ln_f(x[:, -1])).float()  # (B, V)
+
+    def prefill(self, idx, pad, cache):
+        """Left-padded prompts idx (B, T) in one pass into an empty cache: row b starts with pad[b]
+        pad tokens, so its real tokens get positions 0, 1, ... and no real query sees a pad key."""
+        t = torch.arange(idx.size(1), device=idx.device)
+        pos = (t - pad[:, None]).clamp(min=0)                      # (B, T)
+        real = t >= pad[:, None]                                   # (B, T) True at real tokens
+        causal = t[None, :] <= t[:, None]                          # (T, T) key index <= query index
+        # a pad query sees no real key; letting it see itself keeps its softmax finite (else NaN)
+        mask = (causal & real[:, None, :]) | (t[None, :] == t[:, None])  # (B, T, T)
+        return self.forward_cached(idx, cache, pos, mask[:, None])
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eot_id=-1,
+                 generator=None, use_cache=True, on_token=None):
+        """Continue prompts (lists of token ids, any lengths) in one batch; returns each row's new
+        ids, cut before its first eot_id. temperature=0 is greedy; generator seeds the draws.
+        use_cache=False recomputes the whole history at every step: the slow reference.
+        on_token(step, ids (B,), logits (B, V)) sees every choice (streaming, tests).
+        Past block_size the window slides: the model sees the whole history until it would pass
+        block_size tokens, then only the last block_size // 2, which are prefilled again (a batch
+        slides together, when its left-padded length does)."""
+        block_size = self.config.block_size
+        device = self.lm_head.weight.device
+        keep = max(1, block_size // 2)
+        prompts = [p if len(p) <= block_size else p[-keep:] for p in prompts]
+        if not all(prompts):
+            raise ValueError("an empty prompt has nothing to continue; start it with <|endoftext|>")
+        B = len(prompts)
+        T = max(len(p) for p in prompts)
+        # left padding lines the rows up, so every row writes its next token into the same slot
+        ctx = torch.zeros(B, block_size, dtype=torch.long, device=device)  # the token in each slot
+        ctx[:, :T] = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
+        pad = torch.tensor([T - len(p) for p in prompts], device=device)   # (B,)
+        # room for the prompt and every fed-back token, at most block_size (then the window slides)
+        room = min(block_size, T + max(max_new_tokens, 1) - 1)
+        cache = [KVCache(room) for _ in self.transformer.h]
+        logits = self.prefill(ctx[:, :T], pad, cache)
+        length = T  # filled slots
+        # (B, 1, 1, block_size): True at the slots that hold real tokens
+        real = (torch.arange(block_size, device=device) >= pad[:, None])[:, None, None, :]
+        out = [[] for _ in range(B)]
+        done = [False] * B
+        for step in range(max_new_tokens):
+            next_id = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            if on_token is not None:
+                on_token(step, next_id, logits)
+            for b, i in enumerate(next_id.tolist()):
+                done[b] = done[b] or i == eot_id
+                if not done[b]:
+                    out[b].append(i)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            if length == block_size:  # full: keep the history's last `keep` tokens, prefill again
+                ctx[:, :keep] = torch.cat([ctx[:, length - keep + 1:], next_id[:, None]], dim=1)
+                pad = (pad - (length + 1 - keep)).clamp(min=0)
+                real = (torch.arange(block_size, device=device) >= pad[:, None])[:, None, None, :]
+                length = keep
+                for layer_cache in cache:
+                    layer_cache.length = 0
+                logits = self.prefill(ctx[:, :length], pad, cache)
+            elif use_cache:  # decode: a token per row at pos length - pad, over length + 1 slots
+                ctx[:, length] = next_id
+                pos = (length - pad)[:, None]                      # (B, 1)
+                logits = self.forward_cached(next_id[:, None], cache, pos, real[..., :length + 1])
+                length += 1
+            else:  # the reference: the whole history again, into a fresh cache that is then dropped
+                ctx[:, length] = next_id
+                length += 1
+                logits = self.prefill(ctx[:, :length], pad, [KVCache(length) for _ in cache])
+        return out
 
 # -----------------------------------------------------------------------------
-# helpers shared by the scripts: flags, the entry point, device and precision, downloads, checkpoints
+# helpers every script shares: flags, the entry point, device and precision, downloads, checkpoints
 
 def parse_args(config_class, argv=None):
     """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
@@ -311,9 +433,9 @@ def parse_args(config_class, argv=None):
     return config_class(**vars(args))
 
 def run_main(main, config_class, argv=None):
-    """The entry point of every script: parse the flags, then return main(config). A mistake the user
-    can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one line on
-    stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
+    """The entry point of every script: parse the flags, then return main(config). A mistake the
+    user can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one
+    line on stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
     config = parse_args(config_class, argv)
     try:
         return main(config)
@@ -335,7 +457,7 @@ def format_config(cfg, per_line=3):
     return "\n".join("  " + "".join(item.ljust(width) for item in row).rstrip() for row in rows)
 
 def refuse_torchrun(script):
-    """Single-process scripts call this first: torchrun would start copies that all do the same work."""
+    """Single-process scripts call this first: torchrun would start copies doing the same work."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(f"{script} runs in one process: start it with python, not torchrun")
 
@@ -352,7 +474,7 @@ def pick_device(device="auto"):
         cuda_index = kind == "cuda" and index.isdigit()
         available = available and cuda_index and int(index) < torch.cuda.device_count()
     if not available:
-        raise ValueError(f"--device={device} is not available here; use auto, cpu, cuda, cuda:N or mps")
+        raise ValueError(f"--device={device} is not available; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 def choose_precision(device_type, dtype="auto", bf16=False):
@@ -370,7 +492,7 @@ def choose_precision(device_type, dtype="auto", bf16=False):
             return "bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)"
         return "float32", f"{device_type} without fast low precision"
     if dtype != "float32" and device_type == "mps":  # kept simple: MPS autocast varies by version
-        raise ValueError(f"--dtype={dtype} on mps: this code runs MPS in float32; pass --dtype=float32")
+        raise ValueError(f"--dtype={dtype} on mps: MPS runs in float32 here; pass --dtype=float32")
     if dtype == "float16" and device_type != "cuda":
         raise ValueError("--dtype=float16 needs CUDA (its GradScaler is CUDA-only); "
                          "pass bfloat16 or float32")
@@ -416,7 +538,8 @@ def download(url, path, sha256=""):
                 with open(part, "ab" if done else "wb") as f:
                     for block in r.iter_content(1 << 20):
                         done += f.write(block)
-                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="", file=sys.stderr)
+                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="",
+                              file=sys.stderr)
                 print(file=sys.stderr)
     except requests.RequestException as e:
         raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and "
@@ -436,8 +559,8 @@ def download(url, path, sha256=""):
 CHECKPOINT_VERSION = 1
 
 def save_checkpoint(path, model, **extra):
-    """Write {version, model_config, model, **extra} atomically: a temporary file, then a rename, so
-    an interrupted save never leaves a half-written checkpoint. Extras: tensors or plain Python types."""
+    """Write {version, model_config, model, **extra} atomically: a temp file, then a rename, so a
+    crash mid-save never leaves a half-written checkpoint. Extras: tensors or plain Python types."""
     ckpt = dict(version=CHECKPOINT_VERSION, model_config=dataclasses.asdict(model.config),
                 model=model.state_dict(), **extra)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -449,7 +572,8 @@ def describe_checkpoint(path, ckpt):
     """One line naming what a checkpoint holds: path, step, dataset and val loss."""
     dataset = ckpt.get("train_config", {}).get("dataset", "?")
     val_loss = ckpt.get("val_loss", float("nan"))
-    return f"checkpoint {path}: step {ckpt.get('step', '?')}, dataset {dataset}, val loss {val_loss:.4f}"
+    step = ckpt.get("step", "?")
+    return f"checkpoint {path}: step {step}, dataset {dataset}, val loss {val_loss:.4f}"
 
 def load_checkpoint(path, device="cpu", verbose=True):
     """Read a checkpoint written by save_checkpoint: returns (model, ckpt) with the model on device,
@@ -460,8 +584,8 @@ def load_checkpoint(path, device="cpu", verbose=True):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a bad file raises many kinds here (OSError, KeyError, UnpicklingError)
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]}); "
-                         f"it may be truncated: retrain with train.py") from None
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:120]}); it may be truncated: retrain with train.py") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a buildllm checkpoint (no model_config/model); "
                          f"write it with train.py")
@@ -487,7 +611,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 def read_safetensors(path):
-    """Read a .safetensors file into {name: tensor}. The format: an 8-byte little-endian header length
+    """Read a .safetensors file into {name: tensor}. Format: an 8-byte little-endian header length
     N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw data."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -497,9 +621,10 @@ def read_safetensors(path):
                              f"(truncated, or not a .safetensors file?)")
         try:
             header = json.loads(f.read(n))
-            header.pop("__metadata__", None)  # fails (Attribute/TypeError) unless the JSON is an object
+            header.pop("__metadata__", None)  # Attribute/TypeError unless the JSON is an object
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
-            raise ValueError(f"{path}: the safetensors header is not a valid JSON object ({e})") from None
+            raise ValueError(f"{path}: the safetensors header is not a valid JSON object "
+                             f"({e})") from None
         data_size = size - 8 - n
         spans = []
         tensors = {}
@@ -509,20 +634,21 @@ def read_safetensors(path):
                 shape = info["shape"]
                 begin, end = info["data_offsets"]
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: tensor {name} has a malformed header entry or unknown dtype: "
-                                 f"{str(info)[:100]}") from None
+                raise ValueError(f"{path}: tensor {name} has a malformed header entry or unknown "
+                                 f"dtype: {str(info)[:100]}") from None
             numbers = [*shape, begin, end] if isinstance(shape, list) else []
             if not numbers or not all(isinstance(d, int) and d >= 0 for d in numbers):
                 raise ValueError(f"{path}: tensor {name} has a malformed shape {shape} or offsets "
                                  f"[{begin}, {end}]")
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if end > data_size or end - begin != nbytes:
-                raise ValueError(f"{path}: tensor {name} has offsets [{begin}, {end}] that do not fit "
-                                 f"its shape {shape} inside {data_size} bytes of data")
+                raise ValueError(f"{path}: tensor {name} has offsets [{begin}, {end}] that do not "
+                                 f"fit its shape {shape} inside {data_size} bytes of data")
             spans.append((begin, end, name))
             f.seek(8 + n + begin)
             if nbytes:
-                tensors[name] = torch.frombuffer(bytearray(f.read(nbytes)), dtype=dtype).reshape(shape)
+                raw = bytearray(f.read(nbytes))
+                tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
             else:  # frombuffer cannot take 0 bytes: an empty tensor is made directly
                 tensors[name] = torch.empty(shape, dtype=dtype)
         spans.sort()
@@ -544,8 +670,8 @@ def gpt2_head_count(path, n_embd):
         raise ValueError(f"{config_json} has no usable n_head ({e!r}); fix or delete it") from None
 
 def from_pretrained(name_or_path, data_dir="data"):
-    """GPT-2 with OpenAI's weights: a name in GPT2_NAMES, downloaded once to data/<name>/, or a local
-    model.safetensors file or a directory holding one (plus config.json)."""
+    """GPT-2 with OpenAI's weights: a name in GPT2_NAMES, downloaded once to data/<name>/, or a
+    local model.safetensors file or a directory holding one (plus config.json)."""
     path = name_or_path
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, "model.safetensors")
@@ -559,12 +685,12 @@ def from_pretrained(name_or_path, data_dir="data"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; pass {', '.join(GPT2_NAMES)} or the path of a "
                                 f"GPT-2 model.safetensors")
-    # checkpoints from the Hub name tensors "h.0.attn..." or "transformer.h.0.attn..."; attn.bias and
-    # attn.masked_bias are saved causal-mask buffers, not weights
+    # checkpoints from the Hub name tensors "h.0.attn..." or "transformer.h.0.attn...";
+    # attn.bias and attn.masked_bias are saved causal-mask buffers, not weights
     tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(path).items()
                if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
     if any(k not in tensors or tensors[k].dim() != 2 for k in ("wte.weight", "wpe.weight")):
-        raise ValueError(f"{path} is not a GPT-2 checkpoint: it has no 2-D wte.weight and wpe.weight")
+        raise ValueError(f"{path} is not a GPT-2 checkpoint: no 2-D wte.weight and wpe.weight")
     vocab_size, n_embd = tensors["wte.weight"].shape
     config = GPTConfig(vocab_size=vocab_size, block_size=tensors["wpe.weight"].shape[0],
                        n_layer=len({k.split(".")[1] for k in tensors if k.startswith("h.")}),
@@ -575,7 +701,7 @@ def from_pretrained(name_or_path, data_dir="data"):
     missing = sorted(own.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - own.keys())
     if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, target in own.items():
             # GPT-2 stored its Linear layers as "Conv1D", with the weight transposed: (in, out)
@@ -594,7 +720,7 @@ def from_pretrained(name_or_path, data_dir="data"):
 @dataclasses.dataclass
 class DemoConfig:
     """Build a small random GPT (or load GPT-2), run one forward pass and sample a few token ids."""
-    init_from: str = ""       # '' = a small random model; gpt2, gpt2-medium, ... or a .safetensors path
+    init_from: str = ""       # '' = small random model; gpt2, gpt2-medium, ... or .safetensors path
     max_new_tokens: int = 8   # token ids to sample
     seed: int = 1337          # the random weights and the samples
     device: str = "auto"      # auto, cpu, cuda, cuda:N, mps
@@ -607,15 +733,18 @@ def main(cfg):
     if cfg.init_from:
         model = from_pretrained(cfg.init_from).to(device).eval()
     else:
-        model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)).to(device)
+        small = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
+        model = GPT(small).to(device)
     config = model.config
     idx = torch.randint(0, config.vocab_size, (2, min(64, config.block_size)), device=device)
     logits, loss = model(idx, idx)
     print(f"{cfg.init_from or 'a random model'} on {device}: {config}")
-    print(f"parameters: {model.num_params():,}; training FLOPs per token: {model.flops_per_token():,}")
-    print(f"idx {tuple(idx.shape)} -> logits {tuple(logits.shape)}; loss {loss.item():.3f} on random "
-          f"ids (ln V = {math.log(config.vocab_size):.3f}, expected at initialisation)")
-    print(f"sampled ids: {model.generate(idx[:1, :4], cfg.max_new_tokens)[0, 4:].tolist()}")
+    print(f"parameters: {model.num_params():,}; "
+          f"training FLOPs per token: {model.flops_per_token():,}")
+    print(f"idx {tuple(idx.shape)} -> logits {tuple(logits.shape)}; loss {loss.item():.3f} "
+          f"on random ids (ln V = {math.log(config.vocab_size):.3f}, expected at initialisation)")
+    prompts = [idx[0, :4].tolist(), idx[1, :7].tolist()]  # two prompts of different lengths
+    print(f"sampled ids, one batch with a KV cache: {model.generate(prompts, cfg.max_new_tokens)}")
     return {"loss": loss.item()}
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ class Value:
         return Value(self.data * other.data, (self, other), (other.data, self.data))  # d(ab)/da = b
     def __pow__(self, p):
         if not isinstance(p, (int, float)):
-            raise TypeError(f"Value ** {type(p).__name__}: the exponent must be an int or float "
-                            f"constant")
+            raise TypeError(f"Value ** {type(p).__name__}: the exponent must be "
+                            f"an int or float constant")
         if self.data < 0 and p % 1:  # Python would return a complex number
             raise ValueError(f"{self.data} ** {p}: a negative base needs an integer exponent")
         if self.data == 0 and p < 1:  # 0 ** -1 divides by zero; 0 ** 0.5 has an infinite slope
@@ -276,9 +276,9 @@ def parse_args(config_class, argv=None):
 
 # identical to gpt.run_main; copied so this file stands alone
 def run_main(main, config_class, argv=None):
-    """The entry point of every script: parse the flags, then return main(config). A mistake the user
-    can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one line on
-    stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
+    """The entry point of every script: parse the flags, then return main(config). A mistake the
+    user can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one
+    line on stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
     config = parse_args(config_class, argv)
     try:
         return main(config)

@@ -1,10 +1,10 @@
-"""Train a GPT from scratch (or from GPT-2) on synthetic stories, TinyStories, Shakespeare or any text.
+"""Train a GPT from scratch (or GPT-2) on synthetic stories, TinyStories, Shakespeare or any text.
 
 What you learn here (LLM101n chapters 07-11): data tokenized once into a flat file read through
 numpy.memmap, AdamW with warmup and cosine decay, gradient accumulation and clipping, bfloat16
-autocast, torch.compile, DistributedDataParallel, checkpoints that resume exactly. The key idea: a step
-uses the mean gradient of grad_accum micro-batches, whether one process makes them one after another
-or many make them at once.
+autocast, torch.compile, DistributedDataParallel, checkpoints that resume exactly. The key idea: a
+step uses the mean gradient of grad_accum micro-batches, whether one process makes them one after
+another or many make them at once.
 
 How to run:
     python train.py                     # ~5 min on a 2-core CPU: synthetic stories, then a story
@@ -37,48 +37,49 @@ from gpt import (GPT, GPT2_NAMES, GPTConfig, download, format_config, from_pretr
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Train a GPT on a text dataset; every field is a flag: python train.py --n_layer=4 --max_iters=500"""
+    """Train a GPT on text; every field is a flag: python train.py --n_layer=4 --max_iters=500"""
     # I/O
-    out_dir: str = "out"            # ckpt.pt (latest state, resumable) and best.pt (lowest val loss)
-    overwrite: bool = False         # replace a checkpoint already in out_dir (else that is an error)
-    data_dir: str = "data"          # downloads and prepared token files are cached here
-    init_from: str = "scratch"      # scratch, resume (out_dir/ckpt.pt), gpt2, gpt2-medium, ... or a .safetensors
-    eval_interval: int = 200        # steps between evaluations, checkpoints and samples
-    eval_iters: int = 10            # fixed batches per split in each evaluation
-    log_interval: int = 50          # steps between log lines
-    sample_tokens: int = 200        # length of the story sampled at each evaluation and at the end
-    bench: bool = False             # only measure tokens/s and MFU: float32, bfloat16, eager, compiled
+    out_dir: str = "out"         # ckpt.pt (latest state, resumable) and best.pt (lowest val loss)
+    overwrite: bool = False      # replace a checkpoint already in out_dir (else that is an error)
+    data_dir: str = "data"       # downloads and prepared token files are cached here
+    init_from: str = "scratch"   # scratch, resume, gpt2, gpt2-medium, ... or a .safetensors path
+    eval_interval: int = 200     # steps between evaluations, checkpoints and samples
+    eval_iters: int = 10         # fixed batches per split in each evaluation
+    log_interval: int = 50       # steps between log lines
+    sample_tokens: int = 200     # length of the story sampled at each evaluation and at the end
+    bench: bool = False          # only measure tokens/s and MFU: float32, bfloat16, eager, compiled
     # data
-    dataset: str = "stories"        # stories (synthetic, offline), tinystories, shakespeare_char or a .txt path
-    num_stories: int = 20000        # stories to generate: 90% train, 10% val, and 10% more for instruct.json
-    tokenizer: str = ""             # bpe, gpt2, byte or a bpe.py tok.json; '' = byte for shakespeare_char, gpt2 for GPT-2, else bpe
-    vocab_size: int = 1024          # bpe: 256 bytes + merges + <|endoftext|> (the stories allow <= 1223)
-    gpt2_dir: str = "data/gpt2"     # GPT-2's tokenizer files (encoder.json, vocab.bpe), fetched if missing
+    dataset: str = "stories"     # stories (synthetic, offline), tinystories, shakespeare_char, .txt
+    num_stories: int = 20000     # stories to generate: 90% train, 10% val, +10% for instruct.json
+    # --tokenizer='' picks byte for shakespeare_char, gpt2 when starting from GPT-2, else bpe
+    tokenizer: str = ""          # bpe, gpt2, byte or a bpe.py tok.json; '' = per dataset/init_from
+    vocab_size: int = 1024       # bpe: 256 bytes + merges + <|endoftext|> (stories allow <= 1223)
+    gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer (encoder.json, vocab.bpe), fetched if missing
     # model (ignored when resuming or starting from GPT-2)
-    n_layer: int = 4                # transformer blocks
-    n_head: int = 4                 # attention heads
-    n_embd: int = 256               # channels
-    block_size: int = 256           # context length in tokens
-    dropout: float = 0.0            # 0 for pretraining small models on plenty of data
-    bias: bool = False              # biases in Linear and LayerNorm (GPT-2 has them)
+    n_layer: int = 4             # transformer blocks
+    n_head: int = 4              # attention heads
+    n_embd: int = 256            # channels
+    block_size: int = 256        # context length in tokens
+    dropout: float = 0.0         # 0 for pretraining small models on plenty of data
+    bias: bool = False           # biases in Linear and LayerNorm (GPT-2 has them)
     # optimizer
-    batch_size: int = 16            # sequences per micro-batch, in each process
-    grad_accum: int = 1             # micro-batches per optimizer step, summed over all processes
-    max_iters: int = 1000           # optimizer steps
-    learning_rate: float = 2e-3     # peak learning rate, after warmup
-    min_lr: float = 2e-4            # the cosine decays to this (about learning_rate / 10)
-    warmup_iters: int = 50          # linear warmup steps
-    lr_decay_iters: int = -1        # the cosine reaches min_lr at this step; -1 = max_iters
-    weight_decay: float = 0.1       # AdamW decay of matrices and embeddings
-    beta1: float = 0.9              # AdamW betas
-    beta2: float = 0.99             # (0.95 for large models)
-    grad_clip: float = 1.0          # clip the global gradient norm to this; 0 = off
+    batch_size: int = 16         # sequences per micro-batch, in each process
+    grad_accum: int = 1          # micro-batches per optimizer step, summed over all processes
+    max_iters: int = 1000        # optimizer steps
+    learning_rate: float = 2e-3  # peak learning rate, after warmup
+    min_lr: float = 2e-4         # the cosine decays to this (about learning_rate / 10)
+    warmup_iters: int = 50       # linear warmup steps
+    lr_decay_iters: int = -1     # the cosine reaches min_lr at this step; -1 = max_iters
+    weight_decay: float = 0.1    # AdamW decay of matrices and embeddings
+    beta1: float = 0.9           # AdamW betas
+    beta2: float = 0.99          # (0.95 for large models)
+    grad_clip: float = 1.0       # clip the global gradient norm to this; 0 = off
     # system
-    device: str = "auto"            # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    dtype: str = "auto"             # auto, float32, bfloat16, float16 (float16 = CUDA + GradScaler)
-    compile: bool = False           # torch.compile the model (slow first steps, faster after)
-    peak_flops: float = 0.0         # device peak FLOP/s for MFU; 0 = an A100's on CUDA, none on a CPU
-    seed: int = 1337                # model init, batch order, dropout, stories
+    device: str = "auto"         # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"          # auto, float32, bfloat16, float16 (float16 = CUDA + GradScaler)
+    compile: bool = False        # torch.compile the model (slow first steps, faster after)
+    peak_flops: float = 0.0      # device peak FLOP/s for MFU; 0 = an A100's on CUDA, none on a CPU
+    seed: int = 1337             # model init, batch order, dropout, stories
 
 # -----------------------------------------------------------------------------
 # datasets: text files on disk, tokenized once into flat files of ids
@@ -89,7 +90,8 @@ STORIES_VERSION = 2  # bump to rebuild cached data after changing the story gene
 PREP_VERSION = 1     # ... or the way text becomes token files
 BPE_TRAIN_BYTES = 8 << 20  # bpe learns its merges from (at most) the first 8 MB of the train split
 TS = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-"
-SHAKESPEARE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+               "tinyshakespeare/input.txt")
 DATASETS = {  # name -> urls: [train, val], or [one file that is split 90/10]
     "tinystories": [TS + "train.txt", TS + "valid.txt"],
     "shakespeare_char": [SHAKESPEARE]}
@@ -219,8 +221,8 @@ def dataset_files(cfg, folder, kind):
     return paths
 
 def prepare_data(cfg, kind):
-    """Text -> tokenizer -> train.bin, val.bin (uint16 ids; uint32 beyond 65536 ids) in the dataset's
-    folder, cached: redone only when the text, the tokenizer or vocab_size change.
+    """Text -> tokenizer -> train.bin, val.bin (uint16 ids; uint32 beyond 65536 ids) in the
+    dataset's folder, cached: redone only when the text, the tokenizer or vocab_size change.
     Returns (folder, meta)."""
     name = cfg.dataset
     if cfg.dataset not in ("stories", *DATASETS):
@@ -245,7 +247,7 @@ def prepare_data(cfg, kind):
         if meta["key"] == key and all(map(os.path.exists, bins)):
             print(f"data: reusing {folder}, prepared earlier for this dataset and tokenizer")
             return folder, meta
-        os.remove(meta_path)  # stale: an interrupted rebuild must not leave it vouching for new files
+        os.remove(meta_path)  # stale: a half-done rebuild must not leave it vouching for new files
     if cfg.dataset == "stories":
         write_stories(folder, cfg.num_stories, cfg.seed)
     ranges = [(p, 0, os.path.getsize(p)) for p in paths]  # byte ranges [lo, hi) of train and val
@@ -258,18 +260,19 @@ def prepare_data(cfg, kind):
     tok = load_tokenizer(cfg, kind, paths[0], ranges[0][2])
     tok.save(os.path.join(folder, "tokenizer.json"))
     enc = tok.to_tiktoken()
+    eot_id = tok.special_tokens[EOT]
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     meta = dict(key=key, dtype=dtype, vocab_size=tok.vocab_size)
     for split, (path, lo, hi) in zip(("train", "val"), ranges):
         out_path = os.path.join(folder, f"{split}.bin")
         try:
-            n_tokens, n_bytes = encode_split(enc, tok.special_tokens[EOT], path, lo, hi, out_path, dtype)
+            n_tokens, n_bytes = encode_split(enc, eot_id, path, lo, hi, out_path, dtype)
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: "
                              f"iconv -f latin1 -t utf-8") from None
         meta[f"{split}_tokens"] = n_tokens
         meta[f"{split}_bytes"] = n_bytes
-    write_text(meta_path, json.dumps(meta))  # written last: its presence means the .bin files are complete
+    write_text(meta_path, json.dumps(meta))  # written last: its presence vouches for the .bin files
     print(f"data: prepared {folder}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
           f"val tokens")
     return folder, meta
@@ -283,7 +286,7 @@ def get_batch(data, batch_size, block_size, key, device):
     ix = np.random.default_rng(key).integers(0, len(data) - block_size, size=batch_size)
     windows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
     xy = torch.from_numpy(windows)                                 # (B, T + 1)
-    return xy[:, :-1].to(device), xy[:, 1:].to(device)  # x (B, T), and y (B, T): the token after each
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)  # x (B, T); y (B, T), the token after each
 
 def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters):
     """Linear warmup to learning_rate, a cosine down to min_lr at decay_iters, then flat."""
@@ -313,11 +316,11 @@ def sample_story(model, tok, max_new_tokens, device, ctx, seed):
     # a document starts after <|endoftext|> and ends at the next one
     torch.manual_seed(seed)  # the same seed every time: successive samples show progress, not luck
     model.eval()
-    start = torch.tensor([[tok.special_tokens[EOT]]], device=device)
+    eot = tok.special_tokens[EOT]
     with ctx:
-        ids = model.generate(start, max_new_tokens, 0.8, 50)
+        ids = model.generate([[eot]], max_new_tokens, temperature=0.8, top_k=50, eot_id=eot)[0]
     model.train()
-    return tok.decode(ids[0, 1:].tolist()).split(EOT)[0].strip()
+    return tok.decode(ids).strip()
 
 def measure_matmul_flops(device, dtype):
     # a CPU has no simple datasheet peak, so the bench times a big matmul in each dtype: this
@@ -331,23 +334,23 @@ def measure_matmul_flops(device, dtype):
     return 2 * 2048 ** 3 / best
 
 def bench(cfg, device, low_dtype):
-    # a fixed GPT (6 layers, 384 wide, 256 tokens) trains on random tokens in each mode, side by side
+    # a fixed GPT (6 layers, 384 wide, 256 tokens) trains on random ids in each mode, side by side
     print("| 6 layers, 384 wide, 8 x 256 tokens | tokens/s | MFU | peak TFLOP/s | speedup |\n"
           "|---|---|---|---|---|")
     rows = {}
     kind = device.split(":")[0]
     x = torch.randint(0, 2048, (8, 256), device=device)
     dtypes = list(dict.fromkeys(("float32", low_dtype)))
+    config = GPTConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False)
     for compiled in (False, True):
         for dtype in dtypes:
             name = f"{dtype} {'+ compile' if compiled else 'eager'}"
-            config = GPTConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False)
             model = GPT(config).to(device)
             opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), kind)
             step_model = torch.compile(model) if compiled else model
             times = []
             try:
-                for _ in range(8):  # 2 warmup steps (compilation happens there), then the fastest of 6
+                for _ in range(8):  # 2 warmup steps (where compiling happens), then the best of 6
                     t0 = time.time()
                     with torch.autocast(kind, getattr(torch, dtype), enabled=dtype != "float32"):
                         loss = step_model(x, x)[1]
@@ -356,13 +359,14 @@ def bench(cfg, device, low_dtype):
                     opt.zero_grad(set_to_none=True)
                     loss.item()  # waits for a GPU
                     times.append(time.time() - t0)
-            except Exception as e:  # compile fails in many ways (no C++ compiler, an unsupported op)
+            except Exception as e:  # compile fails in many ways (no C++ compiler, unsupported ops)
                 print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
                 continue
-            dt = min(times[2:])  # the fastest step: the least disturbed by other work on the machine
+            dt = min(times[2:])  # the fastest step: least disturbed by other work on the machine
             rows[name] = 8 * 256 / dt
             peak = cfg.peak_flops or measure_matmul_flops(device, dtype)
-            print(f"| {name} | {rows[name]:,.0f} | {100 * model.estimate_mfu(8 * 256, dt, peak):.1f}% | "
+            mfu = 100 * model.estimate_mfu(8 * 256, dt, peak)
+            print(f"| {name} | {rows[name]:,.0f} | {mfu:.1f}% | "
                   f"{peak / 1e12:.2f} | {rows[name] / rows['float32 eager']:.2f}x |", flush=True)
     return rows
 
@@ -393,7 +397,8 @@ def check_config(cfg, kind, world, ddp, device_type):
          f"one of {', '.join(tokenizers)} or an existing tok.json from bpe.py"),
         ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17,
          "257 (bytes + <|endoftext|>) to 131072"),
-        ("init_from", init_ok, "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
+        ("init_from", init_ok,
+         "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
         ("dataset", cfg.dataset in ("stories", *DATASETS) or os.path.isfile(cfg.dataset),
          "stories, tinystories, shakespeare_char or the path of an existing UTF-8 text file")]
     for name, ok, need in rules:
@@ -402,9 +407,10 @@ def check_config(cfg, kind, world, ddp, device_type):
     if cfg.init_from in ("scratch", "resume"):  # the model's shape, e.g. n_embd divisible by n_head
         GPTConfig(**model_args(cfg))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from != "resume" and not cfg.bench and not cfg.overwrite and os.path.exists(ckpt_path):
+    if (cfg.init_from != "resume" and not cfg.bench and not cfg.overwrite
+            and os.path.exists(ckpt_path)):
         raise FileExistsError(f"{ckpt_path} holds an earlier run; pass --out_dir=NEW_DIR for a new "
-                              f"run, --init_from=resume to continue it, or --overwrite to replace it")
+                              f"run, --init_from=resume to continue, or --overwrite to replace it")
 
 def model_args(cfg):
     # the GPTConfig fields that train.py has flags for (vocab_size comes from the tokenizer)
@@ -412,7 +418,7 @@ def model_args(cfg):
     return {name: getattr(cfg, name) for name in names}
 
 def resume_command(cfg, world):
-    # what to type to continue this run: the data flags come from the checkpoint, the rest must match
+    # what to type to continue this run: data flags come from the checkpoint, the rest must match
     launcher = "python train.py"
     if world > 1:
         launcher = f"torchrun --standalone --nproc_per_node={world} train.py"
@@ -434,7 +440,7 @@ def main(cfg):
     device_type = device.split(":")[0]
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resumed = None
-    if cfg.init_from == "resume":  # the data and its order are the run's own, whatever the flags say
+    if cfg.init_from == "resume":  # data and its order are the run's own, whatever the flags say
         resumed = load_checkpoint(ckpt_path, verbose=master)  # (model, ckpt) on the cpu
         saved = resumed[1]["train_config"]
         cfg = dataclasses.replace(cfg, **{k: saved[k] for k in RESUMED_FIELDS})
@@ -468,10 +474,11 @@ def main(cfg):
         dist.broadcast_object_list(shared)
     folder, meta = shared[0]
     if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
-        raise ValueError(f"--block_size={cfg.block_size} needs more data than {meta['train_tokens']} "
-                         f"train and {meta['val_tokens']} val tokens: a larger dataset or a smaller "
-                         f"--block_size")
-    data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r") for s in ("train", "val")}
+        raise ValueError(f"--block_size={cfg.block_size} needs more data than "
+                         f"{meta['train_tokens']} train and {meta['val_tokens']} val tokens: "
+                         f"a larger dataset or a smaller --block_size")
+    data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r")
+            for s in ("train", "val")}
     tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
     saved_config = dataclasses.asdict(dataclasses.replace(cfg, tokenizer=kind))
     common = dict(tokenizer=tok.to_dict(), train_config=saved_config)
@@ -493,14 +500,16 @@ def main(cfg):
         raw_model = GPT(GPTConfig(**{**model_args(cfg), "vocab_size": tok.vocab_size})).to(device)
     else:
         raw_model = (pretrained or from_pretrained(cfg.init_from, cfg.data_dir)).to(device)
-    if raw_model.config.vocab_size != tok.vocab_size or cfg.block_size > raw_model.config.block_size:
-        raise ValueError(f"the model ({raw_model.config}) does not fit --block_size={cfg.block_size} "
-                         f"or the {tok.vocab_size} token ids of the data; use the data and tokenizer "
-                         f"it was trained on")
+    model_config = raw_model.config
+    if model_config.vocab_size != tok.vocab_size or cfg.block_size > model_config.block_size:
+        raise ValueError(f"the model ({model_config}) does not fit --block_size={cfg.block_size} "
+                         f"or the {tok.vocab_size} token ids of the data; use the data and "
+                         f"tokenizer it was trained on")
 
     # --- optimizer, loss scaling, compile, DDP
     betas = (cfg.beta1, cfg.beta2)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas,
+                                               device_type)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")  # float16 gradients underflow
     if cfg.init_from == "resume":  # (the scaler's state is empty unless the run used float16)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -512,7 +521,8 @@ def main(cfg):
             with ctx:
                 model(*get_batch(data["val"], cfg.batch_size, cfg.block_size, (2,), device))
         except Exception as e:
-            raise RuntimeError(f"--compile failed on {device}: {repr(e)[:200]}; drop --compile") from None
+            raise RuntimeError(f"--compile failed on {device}: {repr(e)[:200]}; "
+                               f"drop --compile") from None
     if ddp:  # averages the gradients across processes in backward; we save and evaluate raw_model
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     accum = cfg.grad_accum // world
@@ -522,9 +532,9 @@ def main(cfg):
     # a CPU has no datasheet number, so there the log shows achieved TFLOP/s instead
     peak = cfg.peak_flops or (312e12 if device_type == "cuda" else 0.0)
     if master:
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per "
-              f"step = {cfg.batch_size} sequences x {cfg.block_size} tokens x {accum} micro-steps x "
-              f"{world} process(es)")
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens "
+              f"per step = {cfg.batch_size} sequences x {cfg.block_size} tokens x {accum} "
+              f"micro-steps x {world} process(es)")
         if peak:
             print(f"MFU against {peak / 1e12:.0f} TFLOP/s per device")
 
@@ -539,7 +549,8 @@ def main(cfg):
                 ev = estimate_loss(raw_model, data, cfg.batch_size, cfg.block_size, cfg.eval_iters,
                                    device, ctx)
                 # bits per byte = bits per token x tokens per byte: comparable across tokenizers
-                bpb = {s: ev[s] / math.log(2) * meta[f"{s}_tokens"] / meta[f"{s}_bytes"] for s in ev}
+                bpb = {s: ev[s] / math.log(2) * meta[f"{s}_tokens"] / meta[f"{s}_bytes"]
+                       for s in ev}
                 print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} "
                       f"(bits per byte: train {bpb['train']:.3f}, val {bpb['val']:.3f})")
                 story = sample_story(raw_model, tok, cfg.sample_tokens, device, ctx, cfg.seed)
@@ -558,7 +569,7 @@ def main(cfg):
             lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # dropout's randomness is a pure function of (seed, step, rank) too: resuming needs no RNG state
+            # dropout too is a pure function of (seed, step, rank): resuming needs no RNG state
             torch.manual_seed(cfg.seed + 1_000_003 * step + rank)
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
@@ -594,19 +605,22 @@ def main(cfg):
             if master and (step - 1) % cfg.log_interval == 0:
                 dt = time.time() - t0
                 # the ETA at the average pace so far (evaluations included), not the last step's
-                eta = divmod(round((time.time() - t_start) / (step - start) * (cfg.max_iters - step)), 60)
+                pace = (time.time() - t_start) / (step - start)  # seconds per step
+                eta = divmod(round(pace * (cfg.max_iters - step)), 60)
                 bar = "#" * (20 * step // cfg.max_iters)
                 flops = raw_model.flops_per_token() * tokens_per_step / dt
-                speed = f"mfu {100 * flops / (peak * world):.1f}%" if peak else f"{flops / 1e12:.2f} TFLOP/s"
+                speed = (f"mfu {100 * flops / (peak * world):.1f}%" if peak
+                         else f"{flops / 1e12:.2f} TFLOP/s")
                 print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                      f"{1000 * dt:.0f} ms | {tokens_per_step / dt:,.0f} tok/s | {speed} | [{bar:<20}] "
-                      f"eta {eta[0]}m{eta[1]:02d}s", flush=True)
+                      f"{1000 * dt:.0f} ms | {tokens_per_step / dt:,.0f} tok/s | {speed} | "
+                      f"[{bar:<20}] eta {eta[0]}m{eta[1]:02d}s", flush=True)
         if ddp:  # no rank tears the group down while another still talks to it
             dist.barrier()
     except KeyboardInterrupt:
         if master:  # the weights are those after `step` optimizer steps
-            save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss, best_val_loss=best_val,
-                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **common)
+            save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss,
+                            best_val_loss=best_val, optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict(), **common)
             print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with:\n"
                   f"  {resume_command(cfg, world)}")
         return dict(losses=losses, step=step, ckpt_path=ckpt_path, interrupted=True)
@@ -616,9 +630,10 @@ def main(cfg):
             gc.collect()
             dist.destroy_process_group()
     if master:
-        print(f"done: {step - start} steps in {time.time() - t_start:.0f} s; val loss {val_loss:.4f} "
-              f"(best {best_val:.4f}); saved {ckpt_path} and {best_path}\n\n{story}")
-    return dict(losses=losses, val_loss=val_loss, best_val_loss=best_val, step=step, ckpt_path=ckpt_path)
+        print(f"done: {step - start} steps in {time.time() - t_start:.0f} s; val loss "
+              f"{val_loss:.4f} (best {best_val:.4f}); saved {ckpt_path} and {best_path}\n\n{story}")
+    return dict(losses=losses, val_loss=val_loss, best_val_loss=best_val, step=step,
+                ckpt_path=ckpt_path)
 
 # -----------------------------------------------------------------------------
 # appendix: the synthetic children's-story generator behind --dataset=stories (the offline default)
