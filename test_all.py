@@ -123,16 +123,19 @@ def test_bigram_sampling_reproducible():
     assert first != bigram.sample(logits_fn, chars, 1, 20, seed=8)
     assert all(set(w) <= set(chars[1:]) for w in first)
 
-def test_bigram_bad_data_raises_and_offline_fallback():
+def test_bigram_bad_data_raises():
     raises(FileNotFoundError, bigram.load_words, "/no/such/words.txt", match="--data")
     raises(ValueError, bigram.main, bigram.BigramConfig(data="/no/such/words.txt", val_frac=1.5, max_iters=0),
            match="invalid --val_frac=1.5, --max_iters=0:")  # only the bad flags are named
-    saved = bigram.NAMES_URL, bigram.NAMES_PATH
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "dots.txt")
         with open(path, "w") as f:
             f.write("a.b\ncd\n")
         raises(ValueError, bigram.load_words, path, match="'.'")
+
+def test_bigram_offline_falls_back_to_built_in_names():
+    saved = bigram.NAMES_URL, bigram.NAMES_PATH
+    with tempfile.TemporaryDirectory() as tmp:
         # no network (requests fails to connect): --data=names falls back to the built-in NAMES
         offline = mock.patch.object(bigram.requests, "get", side_effect=bigram.requests.ConnectionError("offline"))
         try:
@@ -308,13 +311,16 @@ def test_bpe_gpt2_matches_tiktoken():
             open(os.path.join(tmp, "vocab.bpe"), "w", encoding="utf-8").write("".join(f.readlines()[:1000]))
         raises(ValueError, bpe.Tokenizer.gpt2, tmp, match="corrupt")  # a truncated vocab.bpe
 
-def test_bpe_round_trip_and_split_utf8():
+def test_bpe_round_trip_unicode():
     tok, rng = bpe.Tokenizer().train(BPE_TEXT, 300, pattern="gpt4"), random.Random(0)
     alphabet = "ab Z\n\t  \u0301\u0308éß東京語😀🏽👍\U0001F9D1\u200d"
     for _ in range(300):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) + " " * rng.randint(0, 40)
         assert tok.decode(tok.encode(s)) == s, repr(s)
-    ids = bpe.Tokenizer().encode("€")  # 3 bytes, 3 ids
+
+def test_bpe_decode_of_a_split_character():
+    tok = bpe.Tokenizer()
+    ids = tok.encode("€")  # 3 bytes, 3 ids
     assert len(ids) == 3 and tok.decode(ids[:2]) == "\ufffd" and tok.decode(ids[1:]) == "\ufffd\ufffd"
     assert tok.pieces(ids[:1]) == [b"\xe2"]
 
@@ -334,9 +340,9 @@ def test_bpe_bad_inputs():
     raises(ValueError, tok.train, BPE_TEXT, 300, special_tokens=("",), match="non-empty")
     raises(ValueError, tok.train, BPE_TEXT, 300, pattern="gpt3", match="gpt4")
     raises(ValueError, tok.decode, [72, 999], match="999")
+
+def test_bpe_bad_train_files():
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "tok.json")
-        raises(FileNotFoundError, bpe.Tokenizer.load, path, match="--train")
         raises(FileNotFoundError, bpe.main, bpe.BpeConfig(train=os.path.join(tmp, "nope.txt")), match="no such file")
         for name, content in (("latin1.txt", "café\n".encode("latin-1")), ("empty.txt", b"")):
             with open(os.path.join(tmp, name), "wb") as f:
@@ -344,17 +350,26 @@ def test_bpe_bad_inputs():
             for bench in (False, True):
                 raises(ValueError, bpe.main, bpe.BpeConfig(train=os.path.join(tmp, name), bench=bench),
                        match="not UTF-8" if content else "empty")
-        tok.train(BPE_TEXT, 300).save(path)
+
+def test_bpe_corrupt_tokenizer_files():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tok.json")
+        raises(FileNotFoundError, bpe.Tokenizer.load, path, match="--train")
+        bpe.Tokenizer().train(BPE_TEXT, 300).save(path)
         good = open(path, encoding="utf-8").read()
         for bad in (good[: len(good) // 2], good.replace('"merges": [', '"merges": {'), "[]",
                     good.replace('"version": 1', '"version": 7'), good.replace('[\n', '[\n[5000, 1],\n')):
             open(path, "w", encoding="utf-8").write(bad)
             raises(ValueError, bpe.Tokenizer.load, path, match="re-create")
+
+def test_bpe_offline_gpt2_names_the_files_and_the_flag():
+    with tempfile.TemporaryDirectory() as tmp:
         with mock.patch.object(bpe.requests, "get", side_effect=requests.ConnectionError("offline")):
             msg = raises(RuntimeError, bpe.Tokenizer.gpt2, tmp, match="encoder.json")
-        assert all(s in msg for s in ("vocab.bpe", bpe.GPT2_URL + "encoder.json", bpe.GPT2_URL + "vocab.bpe", tmp))
+        needed = ("vocab.bpe", bpe.GPT2_URL + "encoder.json", bpe.GPT2_URL + "vocab.bpe", tmp, "--gpt2_dir")
+        assert all(s in msg for s in needed), msg
 
-def test_bpe_save_load_and_cli():
+def test_bpe_cli_trains_saves_and_shows():
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "in.txt"), os.path.join(tmp, "tok.json")
         open(src, "w", encoding="utf-8").write(BPE_TEXT * 5)
@@ -452,12 +467,15 @@ def test_gpt_overfits_one_batch_every_variant():
             opt.step()
         assert loss.item() < 0.05, f"{extra}: loss {loss.item()}"
 
-def test_gpt_optimizer_groups_and_mfu():
+def test_gpt_optimizer_groups():
     model = GPT(tiny_config())
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+
+def test_gpt_flops_and_mfu_by_hand():
+    model = GPT(tiny_config())
     # by hand for tiny_config: 29,088 parameters, less the 16 x 32 position table (no multiplications), 6 FLOPs
     # each, plus attention's 12 L C T = 12 x 2 x 32 x 16
     assert model.num_params() == 29_088 and model.flops_per_token() == 6 * (29_088 - 512) + 12 * 2 * 32 * 16
@@ -558,7 +576,7 @@ def test_gpt_safetensors_rejects_corrupt_files():
                 f.write(len(header).to_bytes(8, "little") + header)
             raises(ValueError, gpt.from_pretrained, d, match="not a valid JSON object")
 
-def test_gpt_checkpoint_round_trip_and_errors():
+def test_gpt_checkpoint_round_trip():
     torch.manual_seed(0)
     model = GPT(tiny_config(**MODERN)).eval()
     with tempfile.TemporaryDirectory() as d:
@@ -569,6 +587,10 @@ def test_gpt_checkpoint_round_trip_and_errors():
         assert_close(loaded.eval()(idx)[0], model(idx)[0], 0, "logits after a checkpoint round trip")
         assert ckpt["step"] == 7 and ckpt["tokenizer"] == {"merges": [[1, 2]]}
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+def test_gpt_bad_checkpoints_are_clear_errors():
+    with tempfile.TemporaryDirectory() as d:
+        path = gpt.save_checkpoint(os.path.join(d, "ckpt.pt"), GPT(tiny_config()), step=7)
         raw = open(path, "rb").read()
         with open(path, "wb") as f:
             f.write(raw[: len(raw) // 2])
@@ -597,6 +619,7 @@ class FakeResponse:
         return [self.body[i:i + 7] for i in range(0, len(self.body), 7)]
 
 def test_gpt_download_resumes_and_checks_sha256():
+    # one feature: a download that arrives complete and intact, or not at all
     data = bytes(range(256)) * 4
     good = __import__("hashlib").sha256(data).hexdigest()
     fake = lambda url, stream, timeout, headers: FakeResponse(data, headers)
@@ -884,7 +907,7 @@ def test_train_lr_schedule_known_values():
     lr = lambda step: train.get_lr(step, 1.0, 0.1, 10, 110)
     assert_close([lr(0), lr(9), lr(10), lr(60), lr(110), lr(500)], [0.1, 1.0, 1.0, 0.55, 0.1, 0.1], 1e-12, "lr")
 
-def test_train_tiny_run_and_checkpoint_round_trip():
+def test_train_tiny_run_then_checkpoint_reloads_exactly():
     with tempfile.TemporaryDirectory() as tmp:
         cfg = tiny(tmp, max_iters=30, eval_interval=30)
         out = train.main(cfg)
@@ -992,20 +1015,30 @@ def test_train_ddp_two_processes_match_one():
         assert len(ddp) == 6 and "2 process(es)" in run.stdout, run.stdout[-2000:]
         assert_close(ddp, single, 1e-3, "DDP vs single-process losses")
 
-def test_train_prepare_cache_reused_and_redone():
+def _docs_file(tmp):
+    path = os.path.join(tmp, "docs.txt")
+    docs = [f"Story {i}: a cat named Tom sat on a mat {i % 7} times." for i in range(200)]
+    with open(path, "w") as f:
+        f.write("".join(d + "\n<|endoftext|>\n" for d in docs))
+    return path, docs
+
+def test_train_prepare_encodes_each_document_with_eot():
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "docs.txt")
-        docs = [f"Story {i}: a cat named Tom sat on a mat {i % 7} times." for i in range(200)]
-        with open(path, "w") as f:
-            f.write("".join(d + "\n<|endoftext|>\n" for d in docs))
-        cfg = tiny(tmp, dataset=path, vocab_size=280)
-        folder, meta = train.prepare_data(cfg, "bpe")
+        path, docs = _docs_file(tmp)
+        folder, meta = train.prepare_data(tiny(tmp, dataset=path, vocab_size=280), "bpe")
         # the two .bin files decode back to the documents, each followed by <|endoftext|>
         tok = bpe.Tokenizer.load(os.path.join(folder, "tokenizer.json"))
         ids = np.concatenate([np.fromfile(os.path.join(folder, f"{split}.bin"), dtype=meta["dtype"])
                               for split in ("train", "val")])
         assert tok.decode(ids.tolist()) == "".join(d + "<|endoftext|>" for d in docs)
-        assert meta["train_tokens"] + meta["val_tokens"] == len(ids) and 0.08 < meta["val_tokens"] / len(ids) < 0.12
+        assert meta["train_tokens"] + meta["val_tokens"] == len(ids)
+        assert 0.08 < meta["val_tokens"] / len(ids) < 0.12, meta
+
+def test_train_prepare_cache_reused_and_redone():
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = _docs_file(tmp)
+        cfg = tiny(tmp, dataset=path, vocab_size=280)
+        folder, meta = train.prepare_data(cfg, "bpe")
         stamp = lambda: os.stat(os.path.join(folder, "train.bin")).st_mtime_ns
         before = stamp()
         assert train.prepare_data(cfg, "bpe")[1] == meta and stamp() == before, "cache not reused"
@@ -1015,32 +1048,13 @@ def test_train_prepare_cache_reused_and_redone():
             f.write("One more story.\n")
         before = stamp()
         assert train.prepare_data(cfg, "bpe")[1]["val_tokens"] > meta["val_tokens"] and stamp() != before
-        # plain text (no <|endoftext|>) is encoded in line-aligned parts of about a piece, not as one document
-        text, plain, out = "".join(f"line {i}: the quick brown fox\n" for i in range(300)), path + "2", path + ".bin"
-        with open(plain, "w") as f:
-            f.write(text)
-        byte_tok, longest = bpe.Tokenizer().train("", 257), []
-        class Spy:  # the tiktoken encoder, noting the longest text it is given
-            def __init__(self, enc):
-                self.enc = enc
-            def encode_ordinary(self, text):
-                return longest.append(len(text)) or self.enc.encode_ordinary(text)
-            def encode_ordinary_batch(self, texts):
-                return longest.extend(map(len, texts)) or self.enc.encode_ordinary_batch(texts)
-        n_tokens, n_bytes = train.encode_split(Spy(byte_tok.to_tiktoken()), 256, plain, 0, len(text), out,
-                                               "uint16", piece=100)
-        ids = np.fromfile(out, dtype=np.uint16).tolist()
-        assert byte_tok.decode(ids) == text.strip() + "<|endoftext|>" and n_tokens == len(ids) == len(text)
-        assert 50 < max(longest) <= 100, f"longest text encoded at once: {max(longest)} characters"
-        # a flushed document keeps its <|endoftext|> when only whitespace follows, at once or a piece later
-        first = "".join(f"{i:04d} {'x' * 14}\n" for i in range(10))  # 200 characters: two pieces of 100
-        for gap in ("", " " * 100):
-            with open(plain, "w") as f:
-                f.write(first + gap + "<|endoftext|>\nsecond\n<|endoftext|>\n")
-            train.encode_split(byte_tok.to_tiktoken(), 256, plain, 0, os.path.getsize(plain), out, "uint16", piece=100)
-            decoded = byte_tok.decode(np.fromfile(out, dtype=np.uint16).tolist())
-            assert decoded == first.rstrip() + "<|endoftext|>second<|endoftext|>", repr(decoded)
-        # a rebuild that stops half-way (here: an error before val.bin) leaves no meta.json vouching for it
+
+def test_train_interrupted_rebuild_leaves_no_meta():
+    # a rebuild that stops half-way (here: an error before val.bin) leaves no meta.json vouching for it
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = _docs_file(tmp)
+        cfg = tiny(tmp, dataset=path, vocab_size=280)
+        train.prepare_data(cfg, "bpe")
         real_encode = train.encode_split
         def fails_on_val(*args, **kwargs):
             if args[5].endswith("val.bin"):
@@ -1050,28 +1064,81 @@ def test_train_prepare_cache_reused_and_redone():
             raises(RuntimeError, train.prepare_data, tiny(tmp, dataset=path, vocab_size=300), "bpe", match="stop")
         folder, meta = train.prepare_data(cfg, "bpe")  # vocab 280 again: prepared anew, so the files agree
         assert bpe.Tokenizer.load(os.path.join(folder, "tokenizer.json")).vocab_size == meta["vocab_size"] == 280
-        # text that is not UTF-8 is a clear error
+
+def test_train_plain_text_is_encoded_in_line_parts():
+    # plain text (no <|endoftext|>) is encoded in parts of whole lines, at most a piece each
+    byte_tok, longest = bpe.Tokenizer().train("", 257), []
+    class Spy:  # the tiktoken encoder, noting the longest text it is given
+        def __init__(self, enc):
+            self.enc = enc
+        def encode_ordinary(self, text):
+            longest.append(len(text))
+            return self.enc.encode_ordinary(text)
+        def encode_ordinary_batch(self, texts):
+            longest.extend(map(len, texts))
+            return self.enc.encode_ordinary_batch(texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = "".join(f"line {i}: the quick brown fox\n" for i in range(300))
+        plain = os.path.join(tmp, "plain.txt")
+        out = os.path.join(tmp, "plain.bin")
+        with open(plain, "w") as f:
+            f.write(text)
+        n_tokens, _ = train.encode_split(Spy(byte_tok.to_tiktoken()), 256, plain, 0, len(text), out, "uint16",
+                                         piece=100)
+        ids = np.fromfile(out, dtype=np.uint16).tolist()
+    assert byte_tok.decode(ids) == text.strip() + "<|endoftext|>" and n_tokens == len(ids) == len(text)
+    assert 50 < max(longest) <= 100, f"longest text encoded at once: {max(longest)} characters"
+
+def test_train_flushed_document_keeps_its_eot():
+    # a document written in parts keeps its <|endoftext|> when only whitespace follows, at once or later
+    byte_tok = bpe.Tokenizer().train("", 257)
+    first = "".join(f"{i:04d} {'x' * 14}\n" for i in range(10))  # 200 characters: two pieces of 100
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = os.path.join(tmp, "plain.txt")
+        out = os.path.join(tmp, "plain.bin")
+        for gap in ("", " " * 100):
+            with open(plain, "w") as f:
+                f.write(first + gap + "<|endoftext|>\nsecond\n<|endoftext|>\n")
+            train.encode_split(byte_tok.to_tiktoken(), 256, plain, 0, os.path.getsize(plain), out, "uint16",
+                               piece=100)
+            decoded = byte_tok.decode(np.fromfile(out, dtype=np.uint16).tolist())
+            assert decoded == first.rstrip() + "<|endoftext|>second<|endoftext|>", repr(decoded)
+
+def test_train_non_utf8_text_is_a_clear_error():
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = os.path.join(tmp, "latin1.txt")
         with open(plain, "wb") as f:
             f.write("café au lait\n".encode("latin-1") * 50)
         raises(ValueError, train.prepare_data, tiny(tmp, dataset=plain), "byte", match="not UTF-8")
 
-def test_train_bad_flags_and_values_fail_early():
+def test_train_misspelled_flag_exits_2():
     run = subprocess.run([sys.executable, "train.py", "--n_layers=3"], cwd=HERE, capture_output=True, text=True)
     assert run.returncode == 2 and "unrecognized arguments" in run.stderr, run.stderr
+
+def test_train_bad_values_fail_before_any_data_work():
     with tempfile.TemporaryDirectory() as tmp:
         raises(ValueError, train.main, tiny(tmp, grad_accum=0), match="--grad_accum=0")
         raises(ValueError, train.main, tiny(tmp, n_embd=30, n_head=4), match="divisible")
         raises(ValueError, train.main, tiny(tmp, dataset="nope.txt"), match="existing")
         raises(ValueError, train.main, tiny(tmp, seed=-1), match="--seed=-1")
+        raises(ValueError, train.main, tiny(tmp, init_from="gpt3"), match="safetensors")
+        raises(FileNotFoundError, train.main, tiny(tmp, init_from="resume"), match="no checkpoint")
+        assert not os.path.exists(os.path.join(tmp, "data")), "data was prepared before the checks"
+
+def test_train_bad_optimizer_values_are_named():
+    with tempfile.TemporaryDirectory() as tmp:
         raises(ValueError, train.main, tiny(tmp, min_lr=-1.0), match="--min_lr=-1.0")
         raises(ValueError, train.main, tiny(tmp, learning_rate=1e-4, min_lr=2e-4), match="to --learning_rate=0.0001")
         for name, bad in (("beta1", 1.5), ("beta2", -0.1), ("weight_decay", -0.1), ("grad_clip", -1.0)):
             raises(ValueError, train.main, tiny(tmp, **{name: bad}), match=f"--{name}={bad} is invalid")
+
+def test_train_bench_refused_under_torchrun():
+    with tempfile.TemporaryDirectory() as tmp:
         with mock.patch.dict(os.environ, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}):
             raises(ValueError, train.main, tiny(tmp, bench=True), match="--bench=True")
-        raises(ValueError, train.main, tiny(tmp, init_from="gpt3"), match="safetensors")
-        raises(FileNotFoundError, train.main, tiny(tmp, init_from="resume"), match="no checkpoint")
-        assert not os.path.exists(os.path.join(tmp, "data")), "data was prepared before the checks"
+
+def test_train_too_little_data_is_a_clear_error():
+    with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "one_line.txt")
         with open(path, "w") as f:
             f.write("a single line of text, so the 90/10 split leaves nothing to validate on " * 20)
@@ -1154,12 +1221,21 @@ def test_kvcache_says_when_a_row_stopped_at_eot():
             kvcache.main(cfg)
         assert "[stopped at <|endoftext|>]" in printed.getvalue(), printed.getvalue()[-300:]
 
-def test_kvcache_refuses_missing_checkpoint_and_torchrun():
+def test_kvcache_refuses_a_missing_checkpoint():
     with tempfile.TemporaryDirectory() as tmp:
         raises(FileNotFoundError, kvcache.main, KVCacheConfig(ckpt_path=os.path.join(tmp, "ckpt.pt")),
                match="python train.py")
-        with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):  # started by torchrun: one process only
-            raises(RuntimeError, kvcache.main, KVCacheConfig(), match="not torchrun")
+
+def test_kvcache_refuses_torchrun():
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):  # started by torchrun: one process only
+        raises(RuntimeError, kvcache.main, KVCacheConfig(), match="not torchrun")
+
+def test_kvcache_bench_row_runs_on_a_tiny_model():
+    # the benchmark's measuring code on a tiny model (its speed is measured by --bench, not here)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    free, cached, decode, mean_len = kvcache.bench_row(model, [[1, 2, 3], [4, 5]], 20)
+    assert min(free, cached, decode) > 0, (free, cached, decode)
+    assert mean_len == (sum(range(4, 17)) + sum(range(9, 15))) / 19, mean_len  # to 16, then from 9
 
 def test_kvcache_stream_utf8():
     """Streaming one byte per token never prints half a character: the output is exactly the text."""
