@@ -3,7 +3,7 @@
 Run:  python test_all.py            (all tests, one line each, ends with "N passed, M failed")
       python test_all.py bpe        (only tests whose name contains "bpe")
       python -m pytest test_all.py -q
-The whole file takes under a minute on a 2-core CPU. Tests that need real data from ../shared/data/
+The whole file takes about a minute on a 2-core CPU. Tests that need real data from $BUILDLLM_DATA
 (GPT-2's vocabulary files, tinyshakespeare) skip when it is absent; nothing here uses the network.
 Files are written only into temporary directories.
 """
@@ -53,7 +53,7 @@ def assert_close(a, b, tol, what):
     assert diff <= tol, f"{what}: max abs diff {diff:.3e} > {tol:.1e}"
 
 def shared_file(*parts):
-    """Path of a file in ../shared/data, or skip the test when it is absent (a fresh clone elsewhere)."""
+    """Path of a file in the BUILDLLM_DATA folder, or skip the test when it is absent."""
     path = os.path.join(SHARED, *parts)
     if not os.path.exists(path):
         raise unittest.SkipTest(f"{path} not found; set BUILDLLM_DATA to a folder that has it")
