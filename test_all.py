@@ -1258,7 +1258,7 @@ SCRIPTS = ["bigram.py", "micrograd.py", "bpe.py", "gpt.py", "train.py", "finetun
 # micrograd.py 300, bpe.py 420, gpt.py 600, train.py 650; with its density rule (test_repo_density)
 # and the shared helpers they grew past those, so the caps here are the measured sizes plus a little
 # room, until that budget is decided again. test_all.py has no cap: a section per script instead
-LINE_CAPS = {"bigram.py": 360, "micrograd.py": 340, "bpe.py": 490, "gpt.py": 760, "train.py": 830,
+LINE_CAPS = {"bigram.py": 360, "micrograd.py": 340, "bpe.py": 490, "gpt.py": 760, "train.py": 840,
              "kvcache.py": 450, "finetune.py": 400, "lora.py": 320, "dpo.py": 500, "quantize.py": 400,
              "ddp.py": 380}
 

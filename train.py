@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shlex
 import time
 
 import numpy as np
@@ -423,10 +424,11 @@ def resume_command(cfg, world):
     if world > 1:
         launcher = f"torchrun --standalone --nproc_per_node={world} train.py"
     defaults = TrainConfig()
-    flags = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+    flags = [shlex.quote(f"--{k}={v}") for k, v in dataclasses.asdict(cfg).items()
              if k not in (*RESUMED_FIELDS, "init_from", "out_dir", "overwrite")
              and v != getattr(defaults, k)]
-    return " ".join([launcher, "--init_from=resume", f"--out_dir={cfg.out_dir}", *flags])
+    out_dir = shlex.quote(f"--out_dir={cfg.out_dir}")  # quoted: a path may hold spaces
+    return " ".join([launcher, "--init_from=resume", out_dir, *flags])
 
 def main(cfg):
     # --- setup: processes (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python does not),
