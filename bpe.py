@@ -349,6 +349,80 @@ class Tokenizer:
                          f"bpe.py dict nor a tok.json path; retrain with train.py")
 
 # -----------------------------------------------------------------------------
+# the chat template: a conversation as token ids and a loss mask, shared by every later script
+
+# No new tokens: role headers are plain text, and each assistant turn ends with <|endoftext|>,
+# which train.py's tokenizers and GPT-2's all have and a pretrained model reads as "the text ends
+# here". So no embedding row is added, and stopping is one token: generate(eot_id=STOP).
+STOP = "<|endoftext|>"
+CHAT_TEMPLATES = {
+    # Phi-3's role markers spelled as text (Raschka's exercise 7.1): short, so stories fit 256 tokens
+    "phi3": dict(system="<|system|>\n{}\n", user="<|user|>\n{}\n", assistant="<|assistant|>\n",
+                 default_system=""),
+    # Alpaca's layout, the one Raschka's chapter 7 trains with; its system line is always there
+    "alpaca": dict(system="{}\n\n", user="### Instruction:\n{}\n\n", assistant="### Response:\n",
+                   default_system="Below is an instruction that describes a task. Write a "
+                                  "response that appropriately completes the request."),
+}
+
+def record_messages(record):
+    """An instruction-data record as a conversation: {instruction, input, output} (Alpaca's
+    schema, Raschka's instruction-data.json; output optional) -> a user turn, the instruction and
+    then the input after a blank line, and the output as the assistant turn; {messages: [...]}
+    passes through."""
+    if "messages" in record:
+        return record["messages"]
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    messages = [{"role": "user", "content": user}]
+    if "output" in record:
+        messages.append({"role": "assistant", "content": record["output"]})
+    return messages
+
+def render_conversation(tok, messages, template="phi3"):
+    """[{"role": "system" | "user" | "assistant", "content": str}, ...] -> (ids, mask). mask[i]
+    is 1 where ids[i] is an assistant token or the STOP that ends its turn: what finetuning learns.
+    A conversation ending on a user turn ends with the assistant header, the prompt to complete.
+    Contents are encoded as plain text: "<|endoftext|>" typed by a user is not the stop token."""
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat template {template!r} is unknown; use one of "
+                         f"{list(CHAT_TEMPLATES)}")
+    spec = CHAT_TEMPLATES[template]
+    if STOP not in tok.special_tokens:
+        raise ValueError(f"the tokenizer has no {STOP} to end a turn with; train one with "
+                         f"special_tokens=({STOP!r},)")
+    if spec["default_system"] and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": spec["default_system"]}] + list(messages)
+    ids = []
+    mask = []  # 1 where the token is trained
+    for message in messages:
+        role = message["role"]
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"a message has role {role!r}; use system, user or assistant")
+        if role == "assistant":
+            head = tok.encode(spec["assistant"])
+            body = tok.encode(message["content"], allowed_special="none")
+            ids += head + body + [tok.special_tokens[STOP]]
+            mask += [0] * len(head) + [1] * (len(body) + 1)
+        else:
+            head = tok.encode(spec[role].format(message["content"]), allowed_special="none")
+            ids += head
+            mask += [0] * len(head)
+    if messages[-1]["role"] != "assistant":
+        head = tok.encode(spec["assistant"])
+        ids += head
+        mask += [0] * len(head)
+    return ids, mask
+
+def story_problems(story, words, summary):
+    """What a story written for (words, summary) lacks, [] when nothing: each required word as a
+    whole word, any case ("Ball." counts for "ball", "balloon" does not), and each character the
+    summary names: its capitalised words ("Lily" and "Tom" in "Lily lost her red ball, and her
+    friend Tom helped her find it."). finetune.py and dpo.py score stories with this one rule."""
+    names = re.findall(r"\b[A-Z][a-z]+\b", summary)
+    wanted = dict.fromkeys(list(words) + names)  # in order, once each
+    return [w for w in wanted if not re.search(rf"\b{re.escape(w)}\b", story, re.IGNORECASE)]
+
+# -----------------------------------------------------------------------------
 # helpers used by main: the naive baseline, the benchmark, flags, the entry point
 
 def train_naive(text, vocab_size, pattern):

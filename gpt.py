@@ -268,9 +268,10 @@ class GPT(nn.Module):
             return self.transformer.drop(x), (self.rope_cos[pos], self.rope_sin[pos])
         return self.transformer.drop(x + self.transformer.wpe(pos)), None
 
-    def forward(self, idx, targets=None):
-        """token ids idx (B, T) -> logits (B, T, V), and mean cross-entropy over targets != -100."""
-        B, T = idx.shape
+    def hidden(self, idx):
+        """token ids idx (B, T) -> the final hidden states (B, T, C) that lm_head turns into logits
+        (a classifier reads them too)."""
+        T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
                              f"{self.config.block_size}; crop the input to its last "
@@ -278,7 +279,11 @@ class GPT(nn.Module):
         x, rope = self.embed(idx, torch.arange(T, device=idx.device))
         for block in self.transformer.h:
             x = block(x, rope)
-        logits = self.lm_head(self.transformer.ln_f(x))            # (B, T, V)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """token ids idx (B, T) -> logits (B, T, V), and mean cross-entropy over targets != -100."""
+        logits = self.lm_head(self.hidden(idx))                    # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -455,6 +460,20 @@ def format_config(cfg, per_line=3):
     width = max(map(len, items)) + 2
     rows = [items[i:i + per_line] for i in range(0, len(items), per_line)]
     return "\n".join("  " + "".join(item.ljust(width) for item in row).rstrip() for row in rows)
+
+def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters):
+    """Linear warmup to learning_rate, a cosine down to min_lr at decay_iters, then flat."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / warmup_iters
+    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+    progress = min(1.0, progress)  # 0 -> 1, then stays 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+def progress_bar(step, total, pace):
+    """'[#####               ] eta 2m46s' at step of total, pace seconds per step: pass the
+    average pace so far (evaluations included), not the last step's, so the ETA holds steady."""
+    eta = divmod(round(pace * (total - step)), 60)
+    return f"[{'#' * (20 * step // max(total, 1)):<20}] eta {eta[0]}m{eta[1]:02d}s"
 
 def refuse_torchrun(script):
     """Single-process scripts call this first: torchrun would start copies doing the same work."""

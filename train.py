@@ -33,8 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bpe import Tokenizer
-from gpt import (GPT, GPT2_NAMES, GPTConfig, download, format_config, from_pretrained,
-                 load_checkpoint, pick_device, run_main, save_checkpoint, setup_precision)
+from gpt import (GPT, GPT2_NAMES, GPTConfig, download, format_config, from_pretrained, get_lr,
+                 load_checkpoint, pick_device, progress_bar, run_main, save_checkpoint,
+                 setup_precision)
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -51,7 +52,7 @@ class TrainConfig:
     bench: bool = False          # only measure tokens/s and MFU: float32, bfloat16, eager, compiled
     # data
     dataset: str = "stories"     # stories (synthetic, offline), tinystories, shakespeare_char, .txt
-    num_stories: int = 20000     # stories to generate: 90% train, 10% val, +10% for instruct.json
+    num_stories: int = 20000     # stories to generate: 90% train, 10% val, +50% for instruct.json
     # --tokenizer='' picks byte for shakespeare_char, gpt2 when starting from GPT-2, else bpe
     tokenizer: str = ""          # bpe, gpt2, byte or a bpe.py tok.json; '' = per dataset/init_from
     vocab_size: int = 1024       # bpe: 256 bytes + merges + <|endoftext|> (stories allow <= 1223)
@@ -87,7 +88,7 @@ class TrainConfig:
 
 EOT = "<|endoftext|>"
 SEP = f"\n{EOT}\n"  # between documents, as in the TinyStories files
-STORIES_VERSION = 2  # bump to rebuild cached data after changing the story generator
+STORIES_VERSION = 3  # bump to rebuild cached data after changing the story generator
 PREP_VERSION = 1     # ... or the way text becomes token files
 BPE_TRAIN_BYTES = 8 << 20  # bpe learns its merges from (at most) the first 8 MB of the train split
 TS = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-"
@@ -106,19 +107,21 @@ def write_text(path, text):
         f.write(text)
     os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves half a file
 
-def instruct_record(story, summary, words):
+def instruct_record(story, summary, words, kind):
     """A held-out story as an instruction-data record: the fields of the Alpaca-style
-    instruction-data.json (instruction, input, output) plus what a program needs to check a story
-    written for it (words, summary)."""
-    quoted = ", ".join(f'"{w}"' for w in words[:-1]) + f' and "{words[-1]}"'
-    return {"instruction": f"Write a short story for children that uses the words {quoted} "
+    instruction-data.json (instruction, input, output), what a program needs to check a story
+    written for it (words, summary) and the kind of story (a label to classify)."""
+    # bare words, each after a space: the tokens they are in the story, so a model can copy them
+    listed = ", ".join(words[:-1]) + f" and {words[-1]}"
+    return {"instruction": f"Write a short story for children that uses the words {listed}, "
                            f"and follows this summary.",
-            "input": summary, "output": story, "words": list(words), "summary": summary}
+            "input": summary, "output": story, "words": list(words), "summary": summary,
+            "kind": kind}
 
 def write_stories(folder, n, seed):
     # train and val stories, and held-out ones as instruction records for finetune.py and dpo.py;
     # the generator is in the appendix at the end of this file
-    records = generate_stories(n + n // 10, seed)
+    records = generate_stories(n + n // 2, seed)
     n_train = n - n // 10
     write_text(os.path.join(folder, "train.txt"), "".join(r[0] + SEP for r in records[:n_train]))
     write_text(os.path.join(folder, "val.txt"), "".join(r[0] + SEP for r in records[n_train:n]))
@@ -288,14 +291,6 @@ def get_batch(data, batch_size, block_size, key, device):
     windows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
     xy = torch.from_numpy(windows)                                 # (B, T + 1)
     return xy[:, :-1].to(device), xy[:, 1:].to(device)  # x (B, T); y (B, T), the token after each
-
-def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters):
-    """Linear warmup to learning_rate, a cosine down to min_lr at decay_iters, then flat."""
-    if step < warmup_iters:
-        return learning_rate * (step + 1) / warmup_iters
-    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
-    progress = min(1.0, progress)  # 0 -> 1, then stays 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 @torch.no_grad()
 def estimate_loss(model, splits, batch_size, block_size, eval_iters, device, ctx):
@@ -608,14 +603,12 @@ def main(cfg):
                 dt = time.time() - t0
                 # the ETA at the average pace so far (evaluations included), not the last step's
                 pace = (time.time() - t_start) / (step - start)  # seconds per step
-                eta = divmod(round(pace * (cfg.max_iters - step)), 60)
-                bar = "#" * (20 * step // cfg.max_iters)
                 flops = raw_model.flops_per_token() * tokens_per_step / dt
                 speed = (f"mfu {100 * flops / (peak * world):.1f}%" if peak
                          else f"{flops / 1e12:.2f} TFLOP/s")
                 print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
                       f"{1000 * dt:.0f} ms | {tokens_per_step / dt:,.0f} tok/s | {speed} | "
-                      f"[{bar:<20}] eta {eta[0]}m{eta[1]:02d}s", flush=True)
+                      f"{progress_bar(step, cfg.max_iters, pace)}", flush=True)
         if ddp:  # no rank tears the group down while another still talks to it
             dist.barrier()
     except KeyboardInterrupt:
@@ -688,9 +681,11 @@ OPENING = ["Once upon a time, there was a {trait} {kind} named {name}.",
            "There once was a {trait} {kind} called {name}.",
            "Once upon a time, in a small town, there lived a {trait} {kind} named {name}."]
 
-# each arc is (summary, story template). The template has one sentence slot per line with
-# alternatives split by "|" (an empty one makes the slot optional); "/" starts a new paragraph
-ARCS = [("{name} lost {his} {color} {toy}, and {his} friend {fname} helped {him} find it.", """
+# each arc is (kind, summary, story template); the kind is the label finetune.py --task=classify
+# learns. The template has one sentence slot per line with alternatives split by "|" (an empty
+# one makes the slot optional); "/" starts a new paragraph
+ARCS = [("lost toy",
+         "{name} lost {his} {color} {toy}, and {his} friend {fname} helped {him} find it.", """
 {He} loved {his} {color} {toy} more than anything. | {He} took {his} {color} {toy} everywhere.
 {Day}, {name} went to the {place} to play with {his} {toy}. | {Day}, {name} went to the {place}.
 When it was time to go home, {his} {toy} was gone! | Then {he} looked around. The {toy} was gone!
@@ -702,7 +697,7 @@ They looked {spot1}. Then they looked {spot2}.
 At last, {fname} saw something {color} {spot3}. "Here it is!" {fhe} shouted.
 /{name} hugged {his} {toy}. "Thank you, {fname}! You are a good friend." | "Thank you!" said {name}.
 From that day on, {name} always kept {his} {toy} close. | Friends always help each other.
-"""), ("{name} did not want to share {his} {toy} with {fname}, but then {he} shared it.", """
+"""), ("sharing", "{name} did not want to share {his} {toy} with {fname}, but then {he} shared it.", """
 {He} had a new {color} {toy}. | {His} {parent} gave {him} a shiny {color} {toy}.
 {Day}, {name} took the {toy} to the {place}. | {Day}, {name} played with the {toy} in the {place}.
 {His} friend {fname} came over. "Can I play too?" asked {fname}. | {fname} asked, "Can I try?"
@@ -712,7 +707,7 @@ From that day on, {name} always kept {his} {toy} close. | Friends always help ea
 {He} ran to {fname} and said, "I am sorry. Let's play together." | {He} said, "Sorry, {fname}."
 They took turns and played together all day. | They shared the {toy} and had lots of fun.
 {name} learned that sharing makes everyone happy. | Sharing was more fun than playing alone.
-"""), ("{name} was scared of {fear}, but {his} {parent} helped, and {he} {feat}.", """
+"""), ("fear", "{name} was scared of {fear}, but {his} {parent} helped, and {he} {feat}.", """
 {name} was afraid of {fear}. | But {name} had one problem. {He} was scared of {fear}.
 {Day}, {his} {parent} said, "Let's try it today." | {Day}, {his} {parent} wanted {him} to try.
 "I can't. I am too scared," said {name}. | {name} shook {his} head. "What if something bad happens?"
@@ -721,7 +716,7 @@ They took turns and played together all day. | They shared the {toy} and had lot
 Then {he} {feat}! | And then {he} {feat}!
 It was not scary at all. It was fun! | {He} was not scared anymore. {He} felt so proud.
 {name} learned that being brave means trying when you are scared. | {His} {parent} hugged {him}.
-"""), ("{name} found a little {animal} that {trouble}, and {he} helped it.", """
+"""), ("animal rescue", "{name} found a little {animal} that {trouble}, and {he} helped it.", """
 {Day}, {name} was walking in the {place}. | {Day}, {name} went to the {place} with {his} {toy}.
 {He} heard a small sound {spot1}. | Suddenly, {he} saw something move {spot1}.
 It was a little {animal}. The {animal} {trouble}. | There was a little {animal}. It {trouble}.
@@ -730,7 +725,7 @@ It was a little {animal}. The {animal} {trouble}. | There was a little {animal}.
 Soon the {animal} felt much better. | After a while, the {animal} was happy again.
 "Thank you, {name}! You are very kind," said the {animal}. | The {animal} smiled at {name}.
 From then on, the {animal} and {name} were best friends. | {name} felt warm and happy inside.
-"""), ("{name} broke {his} {parent}'s {fragile} by accident, but {he} told the truth.", """
+"""), ("accident", "{name} broke {his} {parent}'s {fragile} by accident, but {he} told the truth.", """
 {He} liked to play with {his} {toy} in the house. | {He} loved to run and jump in the house.
 {Day}, {name} threw {his} {color} {toy} high in the air. | {Day}, {name} ran fast around the table.
 Crash! {He} hit {his} {parent}'s {fragile}, and it broke. | Oh no! {His} {parent}'s {fragile} broke.
@@ -740,7 +735,7 @@ But {he} knew that hiding was wrong. | But then {he} thought about how {his} {pa
 {His} {parent} hugged {him}. "Thank you for telling me the truth." | {His} {parent} was not mad.
 Together they cleaned up the pieces. | {name} helped {his} {parent} clean up the pieces. |
 {name} learned that it is best to tell the truth. | From then on, {name} played outside.
-"""), ("{name} made a {gift} for {fname}'s birthday, and {fname} loved it.", """
+"""), ("gift", "{name} made a {gift} for {fname}'s birthday, and {fname} loved it.", """
 {Day}, {name} remembered it was almost {fname}'s birthday. | {His} friend {fname} was turning five.
 {name} wanted to give {fname} a special gift. | {name} wanted to make {fname} a surprise.
 {He} thought and thought. Then {he} had an idea. | "I know! I will make a {gift}," said {name}.
@@ -749,7 +744,7 @@ Together they cleaned up the pieces. | {name} helped {his} {parent} clean up the
 {fname} smiled. "Wow! Did you make this for me?" | {fname}'s eyes got big. "I love it!" {fhe} said.
 "Yes, I made it just for you," said {name}. | {fname} gave {name} a big hug.
 Giving a gift made {name} just as happy as getting one. | The best gifts are made with love.
-"""), ("{name} went to the {trip} with {his} {parent}, saw {sights}, and {activity}.", """
+"""), ("trip", "{name} went to the {trip} with {his} {parent}, saw {sights}, and {activity}.", """
 {Day}, {his} {parent} said, "Let's go to the {trip}!" | {Day}, {name} and {his} {parent} went out.
 {name} was so excited that {he} jumped up and down. | {name} packed {his} {toy} and a snack.
 The sun was warm and the sky was blue. | It was a cool day with a soft wind. |
@@ -769,12 +764,13 @@ def _compile_arc(template):
         slots.append([part.strip() for part in line.lstrip("/").split("|")])
     return slots
 
-COMPILED_ARCS = [(summary, [OPENING] + _compile_arc(story)) for summary, story in ARCS]
+COMPILED_ARCS = [(kind, summary, [OPENING] + _compile_arc(story)) for kind, summary, story in ARCS]
 
 def make_story(rng):
-    """One random story from rng (a random.Random) as (story, summary, words): words are a noun,
-    a verb and an adjective in random order, each a whole word of the story, e.g.
-    ("Once upon a time, there was a little girl named Lily. ...", "Lily lost ...", ["red", ...])."""
+    """One random story from rng (a random.Random) as (story, summary, words, kind): words are a
+    noun, a verb and an adjective in random order, each a whole word of the story, and kind names
+    the arc, e.g. ("Once upon a time, there was a little girl named Lily. ...", "Lily lost ...",
+    ["red", ...], "lost toy")."""
     she = rng.random() < 0.5
     friend_she = rng.random() < 0.5
     name = rng.choice(GIRLS if she else BOYS)
@@ -795,7 +791,7 @@ def make_story(rng):
                              ("trip sights activity", TRIPS)]:
         slots.update(zip(keys.split(), rng.choice(situations)))
     slots.update(zip(["spot1", "spot2", "spot3"], rng.sample(SPOTS, 3)))
-    summary, arc = rng.choice(COMPILED_ARCS)
+    label, summary, arc = rng.choice(COMPILED_ARCS)
     paragraphs = [[]]
     for alternatives in arc:
         if alternatives is None:
@@ -811,7 +807,7 @@ def make_story(rng):
         assert candidates, f"no word of {bank[:3]}... occurs in the story {story!r}"
         words.append(rng.choice(candidates))
     rng.shuffle(words)
-    return story, summary.format(**slots), words
+    return story, summary.format(**slots), words, label
 
 def generate_stories(n, seed):
     """n distinct (story, summary, words) records, the same for the same (n, seed); a smaller
