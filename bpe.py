@@ -23,6 +23,7 @@ import inspect
 import json
 import linecache
 import os
+import random
 import re
 import sys
 import time
@@ -421,6 +422,123 @@ def story_problems(story, words, summary):
     names = re.findall(r"\b[A-Z][a-z]+\b", summary)
     wanted = dict.fromkeys(list(words) + names)  # in order, once each
     return [w for w in wanted if not re.search(rf"\b{re.escape(w)}\b", story, re.IGNORECASE)]
+
+# -----------------------------------------------------------------------------
+# instruction data: records -> conversations -> (inputs, targets), the prompt masked
+
+RASCHKA = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+           "01_main-chapter-code/instruction-data.json")
+RASCHKA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+
+def record_problem(record):
+    # what is wrong with one record, or '' when it is fine
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "has an empty or non-list messages"
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                return "has a message without a string content"
+            if m.get("role") not in ("system", "user", "assistant"):
+                return f"has a message with role {m.get('role')!r}"
+        roles = [m["role"] for m in messages]
+        if roles[-2:] != ["user", "assistant"]:
+            return "does not end with a user turn and then an assistant turn"
+        return ""
+    fields = [record.get("instruction"), record.get("output"), record.get("input", "")]
+    return "" if all(isinstance(f, str) for f in fields) else "lacks a string instruction or output"
+
+def read_records(path):
+    """A JSON list, or JSONL lines, of {instruction, input, output} or {messages: [...]} records,
+    each checked: a malformed file or record is an error naming both."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; pass --dataset=stories, alpaca or a JSON file")
+    where = ""
+    try:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith(".jsonl"):
+            records = []
+            for n, line in enumerate(text.splitlines(), 1):
+                where = f" on line {n}"
+                if line.strip():
+                    records.append(json.loads(line))
+        else:
+            records = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON{where} ({e}); fix it (UTF-8 JSON) or "
+                         f"download it again") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path} holds no records; it needs a JSON list (or JSONL lines) of "
+                         f"{{instruction, input, output}} or {{messages: [...]}}")
+    for k, record in enumerate(records):
+        if problem := record_problem(record):
+            raise ValueError(f"{path}: record {k} {problem}; each record needs instruction and "
+                             f"output strings (input optional) or messages ending with a user "
+                             f"turn and an assistant turn")
+    return records
+
+def fetch(url, path, sha256=""):
+    """download(), and offline the error also names the other way in: a file of one's own."""
+    try:
+        return download(url, path, sha256)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}; or pass the file you have: --dataset=path/to/file") from None
+
+def instruct_records(dataset, data_dir="data"):
+    """The records of --dataset: stories (train.py's held-out instruct.json), alpaca (Raschka's
+    1,100 instructions, downloaded once) or the path of a JSON/JSONL file."""
+    if dataset == "stories":
+        path = os.path.join(data_dir, "stories", "instruct.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: `python train.py` writes it (held-out "
+                                    f"stories as instructions)")
+        return read_records(path)
+    if dataset == "alpaca":
+        path = os.path.join(data_dir, "instruct", "instruction-data.json")
+        return read_records(fetch(RASCHKA, path, RASCHKA_SHA256))
+    return read_records(dataset)
+
+def split_records(items, val_size, test_size, seed):
+    """Shuffle with seed, then (train, val, test): the last two have val_size and test_size."""
+    if len(items) <= val_size + test_size:
+        raise ValueError(f"{len(items)} examples leave none to train on after val_size={val_size} "
+                         f"and test_size={test_size}; lower them or add data")
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items[val_size + test_size:], items[:val_size], items[val_size:val_size + test_size]
+
+def make_examples(tok, conversations, template, block_size, mask_prompt=True):
+    """Render each conversation into (x, y): y[t] = the token after x[t], or -100 where nothing is
+    learned (the prompt, with mask_prompt). A too-long example keeps its first block_size + 1
+    tokens, so a long response is cut (and loses its stop token) but the prompt never is: an
+    example whose first trained token lies beyond the window is dropped.
+    -> (examples, dropped, cut)."""
+    examples = []
+    dropped = cut = 0
+    for messages in conversations:
+        ids, mask = render_conversation(tok, messages, template)
+        if 1 not in mask[1:block_size + 1]:  # nothing to learn inside the window
+            dropped += 1
+            continue
+        cut += len(ids) > block_size + 1
+        if not mask_prompt:
+            mask = [1] * len(ids)
+        ids = ids[:block_size + 1]  # so x and y have at most block_size tokens
+        y = [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+        examples.append((ids[:-1], y))
+    return examples, dropped, cut
+
+
+def constraints_met(stories, records):
+    """The share of stories in which story_problems finds nothing missing, for records that carry
+    words and a summary (train.py's instruct.json); None for records that do not."""
+    if not all("words" in r and "summary" in r for r in records):
+        return None
+    met = [not story_problems(s, r["words"], r["summary"]) for s, r in zip(stories, records)]
+    return sum(met) / len(met)
 
 # -----------------------------------------------------------------------------
 # helpers used by main: the naive baseline, the benchmark, flags, the entry point

@@ -17,14 +17,12 @@ References: Ouyang et al. 2022, Training language models to follow instructions,
 Taori et al. 2023, Stanford Alpaca; Raschka 2024, Build a Large Language Model (From Scratch).
 """
 import contextlib
-import copy
 import dataclasses
 import json
 import math
 import os
 import random
 import re
-import time
 import zipfile
 from collections import Counter
 
@@ -33,10 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpe import CHAT_TEMPLATES, STOP, Tokenizer, record_messages, render_conversation, story_problems
-from gpt import (GPT, GPT2_NAMES, download, format_config, from_pretrained, get_lr,
-                 load_checkpoint, pick_device, progress_bar, refuse_torchrun, run_main,
-                 save_checkpoint, setup_precision)
+from bpe import (CHAT_TEMPLATES, STOP, Tokenizer, constraints_met, fetch, instruct_records,
+                 make_examples, record_messages, render_conversation, split_records)
+from gpt import (collate, fit, format_config, heldout_loss, length_batches, load_checkpoint,
+                 load_model, padding_fraction, pick_device, refuse_torchrun, respond,
+                 response_loss, run_main, save_checkpoint, setup_precision)
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -45,6 +44,7 @@ class FinetuneConfig:
     ckpt_path: str = "out/ckpt.pt"  # the model to start from, written by train.py
     init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a .safetensors: OpenAI's GPT-2
     out_dir: str = ""  # '' = out-sft (instruct) or out-classify; ckpt.pt and eval.json go there
+    overwrite: bool = False  # replace a checkpoint already in out_dir (else that is an error)
     data_dir: str = "data"  # downloads are cached here; train.py wrote stories/instruct.json
     gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer files, for --init_from=gpt2
     task: str = "instruct"  # instruct (a response to each prompt) or classify (a label per text)
@@ -52,8 +52,8 @@ class FinetuneConfig:
     dataset: str = "stories"  # instruct: stories, alpaca, a .json/.jsonl; classify: stories, sms, a file
     template: str = "phi3"  # the chat template (bpe.py): phi3 (short) or alpaca (Raschka's)
     mask_prompt: bool = True  # loss on responses only; False = on every token (Raschka ex. 7.2)
-    val_size: int = 100  # held-out examples for the loss that picks the best checkpoint
-    test_size: int = 200  # held-out examples for the final before/after table
+    val_size: int = 100  # held-out instructions for the loss that picks the best checkpoint
+    test_size: int = 200  # held-out instructions for the before/after table (classify: 70/10/20)
     # training
     # -2, 0, 0.0 and -1.0 below mean "per task": the values in TASK_DEFAULTS
     train_layers: int = -2  # train only the last N blocks + final norm (+ head); -1 = all
@@ -84,135 +84,7 @@ TASK_DEFAULTS = {"instruct": dict(train_layers=-1, max_iters=1100, epochs=2, lea
                  "classify": dict(train_layers=1, max_iters=-1, epochs=10, learning_rate=5e-4)}
 PER_TASK = dict(train_layers=-2, max_iters=0, epochs=0, learning_rate=0.0)
 
-RASCHKA = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
-           "01_main-chapter-code/instruction-data.json")
-RASCHKA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 SMS_ZIP = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
-
-# -----------------------------------------------------------------------------
-# instruction data: records -> conversations -> (inputs, targets) with the prompt masked
-
-def record_problem(record):
-    # what is wrong with one record, or '' when it is fine
-    if not isinstance(record, dict):
-        return "is not a JSON object"
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "has an empty or non-list messages"
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                return "has a message without a string content"
-            if m.get("role") not in ("system", "user", "assistant"):
-                return f"has a message with role {m.get('role')!r}"
-        return "" if messages[-1]["role"] == "assistant" else "does not end with an assistant turn"
-    fields = [record.get("instruction"), record.get("output"), record.get("input", "")]
-    return "" if all(isinstance(f, str) for f in fields) else "lacks a string instruction or output"
-
-def read_records(path):
-    """A JSON list, or JSONL lines, of {instruction, input, output} or {messages: [...]} records,
-    each checked: a malformed file or record is an error naming both."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; pass --dataset=stories, alpaca or a JSON file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith(".jsonl"):
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); fix it or download it again") from None
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{path} holds no records; it needs a JSON list (or JSONL lines) of "
-                         f"{{instruction, input, output}} or {{messages: [...]}}")
-    for k, record in enumerate(records):
-        if problem := record_problem(record):
-            raise ValueError(f"{path}: record {k} {problem}; each record needs instruction and "
-                             f"output strings (input optional) or messages ending with an "
-                             f"assistant turn")
-    return records
-
-def fetch(url, path, sha256=""):
-    # download once into data/; offline, the error also names the other way in: a local file
-    try:
-        return download(url, path, sha256)
-    except RuntimeError as e:
-        raise RuntimeError(f"{e}; or pass the file you have: --dataset=path/to/file") from None
-
-def instruct_records(cfg):
-    # the three sources of --dataset, as records
-    if cfg.dataset == "stories":
-        path = os.path.join(cfg.data_dir, "stories", "instruct.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: `python train.py` writes it (held-out "
-                                    f"stories as instructions)")
-        return read_records(path)
-    if cfg.dataset == "alpaca":
-        path = os.path.join(cfg.data_dir, "instruct", "instruction-data.json")
-        return read_records(fetch(RASCHKA, path, RASCHKA_SHA256))
-    return read_records(cfg.dataset)
-
-def split(items, val_size, test_size, seed):
-    """Shuffle with seed, then (train, val, test): the last two have val_size and test_size."""
-    if len(items) <= val_size + test_size:
-        raise ValueError(f"{len(items)} examples leave none to train on after val_size={val_size} "
-                         f"and test_size={test_size}; lower them or add data")
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items[val_size + test_size:], items[:val_size], items[val_size:val_size + test_size]
-
-def make_examples(tok, conversations, template, block_size, mask_prompt=True):
-    """Render each conversation into (x, y): y[t] = the token after x[t], or -100 where nothing is
-    learned (the prompt, with mask_prompt). A too-long example keeps its first block_size + 1
-    tokens, so a long response is cut (and loses its stop token) but the prompt never is: an
-    example whose first trained token lies beyond the window is dropped.
-    -> (examples, dropped, cut)."""
-    examples = []
-    dropped = cut = 0
-    for messages in conversations:
-        ids, mask = render_conversation(tok, messages, template)
-        if 1 not in mask[1:block_size + 1]:  # nothing to learn inside the window
-            dropped += 1
-            continue
-        cut += len(ids) > block_size + 1
-        if not mask_prompt:
-            mask = [1] * len(ids)
-        ids = ids[:block_size + 1]  # so x and y have at most block_size tokens
-        y = [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
-        examples.append((ids[:-1], y))
-    return examples, dropped, cut
-
-def length_batches(lengths, batch_size, rng):
-    """Indices sorted by length and cut into batches of similar lengths, in shuffled order: little
-    padding, and still a fresh order every epoch."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-def padding_fraction(lengths, batches):
-    # the share of a batch's (B, T) slots that are padding
-    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1 - sum(lengths) / slots
-
-def collate(rows, pad_id, device):
-    """Right-pad lists of (x, y) into (B, T) tensors: x with pad_id, y with -100 (no loss)."""
-    T = max(len(x) for x, _ in rows)
-    x = torch.tensor([x + [pad_id] * (T - len(x)) for x, _ in rows], device=device)
-    y = torch.tensor([y + [-100] * (T - len(y)) for _, y in rows], device=device)
-    return x, y
-
-def response_loss(logits, targets):
-    """The mean cross-entropy over the trained tokens: their summed loss / their count. A batch
-    with none would be 0 / 0 = NaN, so it is an error instead."""
-    count = (targets != -100).sum()
-    if count.item() == 0:
-        raise ValueError("a batch has no trained token (all targets are -100); check the chat "
-                         "template and the data")
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                           reduction="sum")
-    return loss / count
 
 # -----------------------------------------------------------------------------
 # classification: a linear head over the hidden state of each row's last real token
@@ -259,7 +131,7 @@ def read_labelled(path):
 def labelled_pairs(cfg):
     # the three sources of --dataset for --task=classify, as (text, label) pairs
     if cfg.dataset == "stories":  # which of the seven story arcs a held-out story follows
-        records = instruct_records(cfg)
+        records = instruct_records("stories", cfg.data_dir)
         if "kind" not in records[0]:
             raise ValueError("data/stories/instruct.json has no 'kind' labels (an older train.py "
                              "wrote it); rebuild it: rm -r data/stories && python train.py")
@@ -269,8 +141,12 @@ def labelled_pairs(cfg):
     path = os.path.join(cfg.data_dir, "sms_spam", "SMSSpamCollection")
     if not os.path.isfile(path):  # UCI serves a zip; the tab-separated file is inside it
         zip_path = fetch(SMS_ZIP, os.path.join(cfg.data_dir, "sms_spam", "sms.zip"))
-        with zipfile.ZipFile(zip_path) as z:
-            data = z.read("SMSSpamCollection")
+        try:
+            with zipfile.ZipFile(zip_path) as z:
+                data = z.read("SMSSpamCollection")
+        except (zipfile.BadZipFile, KeyError):
+            raise RuntimeError(f"{zip_path} is not the SMS Spam Collection's zip; delete it and "
+                               f"retry, or pass --dataset=path/to/SMSSpamCollection") from None
         with open(path + ".tmp", "wb") as f:
             f.write(data)
         os.replace(path + ".tmp", path)
@@ -318,7 +194,7 @@ def freeze(model, gpt, train_layers):
     blocks = gpt.transformer.h
     if train_layers > len(blocks):
         raise ValueError(f"--train_layers={train_layers} but the model has {len(blocks)} blocks; "
-                         f"pass 1..{len(blocks)} or -1 (all)")
+                         f"pass 0..{len(blocks)} or -1 (all)")
     model.requires_grad_(train_layers < 0)
     if train_layers >= 0:
         for module in [*blocks[len(blocks) - train_layers:], gpt.transformer.ln_f]:
@@ -327,88 +203,6 @@ def freeze(model, gpt, train_layers):
             if module is not gpt:
                 module.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
-
-def fit(cfg, model, params, make_batches, batch_loss, evaluate, on_best):
-    """AdamW with warmup + cosine and clipping: make_batches() -> one epoch's batches in a fresh
-    order, batch_loss(batch) -> (loss, tokens), evaluate() -> the held-out loss every
-    eval_interval steps, on_best(step, loss) saves. Ends with the model at its best weights.
-    -> (best held-out loss, seconds)."""
-    decay = [p for p in params if p.dim() >= 2]  # matrices decay; biases and norm gains do not
-    rest = [p for p in params if p.dim() < 2]
-    fused = params[0].device.type in ("cuda", "cpu")  # one kernel for all tensors (not on MPS)
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
-    per_epoch = len(make_batches())
-    steps = cfg.max_iters if cfg.max_iters > 0 else cfg.epochs * per_epoch
-    print(f"training: {steps} steps ({per_epoch} per epoch), "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
-    best = float("inf")
-    best_state = None
-    batches = []
-    losses = []
-    t_start = time.time()
-    for step in range(steps + 1):
-        if step % cfg.eval_interval == 0 or step == steps:
-            held_out = evaluate()
-            recent = losses[-cfg.eval_interval:]
-            train_loss = f"train loss {sum(recent) / len(recent):.4f}, " if recent else ""
-            print(f"step {step}: {train_loss}val loss {held_out:.4f}")
-            if held_out < best:
-                best = held_out
-                best_state = copy.deepcopy(model.state_dict())
-                on_best(step, held_out)
-        if step == steps:
-            break
-        if not batches:  # a new epoch
-            batches = make_batches()
-        t0 = time.time()
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        loss, tokens = batch_loss(batches.pop())
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % cfg.log_interval == 0:
-            dt = time.time() - t0
-            pace = (time.time() - t_start) / (step + 1)
-            print(f"step {step:5d}/{steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
-                  f"{1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s | "
-                  f"{progress_bar(step + 1, steps, pace)}", flush=True)
-    model.load_state_dict(best_state)
-    return best, time.time() - t_start
-
-@torch.no_grad()
-def heldout_loss(model, examples, batch_size, pad_id, device, ctx):
-    """The response loss over all of examples at once: summed over every trained token, divided
-    by their count (not a mean of batch means, which would weight short responses up)."""
-    model.eval()
-    total = 0.0
-    count = 0
-    for i in range(0, len(examples), batch_size):
-        x, y = collate(examples[i:i + batch_size], pad_id, device)
-        with ctx:
-            logits = model(x)[0]
-        n = int((y != -100).sum())
-        total += response_loss(logits, y).item() * n
-        count += n
-    return total / count
-
-@torch.no_grad()
-def respond(model, tok, prompts, max_new_tokens, ctx, batch_size=50):
-    """Greedy responses to prompts (token ids), in batches, each cut at its stop token."""
-    model.eval()
-    responses = []
-    for i in range(0, len(prompts), batch_size):
-        with ctx:
-            new = model.generate(prompts[i:i + batch_size], max_new_tokens, temperature=0.0,
-                                 eot_id=tok.special_tokens[STOP])
-        responses += [tok.decode(ids).strip() for ids in new]
-    return responses
 
 # the judge is asked for one integer, the scoring of Raschka's ollama_evaluate.py (chapter 7)
 JUDGE_PROMPT = ("Here is a task and its correct answer. Score the response from 0 to 100, where "
@@ -435,28 +229,22 @@ def judge(url, model, rows):
         scores.append(min(100, int(number[0])) if number else None)
     return scores
 
-def load_model(cfg, device):
-    # -> (model, tokenizer, the tokenizer as checkpoints store it)
-    if cfg.init_from:
-        return from_pretrained(cfg.init_from, cfg.data_dir).to(device), Tokenizer.from_saved(
-            "gpt2", cfg.gpt2_dir), "gpt2"
-    model, ckpt = load_checkpoint(cfg.ckpt_path, device)
-    return model, Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir), ckpt["tokenizer"]
-
 def check_config(cfg):
     """Check the flags and fill in the per-task defaults. -> the config to run."""
     if cfg.task not in TASK_DEFAULTS:
         raise ValueError(f"--task={cfg.task!r} is unknown; use instruct or classify")
     unset = {k: v for k, v in TASK_DEFAULTS[cfg.task].items() if getattr(cfg, k) == PER_TASK[k]}
+    if cfg.epochs != PER_TASK["epochs"] and cfg.max_iters == PER_TASK["max_iters"]:
+        unset["max_iters"] = -1  # --epochs=N alone means N epochs
     cfg = dataclasses.replace(cfg, **unset)
     if cfg.min_lr < 0:
         cfg = dataclasses.replace(cfg, min_lr=cfg.learning_rate / 10)
     if cfg.template not in CHAT_TEMPLATES:
         raise ValueError(f"--template={cfg.template!r} is unknown; use one of "
                          f"{', '.join(CHAT_TEMPLATES)}")
-    if min(cfg.batch_size, cfg.eval_interval, cfg.log_interval, cfg.test_size) < 1:
-        raise ValueError("--batch_size, --eval_interval, --log_interval and --test_size must be "
-                         "at least 1")
+    if min(cfg.batch_size, cfg.eval_interval, cfg.log_interval, cfg.val_size, cfg.test_size) < 1:
+        raise ValueError("--batch_size, --eval_interval, --log_interval, --val_size and "
+                         "--test_size must be at least 1")
     if cfg.max_iters <= 0 and cfg.epochs < 1:
         raise ValueError("pass --epochs>=1 or --max_iters>=1")
     if cfg.train_layers < -1:
@@ -480,15 +268,17 @@ def show_table(rows, path):
 
 def instruct(cfg, model, tok, common, out_dir, device, ctx):
     # --- data: records -> conversations -> masked examples, and prompts for the table
-    train_r, val_r, test_r = split(instruct_records(cfg), cfg.val_size, cfg.test_size, cfg.seed)
+    records = instruct_records(cfg.dataset, cfg.data_dir)
+    train_r, val_r, test_r = split_records(records, cfg.val_size, cfg.test_size, cfg.seed)
     block = model.config.block_size
     pad_id = tok.special_tokens[STOP]  # padding has no loss, so any id would do
     train_ex, dropped, cut = make_examples(tok, [record_messages(r) for r in train_r],
                                            cfg.template, block, cfg.mask_prompt)
     val_ex = make_examples(tok, [record_messages(r) for r in val_r], cfg.template, block)[0]
     test_ex = make_examples(tok, [record_messages(r) for r in test_r], cfg.template, block)[0]
-    if not train_ex or not val_ex:
-        raise ValueError(f"no example fits block_size={block} once rendered; use shorter prompts")
+    if not (train_ex and val_ex and test_ex):
+        raise ValueError(f"no train, val or test example fits block_size={block} once rendered; "
+                         f"use shorter prompts or more data")
     prompts = [render_conversation(tok, record_messages(r)[:-1], cfg.template)[0] for r in test_r]
     lengths = [len(x) for x, _ in train_ex]
     rng = random.Random(cfg.seed)
@@ -498,15 +288,11 @@ def instruct(cfg, model, tok, common, out_dir, device, ctx):
           f"({dropped} dropped: the prompt fills block_size {block}; {cut} responses cut); "
           f"padding {padding_fraction(lengths, length_batches(lengths, cfg.batch_size, rng)):.2%}"
           f" of each batch (random batches: {padding_fraction(lengths, unsorted):.2%})")
-    checkable = all("words" in r and "summary" in r for r in test_r)
 
     def table_row(model):  # the held-out loss, the greedy responses and what they achieve
-        responses = respond(model, tok, prompts, cfg.max_new_tokens, ctx)
+        responses = respond(model, tok, prompts, cfg.max_new_tokens, pad_id, ctx)
         row = dict(response_loss=heldout_loss(model, test_ex, cfg.batch_size, pad_id, device, ctx),
-                   constraints=None, judge=None)
-        if checkable:
-            met = [not story_problems(s, r["words"], r["summary"]) for s, r in zip(responses, test_r)]
-            row["constraints"] = sum(met) / len(met)
+                   constraints=constraints_met(responses, test_r), judge=None)
         if cfg.judge_url:
             rows = [(record_messages(r)[-2]["content"], record_messages(r)[-1]["content"], s)
                     for r, s in zip(test_r, responses)]
@@ -515,29 +301,29 @@ def instruct(cfg, model, tok, common, out_dir, device, ctx):
         return row, responses
 
     # --- the base model, then training, then the finetuned model
+    params = freeze(model, model, cfg.train_layers)  # first: a bad --train_layers fails at once
     base, _ = table_row(model)
-    params = freeze(model, model, cfg.train_layers)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     def batch_loss(batch):
         x, y = collate([train_ex[i] for i in batch], pad_id, device)
         with ctx:
             return response_loss(model(x)[0], y), sum(lengths[i] for i in batch)
-    best, seconds = fit(cfg, model, params, lambda: length_batches(lengths, cfg.batch_size, rng),
-                        batch_loss,
-                        lambda: heldout_loss(model, val_ex, cfg.batch_size, pad_id, device, ctx),
-                        lambda step, loss: save_checkpoint(ckpt_path, model, step=step,
-                                                           val_loss=loss, chat_template=cfg.template,
-                                                           **common))
+    def save(step, loss):
+        save_checkpoint(ckpt_path, model, step=step, val_loss=loss, chat_template=cfg.template,
+                        **common)
+    run = fit(cfg, model, params, lambda: length_batches(lengths, cfg.batch_size, rng), batch_loss,
+              lambda: heldout_loss(model, val_ex, cfg.batch_size, pad_id, device, ctx), save)
     tuned, responses = table_row(model)
-    rows = dict(base=base, finetuned=tuned, test_examples=len(test_r), train_seconds=seconds,
+    rows = dict(base=base, finetuned=tuned, test_examples=len(test_r), train_seconds=run["seconds"],
                 samples=[dict(prompt=record_messages(r)[-2]["content"], response=s)
                          for r, s in zip(test_r[:3], responses)])
-    print(f"done: {seconds:.0f} s of training; best val loss {best:.4f}; saved {ckpt_path}")
+    print(f"done: {run['seconds']:.0f} s of training; best val loss {run['best_val_loss']:.4f}; "
+          f"saved {ckpt_path}")
     show_table(rows, os.path.join(out_dir, "eval.json"))
     for sample in rows["samples"]:
         print(f"\n### prompt\n{sample['prompt']}\n### response\n{sample['response']}")
-    return dict(rows, ckpt_path=ckpt_path, best_val_loss=best)
+    return dict(rows, ckpt_path=ckpt_path, best_val_loss=run["best_val_loss"])
 
 @torch.no_grad()
 def predict(clf, examples, batch_size, pad_id, device, ctx):
@@ -555,6 +341,9 @@ def predict(clf, examples, batch_size, pad_id, device, ctx):
 def classify(cfg, model, tok, common, out_dir, device, ctx):
     # --- data: balanced, split 70/10/20; the naive-Bayes baseline on the same split
     train_p, val_p, test_p = balanced_split(labelled_pairs(cfg), cfg.seed)
+    if not (val_p and test_p):
+        raise ValueError(f"{len(train_p + val_p + test_p)} balanced texts leave no validation or "
+                         f"test text (70/10/20); give at least 10 texts of each label")
     labels = sorted({label for _, label in train_p + val_p + test_p})
     block = model.config.block_size
     pad_id = tok.special_tokens[STOP]
@@ -586,9 +375,12 @@ def classify(cfg, model, tok, common, out_dir, device, ctx):
     def save(step, loss):
         head = dict(head=clf.head.state_dict(), labels=labels)
         save_checkpoint(ckpt_path, model, step=step, val_loss=loss, classifier=head, **common)
-    best, seconds = fit(cfg, clf, params, lambda: length_batches(lengths, cfg.batch_size, rng),
-                        batch_loss, lambda: loss_of(splits["val"], predict(
-                            clf, splits["val"], cfg.batch_size, pad_id, device, ctx)).item(), save)
+    def val_loss():
+        return loss_of(splits["val"], predict(clf, splits["val"], cfg.batch_size, pad_id, device,
+                                              ctx)).item()
+    run = fit(cfg, clf, params, lambda: length_batches(lengths, cfg.batch_size, rng), batch_loss,
+              val_loss, save)
+    seconds = run["seconds"]
 
     # --- accuracy on each split and the confusion matrix on test
     result = dict(ckpt_path=ckpt_path, naive_bayes_test=nb_accuracy, train_seconds=seconds)
@@ -610,10 +402,13 @@ def classify(cfg, model, tok, common, out_dir, device, ctx):
 
 def classify_text(cfg, path, device):
     # the label of one text, from a classifier checkpoint that --task=classify saved
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no classifier at {path}; train one with `python finetune.py "
+                                f"--task=classify` (or pass its --out_dir)")
     model, ckpt = load_checkpoint(path, device)
     if "classifier" not in ckpt:
-        raise ValueError(f"{path} is not a classifier (it has no head); train one with "
-                         f"`python finetune.py --task=classify --out_dir={os.path.dirname(path)}`")
+        raise ValueError(f"{path} is not a classifier (it has no head); pass the --out_dir of a "
+                         f"`python finetune.py --task=classify` run")
     tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
     clf = Classifier(model, ckpt["classifier"]["labels"]).to(device)
     clf.head.load_state_dict(ckpt["classifier"]["head"])
@@ -630,10 +425,16 @@ def main(cfg):
     device = pick_device(cfg.device)
     if cfg.classify_text:
         return classify_text(cfg, os.path.join(out_dir, "ckpt.pt"), device)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not cfg.overwrite:
+        raise FileExistsError(f"{ckpt_path} holds an earlier run; pass another --out_dir, or "
+                              f"--overwrite to replace it")
     dtype, reason, ctx = setup_precision(device, cfg.dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype)  # fit scales the loss when it is float16
     print(f"config:\n{format_config(cfg)}\ndevice: {device}; dtype: {dtype} ({reason})")
     torch.manual_seed(cfg.seed)
-    model, tok, saved_tok = load_model(cfg, device)
+    model, saved_tok = load_model(cfg.ckpt_path, cfg.init_from, cfg.data_dir, device)
+    tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
     common = dict(tokenizer=saved_tok, train_config=dataclasses.asdict(cfg))
     task = instruct if cfg.task == "instruct" else classify
     return task(cfg, model, tok, common, out_dir, device, ctx)

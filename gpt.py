@@ -11,14 +11,16 @@ How to run:
     python gpt.py --init_from=path/to/model.safetensors --device=cuda
     (to sample GPT-2 text, use kvcache.py --init_from=gpt2: it has the tokenizer and the KV cache)
 
-Depends on nothing of ours. The section after the model holds the plumbing every later script shares
-(flags, the entry point, device and precision, downloads, checkpoints). Shapes: B batch, T time,
+Depends on nothing of ours. The sections after the model hold the plumbing every later script shares
+(flags, the entry point, device and precision, downloads, checkpoints) and the finetuning loop that
+finetune.py, lora.py and dpo.py share (batches, the masked loss, fit). Shapes: B batch, T time,
 C channels, V vocab, nh heads, nkv key/value heads, hs head size.
 References: Attention Is All You Need (1706.03762); GPT-2 (OpenAI 2019); RoFormer (2104.09864);
 RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245); PaLM appendix B (2204.02311).
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -29,6 +31,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import requests
 import torch
@@ -732,6 +735,145 @@ def from_pretrained(name_or_path, data_dir="data"):
                                  f"{tuple(target.shape)}")
             target.copy_(t)
     return model
+
+# -----------------------------------------------------------------------------
+# finetuning, shared by finetune.py, lora.py and dpo.py: the starting model, batches of examples,
+# the masked loss, the training loop and greedy answers (bpe.py renders the examples)
+
+def length_batches(lengths, batch_size, rng):
+    """Indices sorted by length and cut into batches of similar lengths, in shuffled order: little
+    padding, and still a fresh order every epoch."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+def padding_fraction(lengths, batches):
+    # the share of a batch's (B, T) slots that are padding
+    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths) / slots
+
+def collate(rows, pad_id, device):
+    """Right-pad lists of (x, y) into (B, T) tensors: x with pad_id, y with -100 (no loss)."""
+    T = max(len(x) for x, _ in rows)
+    x = torch.tensor([x + [pad_id] * (T - len(x)) for x, _ in rows], device=device)
+    y = torch.tensor([y + [-100] * (T - len(y)) for _, y in rows], device=device)
+    return x, y
+
+def response_loss(logits, targets):
+    """The mean cross-entropy over the trained tokens: their summed loss / their count. A batch
+    with none would be 0 / 0 = NaN, so it is an error instead."""
+    count = (targets != -100).sum()
+    if count.item() == 0:
+        raise ValueError("a batch has no trained token (all targets are -100); check the chat "
+                         "template and the data")
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
+    return loss / count
+
+
+def fit(cfg, model, params, make_batches, batch_loss, evaluate, on_best):
+    """AdamW with warmup + cosine and clipping: make_batches() -> one epoch's batches in a fresh
+    order, batch_loss(batch) -> (loss, tokens), evaluate() -> the held-out loss every
+    eval_interval steps, on_best(step, loss) saves. Ends with the model at its best weights.
+    cfg carries learning_rate, min_lr, warmup_iters, weight_decay, grad_clip, max_iters, epochs,
+    eval_interval, log_interval and dtype (float16 scales the loss, as train.py does).
+    -> {best_val_loss, seconds, optimizer_bytes (AdamW's state), step_ms (the median step)}."""
+    decay = [p for p in params if p.dim() >= 2]  # matrices decay; biases and norm gains do not
+    rest = [p for p in params if p.dim() < 2]
+    fused = params[0].device.type in ("cuda", "cpu")  # one kernel for all tensors (not on MPS)
+    # float16 gradients underflow: scale the loss up, and the gradients back before the update
+    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    per_epoch = len(make_batches())
+    steps = cfg.max_iters if cfg.max_iters > 0 else cfg.epochs * per_epoch
+    print(f"training: {steps} steps ({per_epoch} per epoch), "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+    best = float("inf")
+    best_state = None
+    batches = []
+    losses = []
+    step_times = []
+    t_start = time.time()
+    for step in range(steps + 1):
+        if step % cfg.eval_interval == 0 or step == steps:
+            held_out = evaluate()
+            recent = losses[-cfg.eval_interval:]
+            train_loss = f"train loss {sum(recent) / len(recent):.4f}, " if recent else ""
+            print(f"step {step}: {train_loss}val loss {held_out:.4f}")
+            if held_out < best:
+                best = held_out
+                best_state = copy.deepcopy(model.state_dict())
+                on_best(step, held_out)
+        if step == steps:
+            break
+        if not batches:  # a new epoch
+            batches = make_batches()
+        t0 = time.time()
+        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        loss, tokens = batch_loss(batches.pop())
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # waits for the device, so the step time is honest
+        dt = time.time() - t0
+        step_times.append(dt)
+        if step % cfg.log_interval == 0:
+            pace = (time.time() - t_start) / (step + 1)
+            print(f"step {step:5d}/{steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
+                  f"{1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s | "
+                  f"{progress_bar(step + 1, steps, pace)}", flush=True)
+    model.load_state_dict(best_state)
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                      for t in s.values() if torch.is_tensor(t))
+    return dict(best_val_loss=best, seconds=time.time() - t_start, optimizer_bytes=state_bytes,
+                step_ms=1000 * sorted(step_times)[len(step_times) // 2] if step_times else 0.0)
+
+@torch.no_grad()
+def heldout_loss(model, examples, batch_size, pad_id, device, ctx):
+    """The response loss over all of examples at once: summed over every trained token, divided
+    by their count (not a mean of batch means, which would weight short responses up)."""
+    model.eval()
+    total = 0.0
+    count = 0
+    for i in range(0, len(examples), batch_size):
+        x, y = collate(examples[i:i + batch_size], pad_id, device)
+        with ctx:
+            logits = model(x)[0]
+        n = int((y != -100).sum())
+        total += response_loss(logits, y).item() * n
+        count += n
+    return total / count
+
+@torch.no_grad()
+def respond(model, tok, prompts, max_new_tokens, eot_id, ctx, batch_size=50):
+    """Greedy responses to prompts (token ids), in batches, each cut at eot_id, decoded by tok."""
+    model.eval()
+    responses = []
+    for i in range(0, len(prompts), batch_size):
+        with ctx:
+            new = model.generate(prompts[i:i + batch_size], max_new_tokens, temperature=0.0,
+                                 eot_id=eot_id)
+        responses += [tok.decode(ids).strip() for ids in new]
+    return responses
+
+
+def load_model(ckpt_path, init_from="", data_dir="data", device="cpu"):
+    """The model a finetuning script starts from: OpenAI's GPT-2 when init_from names it (or a
+    .safetensors), else the checkpoint at ckpt_path. -> (model, the tokenizer as saved: 'gpt2' or
+    a bpe.py dict; bpe.Tokenizer.from_saved turns it into the tokenizer)."""
+    if init_from:
+        return from_pretrained(init_from, data_dir).to(device), "gpt2"
+    model, ckpt = load_checkpoint(ckpt_path, device)
+    return model, ckpt["tokenizer"]
 
 # -----------------------------------------------------------------------------
 # demo: a random small model offline, or OpenAI's GPT-2

@@ -1286,10 +1286,10 @@ def test_bpe_chat_mask_marks_exactly_the_assistant_tokens_and_stop():
     stop = tok.special_tokens["<|endoftext|>"]
     assert trained == tok.encode("Tom") + [stop] + tok.encode("Tom again") + [stop], tok.decode(trained)
     # the examples shift by one: y[t] is the token after x[t], -100 where nothing is learned
-    (x, y), = finetune.make_examples(tok, [chat], "alpaca", 512)[0]
+    (x, y), = bpe.make_examples(tok, [chat], "alpaca", 512)[0]
     assert x == ids[:-1] and [t for t in y if t != -100] == trained
     assert [t for t, m in zip(y, mask[1:]) if not m] == [-100] * (len(y) - len(trained))
-    (x, y), = finetune.make_examples(tok, [chat], "alpaca", 512, mask_prompt=False)[0]
+    (x, y), = bpe.make_examples(tok, [chat], "alpaca", 512, mask_prompt=False)[0]
     assert y == ids[1:], "--mask_prompt=False trains on every token"
 
 def test_finetune_long_examples_cut_the_response_never_the_prompt():
@@ -1297,12 +1297,12 @@ def test_finetune_long_examples_cut_the_response_never_the_prompt():
     prompt = [{"role": "user", "content": "cat " * 10}]
     n_prompt = len(bpe.render_conversation(tok, prompt, "phi3")[0])
     long = prompt + [{"role": "assistant", "content": "Tom " * 40}]
-    examples, dropped, cut = finetune.make_examples(tok, [long], "phi3", n_prompt + 5)
+    examples, dropped, cut = bpe.make_examples(tok, [long], "phi3", n_prompt + 5)
     (x, y), = examples
     assert (dropped, cut) == (0, 1) and len(x) == n_prompt + 5
     assert x[:n_prompt] == bpe.render_conversation(tok, prompt, "phi3")[0], "the prompt is kept whole"
     assert tok.special_tokens["<|endoftext|>"] not in y, "a cut response has no stop token"
-    examples, dropped, cut = finetune.make_examples(tok, [long], "phi3", n_prompt - 3)
+    examples, dropped, cut = bpe.make_examples(tok, [long], "phi3", n_prompt - 3)
     assert (examples, dropped) == ([], 1), "a prompt that fills the window is dropped, not cut"
 
 def test_finetune_loss_is_sum_over_trained_tokens_over_their_count():
@@ -1311,18 +1311,18 @@ def test_finetune_loss_is_sum_over_trained_tokens_over_their_count():
     targets = torch.tensor([[1, -100, 2], [-100, -100, 4]])
     logp = logits.log_softmax(-1)
     expected = -(logp[0, 0, 1] + logp[0, 2, 2] + logp[1, 2, 4]) / 3
-    assert_close(finetune.response_loss(logits, targets), expected, 1e-6, "masked loss")
-    raises(ValueError, finetune.response_loss, logits, torch.full((2, 3), -100), match="no trained token")
+    assert_close(gpt.response_loss(logits, targets), expected, 1e-6, "masked loss")
+    raises(ValueError, gpt.response_loss, logits, torch.full((2, 3), -100), match="no trained token")
 
 def test_finetune_length_batches_cut_padding():
     lengths = [random.Random(k).randint(10, 200) for k in range(256)]
-    batches = finetune.length_batches(lengths, 16, random.Random(0))
+    batches = gpt.length_batches(lengths, 16, random.Random(0))
     assert sorted(i for b in batches for i in b) == list(range(256)), "every example once"
     shuffled = random.Random(1).sample(range(256), 256)
     unsorted = [shuffled[i:i + 16] for i in range(0, 256, 16)]
-    sorted_pad, random_pad = finetune.padding_fraction(lengths, batches), finetune.padding_fraction(lengths, unsorted)
+    sorted_pad, random_pad = gpt.padding_fraction(lengths, batches), gpt.padding_fraction(lengths, unsorted)
     assert sorted_pad < 0.1 and random_pad > 0.4, (sorted_pad, random_pad)
-    assert finetune.length_batches(lengths, 16, random.Random(0)) == batches, "seeded"
+    assert gpt.length_batches(lengths, 16, random.Random(0)) == batches, "seeded"
 
 def test_bpe_story_checker_on_hand_made_stories():
     summary = "Lily lost her red ball, and her friend Tom helped her find it."
@@ -1353,18 +1353,20 @@ def test_finetune_overfits_four_examples():
         ckpt, _, tok = _tiny_finetune_setup(tmp, FOUR)
         model, _ = gpt.load_checkpoint(ckpt, verbose=False)
         chats = [bpe.record_messages(r) for r in FOUR]
-        examples = finetune.make_examples(tok, chats, "phi3", 96)[0]
+        examples = bpe.make_examples(tok, chats, "phi3", 96)[0]
         cfg = finetune.FinetuneConfig(max_iters=150, batch_size=4, learning_rate=1e-2, min_lr=1e-3,
                                       warmup_iters=5, eval_interval=50, log_interval=1000, weight_decay=0.0)
         pad = tok.special_tokens["<|endoftext|>"]
-        batch_loss = lambda batch: (finetune.response_loss(model(finetune.collate(
-            [examples[i] for i in batch], pad, "cpu")[0])[0], finetune.collate([examples[i] for i in batch], pad, "cpu")[1]), 1)
-        evaluate = lambda: finetune.heldout_loss(model, examples, 4, pad, "cpu", contextlib.nullcontext())
-        best, _ = finetune.fit(cfg, model, list(model.parameters()), lambda: [[0, 1, 2, 3]], batch_loss,
-                               evaluate, lambda step, loss: None)
-        assert best < 0.05, f"held-out loss {best}"
+        batch_loss = lambda batch: (gpt.response_loss(model(gpt.collate(
+            [examples[i] for i in batch], pad, "cpu")[0])[0], gpt.collate([examples[i] for i in batch], pad, "cpu")[1]), 1)
+        evaluate = lambda: gpt.heldout_loss(model, examples, 4, pad, "cpu", contextlib.nullcontext())
+        run = gpt.fit(cfg, model, list(model.parameters()), lambda: [[0, 1, 2, 3]], batch_loss,
+                      evaluate, lambda step, loss: None)
+        assert run["best_val_loss"] < 0.05, run
+        n_tensors = len(list(model.parameters()))  # AdamW: two float32 moments per weight, a step count per tensor
+        assert 8 * model.num_params() <= run["optimizer_bytes"] <= 8 * model.num_params() + 8 * n_tensors, run
         prompts = [bpe.render_conversation(tok, chat[:-1], "phi3")[0] for chat in chats]
-        responses = finetune.respond(model, tok, prompts, 20, contextlib.nullcontext())
+        responses = gpt.respond(model, tok, prompts, 20, pad, contextlib.nullcontext())
         assert responses == [r["output"] for r in FOUR], responses
 
 def test_finetune_train_layers_changes_only_the_last_block_and_norm():
@@ -1407,16 +1409,31 @@ def test_finetune_bad_data_is_a_clear_error():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
             return os.path.join(tmp, name)
-        raises(ValueError, finetune.read_records, write("bad.json", "[{"), match="bad.json is not valid JSON")
-        raises(ValueError, finetune.read_records, write("empty.json", "[]"), match="holds no records")
-        raises(ValueError, finetune.read_records, write("x.json", '[{"instruction": "a"}]'), match="record 0 lacks")
-        raises(ValueError, finetune.read_records, write("m.jsonl", '{"messages": [{"role": "user", "content": "a"}]}\n'),
-               match="does not end with an assistant turn")
-        assert finetune.read_records(write("ok.jsonl", '{"messages": [{"role": "assistant", "content": "a"}]}\n'))
-        raises(FileNotFoundError, finetune.read_records, f"{tmp}/none.json", match="--dataset=")
+        raises(ValueError, bpe.read_records, write("bad.json", "[{"), match="bad.json is not valid JSON")
+        raises(ValueError, bpe.read_records, write("empty.json", "[]"), match="holds no records")
+        raises(ValueError, bpe.read_records, write("x.json", '[{"instruction": "a"}]'), match="record 0 lacks")
+        raises(ValueError, bpe.read_records, write("m.jsonl", '{"messages": [{"role": "user", "content": "a"}]}\n'),
+               match="does not end with a user turn and then an assistant turn")
+        raises(ValueError, bpe.read_records, write("a.jsonl", '{"messages": [{"role": "assistant", "content": "a"}]}\n'),
+               match="record 0 does not end with a user turn")
+        chat = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+        assert len(bpe.read_records(write("ok.jsonl", chat + "\n" + chat))) == 2
+        raises(ValueError, bpe.read_records, write("bad.jsonl", chat + chat + "{oops\n"), match="on line 3")
+        with open(os.path.join(tmp, "latin1.json"), "wb") as f:
+            f.write(b'[{"instruction": "caf\xe9", "output": "x"}]')
+        raises(ValueError, bpe.read_records, os.path.join(tmp, "latin1.json"), match="UTF-8")
+        raises(FileNotFoundError, bpe.read_records, f"{tmp}/none.json", match="--dataset=")
         raises(ValueError, finetune.read_labelled, write("l.tsv", "ham\thi\nspam no tab\n"), match="line 2")
         raises(ValueError, finetune.balanced_split, [("a", "ham"), ("b", "ham")], 0, match="one label")
-        raises(ValueError, finetune.split, list(range(10)), 5, 5, 0, match="none to train")
+        ckpt, _, _ = _tiny_finetune_setup(tmp, FOUR)
+        few = write("few.tsv", "ham\thi\nham\tyo\nspam\twin\nspam\tcash\n")
+        raises(ValueError, finetune.main, finetune.FinetuneConfig(ckpt_path=ckpt, task="classify", dataset=few,
+               out_dir=f"{tmp}/few", device="cpu"), match="at least 10 texts of each label")
+        os.makedirs(f"{tmp}/done")
+        shutil.copy(ckpt, f"{tmp}/done/ckpt.pt")
+        raises(FileExistsError, finetune.main, finetune.FinetuneConfig(ckpt_path=ckpt, out_dir=f"{tmp}/done"),
+               match="--overwrite")
+        raises(ValueError, bpe.split_records, list(range(10)), 5, 5, 0, match="none to train")
         raises(ValueError, finetune.check_config, finetune.FinetuneConfig(template="chatml"), match="alpaca")
         raises(ValueError, finetune.check_config, finetune.FinetuneConfig(task="chat"), match="instruct or classify")
 
@@ -1427,6 +1444,8 @@ def test_finetune_per_task_defaults_and_explicit_flags():
     assert (cls.train_layers, cls.max_iters, cls.epochs, cls.learning_rate) == (1, -1, 10, 5e-4), cls
     mine = finetune.check_config(finetune.FinetuneConfig(task="classify", train_layers=-1, min_lr=0.0))
     assert (mine.train_layers, mine.min_lr) == (-1, 0.0), "a flag passed explicitly wins"
+    epochs = finetune.check_config(finetune.FinetuneConfig(epochs=4))
+    assert (epochs.epochs, epochs.max_iters) == (4, -1), "--epochs alone counts epochs, not the default steps"
 
 def test_finetune_naive_bayes_baseline():
     train = [("win cash now", "spam"), ("free prize win", "spam"), ("see you at lunch", "ham"),
@@ -1439,7 +1458,7 @@ def test_finetune_classifier_pools_the_last_real_token():
     clf = finetune.Classifier(model, ["a", "b", "c"]).eval()
     rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
     alone = torch.cat([clf(torch.tensor([r]), torch.tensor([len(r)])) for r in rows])
-    x = finetune.collate([(r, r) for r in rows], 0, "cpu")[0]
+    x = gpt.collate([(r, r) for r in rows], 0, "cpu")[0]
     assert_close(clf(x, torch.tensor([3, 6])), alone, 1e-6, "padded vs alone")
 
 def test_finetune_classifier_overfits_and_round_trips():
@@ -1492,9 +1511,9 @@ def test_finetune_judge_scores_through_a_local_stand_in_server():
     raises(RuntimeError, finetune.judge, url, "llama3", [("a", "b", "c")], match="drop --judge_url")
 
 def test_finetune_raschka_records_render_with_gpt2s_tokenizer():
-    records = finetune.read_records(shared_file("instruct", "instruction-data.json"))
+    records = bpe.read_records(shared_file("instruct", "instruction-data.json"))
     tok = bpe.Tokenizer.gpt2(os.path.dirname(shared_file("gpt2", "encoder.json")))
-    examples, dropped, cut = finetune.make_examples(tok, [bpe.record_messages(r) for r in records], "alpaca", 1024)
+    examples, dropped, cut = bpe.make_examples(tok, [bpe.record_messages(r) for r in records], "alpaca", 1024)
     assert len(records) == 1100 and len(examples) == 1100 and dropped == cut == 0
     ids, mask = bpe.render_conversation(tok, bpe.record_messages(records[0]), "alpaca")
     stop = tok.special_tokens["<|endoftext|>"]
@@ -1517,11 +1536,12 @@ SCRIPTS = ["bigram.py", "micrograd.py", "bpe.py", "gpt.py", "train.py", "finetun
 # the one budget table: caps in lines (wc -l). The issue that set them (#11) asked for bigram.py and
 # micrograd.py 300, bpe.py 420, gpt.py 600, train.py 650; with its density rule (test_repo_density)
 # and the shared helpers they grew past those, so the caps here are the measured sizes plus a little
-# room, until that budget is decided again. bpe.py also holds the chat template and the story checker
-# (#13), and finetune.py (#13 asked for about 350) the instruction and classification tasks with
-# their data, evaluation and judge. test_all.py has no cap: a section per script instead
-LINE_CAPS = {"bigram.py": 360, "micrograd.py": 340, "bpe.py": 570, "gpt.py": 780, "train.py": 840,
-             "kvcache.py": 450, "finetune.py": 650, "lora.py": 320, "dpo.py": 500, "quantize.py": 400,
+# room, until that budget is decided again. bpe.py also holds the chat template, the story checker
+# and the instruction data (#13), and gpt.py the finetuning loop and its helpers, which finetune.py,
+# lora.py and dpo.py share and may import from nowhere else. test_all.py has no cap: a section per
+# script instead
+LINE_CAPS = {"bigram.py": 360, "micrograd.py": 340, "bpe.py": 690, "gpt.py": 920, "train.py": 840,
+             "kvcache.py": 450, "finetune.py": 450, "lora.py": 320, "dpo.py": 500, "quantize.py": 400,
              "ddp.py": 380}
 
 def present(files):
@@ -1618,7 +1638,7 @@ def test_repo_user_errors_are_one_line():
             ("kvcache.py", [f"--ckpt_path={tmp}/missing.pt"], "python train.py"),
             ("finetune.py", [f"--ckpt_path={tmp}/missing.pt"], "python train.py"),
             ("finetune.py", ["--template=chatml"], "use one of phi3, alpaca"),
-            ("finetune.py", ["--task=classify", f"--out_dir={tmp}", "--classify_text=hi"], "no checkpoint"),
+            ("finetune.py", ["--task=classify", f"--out_dir={tmp}", "--classify_text=hi"], "no classifier at"),
             ("finetune.py", [f"--ckpt_path={garbage}"], "not a readable checkpoint"),
             ("kvcache.py", [f"--ckpt_path={garbage}"], "not a readable checkpoint"),
             ("gpt.py", [f"--init_from={garbage}"], "header length"),

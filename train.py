@@ -810,7 +810,7 @@ def make_story(rng):
     return story, summary.format(**slots), words, label
 
 def generate_stories(n, seed):
-    """n distinct (story, summary, words) records, the same for the same (n, seed); a smaller
+    """n distinct (story, summary, words, kind) records, the same for the same (n, seed); a smaller
     n gives a prefix of a larger one, so train/val/instruct can be slices of one call."""
     rng = random.Random(seed)
     records = {}  # story -> record; a dict keeps the first of repeats, in order
