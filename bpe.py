@@ -450,9 +450,13 @@ def record_problem(record):
     fields = [record.get("instruction"), record.get("output"), record.get("input", "")]
     return "" if all(isinstance(f, str) for f in fields) else "lacks a string instruction or output"
 
-def read_records(path):
+RECORD_SCHEMA = ("each record needs instruction and output strings (input optional) or messages "
+                 "ending with a user turn and an assistant turn")
+
+def read_records(path, problem=record_problem, schema=RECORD_SCHEMA):
     """A JSON list, or JSONL lines, of {instruction, input, output} or {messages: [...]} records,
-    each checked: a malformed file or record is an error naming both."""
+    each checked by problem(record) (another schema: pass its own check and description): a
+    malformed file or record is an error naming both."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; pass --dataset=stories, alpaca or a JSON file")
     where = ""
@@ -471,13 +475,11 @@ def read_records(path):
         raise ValueError(f"{path} is not valid JSON{where} ({e}); fix it (UTF-8 JSON) or "
                          f"download it again") from None
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{path} holds no records; it needs a JSON list (or JSONL lines) of "
-                         f"{{instruction, input, output}} or {{messages: [...]}}")
+        raise ValueError(f"{path} holds no records; it needs a JSON list (or JSONL lines): "
+                         f"{schema}")
     for k, record in enumerate(records):
-        if problem := record_problem(record):
-            raise ValueError(f"{path}: record {k} {problem}; each record needs instruction and "
-                             f"output strings (input optional) or messages ending with a user "
-                             f"turn and an assistant turn")
+        if what := problem(record):
+            raise ValueError(f"{path}: record {k} {what}; {schema}")
     return records
 
 def fetch(url, path, sha256=""):

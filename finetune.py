@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from bpe import (CHAT_TEMPLATES, STOP, Tokenizer, constraints_met, fetch, instruct_records,
                  make_examples, record_messages, render_conversation, split_records)
-from gpt import (collate, fit, format_config, heldout_loss, length_batches, load_checkpoint,
-                 load_model, padding_fraction, pick_device, refuse_torchrun, respond,
-                 response_loss, run_main, save_checkpoint, setup_precision)
+from gpt import (collate, fit, heldout_loss, length_batches, load_checkpoint, padding_fraction,
+                 pick_device, refuse_overwrite, refuse_torchrun, require_positive, respond,
+                 response_loss, run_main, save_checkpoint, start_finetuning)
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -242,9 +242,7 @@ def check_config(cfg):
     if cfg.template not in CHAT_TEMPLATES:
         raise ValueError(f"--template={cfg.template!r} is unknown; use one of "
                          f"{', '.join(CHAT_TEMPLATES)}")
-    if min(cfg.batch_size, cfg.eval_interval, cfg.log_interval, cfg.val_size, cfg.test_size) < 1:
-        raise ValueError("--batch_size, --eval_interval, --log_interval, --val_size and "
-                         "--test_size must be at least 1")
+    require_positive(cfg, "batch_size", "eval_interval", "log_interval", "val_size", "test_size")
     if cfg.max_iters <= 0 and cfg.epochs < 1:
         raise ValueError("pass --epochs>=1 or --max_iters>=1")
     if cfg.train_layers < -1:
@@ -425,15 +423,8 @@ def main(cfg):
     device = pick_device(cfg.device)
     if cfg.classify_text:
         return classify_text(cfg, os.path.join(out_dir, "ckpt.pt"), device)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise FileExistsError(f"{ckpt_path} holds an earlier run; pass another --out_dir, or "
-                              f"--overwrite to replace it")
-    dtype, reason, ctx = setup_precision(device, cfg.dtype)
-    cfg = dataclasses.replace(cfg, dtype=dtype)  # fit scales the loss when it is float16
-    print(f"config:\n{format_config(cfg)}\ndevice: {device}; dtype: {dtype} ({reason})")
-    torch.manual_seed(cfg.seed)
-    model, saved_tok = load_model(cfg.ckpt_path, cfg.init_from, cfg.data_dir, device)
+    refuse_overwrite(os.path.join(out_dir, "ckpt.pt"), cfg.overwrite)
+    cfg, device, ctx, model, saved_tok = start_finetuning(cfg)
     tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
     common = dict(tokenizer=saved_tok, train_config=dataclasses.asdict(cfg))
     task = instruct if cfg.task == "instruct" else classify

@@ -778,7 +778,7 @@ def fit(cfg, model, params, make_batches, batch_loss, evaluate, on_best):
     eval_interval steps, on_best(step, loss) saves. Ends with the model at its best weights.
     cfg carries learning_rate, min_lr, warmup_iters, weight_decay, grad_clip, max_iters, epochs,
     eval_interval, log_interval and dtype (float16 scales the loss, as train.py does).
-    -> {best_val_loss, seconds, optimizer_bytes (AdamW's state), step_ms (the median step)}."""
+    -> {best_val_loss, best_step, seconds, optimizer_bytes (AdamW's state), step_ms (median)}."""
     decay = [p for p in params if p.dim() >= 2]  # matrices decay; biases and norm gains do not
     rest = [p for p in params if p.dim() < 2]
     fused = params[0].device.type in ("cuda", "cpu")  # one kernel for all tensors (not on MPS)
@@ -791,6 +791,7 @@ def fit(cfg, model, params, make_batches, batch_loss, evaluate, on_best):
     print(f"training: {steps} steps ({per_epoch} per epoch), "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     best = float("inf")
+    best_step = 0
     best_state = None
     batches = []
     losses = []
@@ -804,6 +805,7 @@ def fit(cfg, model, params, make_batches, batch_loss, evaluate, on_best):
             print(f"step {step}: {train_loss}val loss {held_out:.4f}")
             if held_out < best:
                 best = held_out
+                best_step = step
                 best_state = copy.deepcopy(model.state_dict())
                 on_best(step, held_out)
         if step == steps:
@@ -831,10 +833,14 @@ def fit(cfg, model, params, make_batches, batch_loss, evaluate, on_best):
             print(f"step {step:5d}/{steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
                   f"{1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s | "
                   f"{progress_bar(step + 1, steps, pace)}", flush=True)
+    if best_state is None:
+        raise RuntimeError("the held-out loss was never finite: training diverged; lower "
+                           "--learning_rate")
     model.load_state_dict(best_state)
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                       for t in s.values() if torch.is_tensor(t))
-    return dict(best_val_loss=best, seconds=time.time() - t_start, optimizer_bytes=state_bytes,
+    return dict(best_val_loss=best, best_step=best_step, seconds=time.time() - t_start,
+                optimizer_bytes=state_bytes,
                 step_ms=1000 * sorted(step_times)[len(step_times) // 2] if step_times else 0.0)
 
 @torch.no_grad()
@@ -865,6 +871,29 @@ def respond(model, tok, prompts, max_new_tokens, eot_id, ctx, batch_size=50):
         responses += [tok.decode(ids).strip() for ids in new]
     return responses
 
+
+def refuse_overwrite(ckpt_path, overwrite):
+    """A run never replaces an earlier run's checkpoint, unless the user asks (--overwrite)."""
+    if os.path.exists(ckpt_path) and not overwrite:
+        raise FileExistsError(f"{ckpt_path} holds an earlier run; pass another --out_dir, or "
+                              f"--overwrite to replace it")
+
+def require_positive(cfg, *names):
+    """One error naming the flags among names whose value is below 1."""
+    if low := [f"--{name}={getattr(cfg, name)}" for name in names if getattr(cfg, name) < 1]:
+        raise ValueError(f"{', '.join(low)}: each must be at least 1")
+
+def start_finetuning(cfg):
+    """The opening of every finetuning script: the device and precision (printed with the config;
+    the dtype goes back into cfg, so fit scales a float16 loss), the seed and the starting model
+    (load_model). -> (cfg, device, autocast context, model, the tokenizer as saved)."""
+    device = pick_device(cfg.device)
+    dtype, reason, ctx = setup_precision(device, cfg.dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    print(f"config:\n{format_config(cfg)}\ndevice: {device}; dtype: {dtype} ({reason})")
+    torch.manual_seed(cfg.seed)
+    model, saved_tok = load_model(cfg.ckpt_path, cfg.init_from, cfg.data_dir, device)
+    return cfg, device, ctx, model, saved_tok
 
 def load_model(ckpt_path, init_from="", data_dir="data", device="cpu"):
     """The model a finetuning script starts from: OpenAI's GPT-2 when init_from names it (or a

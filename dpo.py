@@ -1,0 +1,348 @@
+"""DPO: align a finetuned GPT with preference pairs, against a frozen copy of itself.
+
+What you learn here (LLM101n chapter 15, Build a LLM from Scratch's DPO chapter): how much more the
+policy likes a response than the frozen reference does, beta * (log pi(y|x) - log ref(y|x)), acts
+as a reward, and a logistic loss on the chosen-minus-rejected reward trains the policy directly: no
+reward model, no sampling. The key equation (DPO):
+    loss = -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]).
+How to run:
+    python dpo.py                      # ~5 min on a 2-core CPU: out-sft/ckpt.pt, corrupted stories
+    python dpo.py --loss=ipo --beta=0.5 --out_dir=out-ipo       # or --loss=cdpo, --loss=simpo
+    python dpo.py --init_from=gpt2 --dataset=raschka --device=cuda --out_dir=out-dpo-gpt2
+Depends on: gpt.py, bpe.py (the template, the story checker, the training loop). Reads
+out-sft/ckpt.pt from finetune.py and data/stories/instruct.json from train.py; writes
+out-dpo/ckpt.pt and out-dpo/eval.json (the before/after table).
+References: Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290; Azar et al.
+2023, IPO, arXiv:2310.12036; Mitchell 2023, a note on DPO with noisy preferences (cDPO); Meng et
+al. 2024, SimPO, arXiv:2405.14734.
+"""
+import copy
+import dataclasses
+import json
+import os
+import random
+import re
+
+import torch
+import torch.nn.functional as F
+
+from bpe import (STOP, Tokenizer, constraints_met, fetch, instruct_records, make_examples,
+                 read_records, record_messages, render_conversation, split_records,
+                 story_problems)
+from gpt import (collate, fit, heldout_loss, refuse_overwrite, refuse_torchrun,
+                 require_positive, respond, run_main, save_checkpoint, start_finetuning)
+
+@dataclasses.dataclass
+class DpoConfig:
+    """Preference-tune a finetuned GPT; every field is a flag: --loss=ipo --beta=0.5"""
+    # I/O
+    ckpt_path: str = "out-sft/ckpt.pt"  # the policy's start and the reference, from finetune.py
+    init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a .safetensors: OpenAI's GPT-2
+    out_dir: str = "out-dpo"  # ckpt.pt (the best by held-out loss) and eval.json go here
+    overwrite: bool = False  # replace a checkpoint already in out_dir (else that is an error)
+    data_dir: str = "data"  # downloads are cached here; train.py wrote stories/instruct.json
+    gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer files, for --init_from=gpt2
+    # pairs
+    dataset: str = "stories"  # stories, raschka (preference JSON), or a prompt/chosen/rejected file
+    template: str = ""  # the chat template; '' = the one the checkpoint was finetuned with
+    val_size: int = 100  # held-out records: pairs for the loss that picks the best checkpoint
+    test_size: int = 200  # held-out records: prompts and pairs for the before/after table
+    # loss
+    loss: str = "dpo"  # dpo, cdpo (label smoothing), ipo, simpo (no reference)
+    beta: float = 0.1  # the reward's scale (simpo: typically 2.0)
+    label_smoothing: float = 0.1  # cdpo: the chance that a pair's label is flipped
+    gamma: float = 0.5  # simpo: the margin the length-normalised reward gap must clear
+    nll_weight: float = 1.0  # + this x the chosen responses' per-token loss (RPO): they stay likely
+    # training
+    max_iters: int = 300  # optimizer steps; -1 = epochs x batches per epoch
+    epochs: int = 1  # passes over the pairs, when max_iters is -1
+    batch_size: int = 8  # pairs per step (16 sequences in one forward pass)
+    learning_rate: float = 1e-4  # peak, after warmup
+    min_lr: float = 1e-5  # the cosine ends here
+    warmup_iters: int = 20  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay of matrices
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 = off
+    eval_interval: int = 50  # steps between held-out evaluations (and saves when it improves)
+    log_interval: int = 10  # steps between log lines, with the rewards
+    max_new_tokens: int = 200  # the longest greedy response in the table
+    # system
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    seed: int = 1337  # the split, the corruptions, the batch order
+
+RASCHKA_PREFERENCE = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+                      "04_preference-tuning-with-dpo/instruction-data-with-preference.json")
+LOSSES = ("dpo", "cdpo", "ipo", "simpo")
+
+# -----------------------------------------------------------------------------
+# preference pairs: (prompt messages, chosen text, rejected text)
+
+def corrupt(record, other, kind):
+    """The true story of record with one documented fault, or None when that fault cannot be
+    made: 'word' swaps every use of a required word for a required word of other, 'hero' renames
+    the hero (the summary's first name) to other's hero, 'ending' takes other's last paragraph."""
+    story = record["output"]
+    if kind == "word":
+        present = [w for w in record["words"] if w not in other["words"]]
+        fresh = [w for w in other["words"] if not re.search(rf"\b{w}\b", story, re.IGNORECASE)]
+        if not present or not fresh:
+            return None
+        return re.sub(rf"\b{re.escape(present[0])}\b", fresh[0], story, flags=re.IGNORECASE)
+    if kind == "hero":
+        hero = re.findall(r"\b[A-Z][a-z]+\b", record["summary"])[:1]
+        new = [n for n in re.findall(r"\b[A-Z][a-z]+\b", other["summary"]) if n not in story]
+        return re.sub(rf"\b{hero[0]}\b", new[0], story) if hero and new else None
+    return "\n".join(story.split("\n")[:-1] + other["output"].split("\n")[-1:])
+
+def story_pairs(records, seed):
+    """Offline pairs from held-out story records: chosen is the true story, rejected a corruption
+    that the checker rejects (the kinds rotate; a record none of them breaks is skipped)."""
+    rng = random.Random(seed)
+    pairs = []
+    for k, record in enumerate(records):
+        other = records[rng.randrange(len(records))]
+        kinds = ["word", "hero", "ending"]
+        for kind in kinds[k % 3:] + kinds[:k % 3]:
+            rejected = corrupt(record, other, kind) if other is not record else None
+            if rejected and story_problems(rejected, record["words"], record["summary"]):
+                pairs.append((record_messages(record)[:-1], record["output"], rejected))
+                break
+    return pairs
+
+PAIR_SCHEMA = ("each record needs a prompt (or instruction, with an optional input) and "
+               "different, non-empty chosen and rejected strings")
+
+def pair_problem(record, allow_ties=False):
+    # what is wrong with one preference record, or '' when it is fine
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    prompt = record.get("prompt", record.get("instruction"))
+    chosen = record.get("chosen")
+    rejected = record.get("rejected")
+    if not all(isinstance(t, str) and t.strip() for t in (prompt, chosen, rejected)):
+        return "lacks a non-empty prompt, chosen or rejected"
+    if chosen == rejected and not allow_ties:
+        return "has chosen == rejected: nothing to prefer"
+    return ""
+
+def file_pairs(path, allow_ties=False):
+    """Pairs from a JSON/JSONL file of {prompt | instruction (+ input), chosen, rejected} records,
+    each checked; with allow_ties, records whose chosen == rejected are skipped, not an error
+    (Raschka's instruction-data-with-preference.json has 6 of 1,100)."""
+    records = read_records(path, lambda r: pair_problem(r, allow_ties), PAIR_SCHEMA)
+    ties = [k for k, r in enumerate(records) if r["chosen"] == r["rejected"]]
+    if ties:
+        print(f"{path}: skipped {len(ties)} records whose chosen == rejected: {ties[:10]}")
+    pairs = []
+    for r in [r for r in records if r["chosen"] != r["rejected"]]:
+        prompt = {"instruction": r.get("prompt", r.get("instruction")), "input": r.get("input", "")}
+        pairs.append((record_messages(prompt), r["chosen"], r["rejected"]))
+    return pairs
+
+# -----------------------------------------------------------------------------
+# the lesson: sequence log-probabilities and the preference losses
+
+def sequence_logprobs(logits, targets):
+    """Per row of (B, T) targets: the summed log-probability of the trained tokens (targets !=
+    -100: the response and its stop token) and their count. -> (logp (B,), n (B,))."""
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                            reduction="none").view(targets.shape)          # (B, T), 0 where -100
+    return logp.sum(1), (targets != -100).sum(1)
+
+def preference_loss(kind, pc, pr, rc, rr, nc, nr, beta, label_smoothing=0.0, gamma=0.0):
+    """Per pair: the loss of the policy's log-probs pc (chosen), pr (rejected) against the
+    reference's rc, rr; nc, nr count the tokens. -> (loss, chosen reward, rejected reward)."""
+    if kind == "simpo":  # no reference; rewards are length-normalised log-probs
+        # -log sigmoid(beta * (pc / nc - pr / nr) - gamma)
+        reward_c = beta * pc / nc
+        reward_r = beta * pr / nr
+        return -F.logsigmoid(reward_c - reward_r - gamma), reward_c, reward_r
+    reward_c = beta * (pc - rc)
+    reward_r = beta * (pr - rr)
+    h = (pc - rc) - (pr - rr)  # how much more than the reference the policy prefers chosen
+    if kind == "dpo":  # -log sigmoid(beta * h): ln 2 at the start, 0 as h grows
+        loss = -F.logsigmoid(beta * h)
+    elif kind == "cdpo":  # a label flipped with probability eps: the loss stops falling at a margin
+        # -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+        loss = (-(1 - label_smoothing) * F.logsigmoid(beta * h)
+                - label_smoothing * F.logsigmoid(-beta * h))
+    else:  # ipo: (h - 1 / (2 beta))^2, a target margin instead of an ever-growing one
+        loss = (h - 1 / (2 * beta)) ** 2
+    return loss, reward_c, reward_r
+
+# -----------------------------------------------------------------------------
+# helpers used by main: pairs as examples, scoring them in one pass, the measurements
+
+def pair_examples(tok, pairs, template, block_size):
+    """Each (prompt, chosen, rejected) as a pair of masked examples ((x, y) chosen, (x, y)
+    rejected), by make_examples' rule; a pair with a response outside the window is dropped."""
+    out = []
+    for prompt, chosen, rejected in pairs:
+        chats = [prompt + [{"role": "assistant", "content": text}] for text in (chosen, rejected)]
+        examples, dropped, _ = make_examples(tok, chats, template, block_size)
+        if not dropped:
+            out.append(tuple(examples))
+    return out
+
+def score(model, pairs, pad_id, device, ctx):
+    """Sequence log-probs of the chosen and the rejected responses of pairs, in one forward pass
+    over 2B rows. -> (chosen logp, rejected logp, chosen tokens, rejected tokens), each (B,)."""
+    x, y = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, device)
+    with ctx:
+        logits = model(x)[0]
+    logp, n = sequence_logprobs(logits, y)
+    B = len(pairs)
+    return logp[:B], logp[B:], n[:B], n[B:]
+
+@torch.no_grad()
+def reference_logprobs(ref, pairs, batch_size, pad_id, device, ctx):
+    # the frozen reference scores every pair once: (N, 2) log-probs, chosen then rejected
+    out = [torch.stack(score(ref, pairs[i:i + batch_size], pad_id, device, ctx)[:2], 1)
+           for i in range(0, len(pairs), batch_size)]
+    return torch.cat(out)
+
+def summarize(losses, reward_c, reward_r, kl):
+    # the logged numbers of a batch or a held-out set, from per-pair tensors
+    return dict(loss=losses.mean().item(), chosen=reward_c.mean().item(),
+                rejected=reward_r.mean().item(), accuracy=(reward_c > reward_r).float().mean().item(),
+                margin=(reward_c - reward_r).mean().item(), kl=kl.mean().item())
+
+def show(stats):
+    return (f"rewards/chosen {stats['chosen']:.3f} | rewards/rejected {stats['rejected']:.3f} | "
+            f"accuracy {stats['accuracy']:.1%} | margin {stats['margin']:.3f} | kl {stats['kl']:.4f}")
+
+@torch.no_grad()
+def pair_metrics(model, pairs, ref_logps, cfg, pad_id, device, ctx):
+    """Loss, rewards, reward accuracy and margin over held-out pairs, and a KL estimate: the mean
+    per-token log-ratio of policy to reference on the chosen responses."""
+    model.eval()
+    parts = []
+    for i in range(0, len(pairs), cfg.batch_size):
+        pc, pr, nc, nr = score(model, pairs[i:i + cfg.batch_size], pad_id, device, ctx)
+        rc, rr = ref_logps[i:i + cfg.batch_size].unbind(1)
+        loss, reward_c, reward_r = preference_loss(cfg.loss, pc, pr, rc, rr, nc, nr, cfg.beta,
+                                                   cfg.label_smoothing, cfg.gamma)
+        parts.append(torch.stack([loss, reward_c, reward_r, (pc - rc) / nc]))
+    return summarize(*torch.cat(parts, 1))
+
+def check_config(cfg):
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"--loss={cfg.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+    if cfg.beta <= 0:
+        raise ValueError(f"--beta={cfg.beta}: the reward scale must be > 0 (dpo: about 0.1)")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise ValueError(f"--label_smoothing={cfg.label_smoothing}: pass a value in [0, 0.5)")
+    require_positive(cfg, "batch_size", "eval_interval", "log_interval", "val_size", "test_size")
+
+def main(cfg):
+    refuse_torchrun("dpo.py")
+    check_config(cfg)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    refuse_overwrite(ckpt_path, cfg.overwrite)
+    if not cfg.init_from and not os.path.isfile(cfg.ckpt_path):
+        raise FileNotFoundError(f"no checkpoint at {cfg.ckpt_path}; finetune one first with "
+                                f"`python finetune.py` (it writes out-sft/ckpt.pt)")
+    cfg, device, ctx, model, saved_tok = start_finetuning(cfg)
+    template = cfg.template or "phi3"
+    if not cfg.init_from and not cfg.template:  # the template the model was finetuned with
+        saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
+        template = saved.get("chat_template", "phi3")
+    tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    # the reference: a frozen copy of the starting model, never trained (eval: no dropout)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # --- pairs: finetune.py's split of the same records, so the test prompts are the same
+    if cfg.dataset == "stories":
+        records = instruct_records("stories", cfg.data_dir)
+        splits = list(split_records(records, cfg.val_size, cfg.test_size, cfg.seed))
+        if cfg.max_iters > 0:  # one pass over the pairs the steps use is enough to build
+            splits[0] = splits[0][:cfg.max_iters * cfg.batch_size]
+        pairs = [story_pairs(rs, cfg.seed + k) for k, rs in enumerate(splits)]
+        test_records = splits[2]
+        prompts = [record_messages(r)[:-1] for r in test_records]
+    else:
+        path = cfg.dataset
+        if cfg.dataset == "raschka":
+            path = fetch(RASCHKA_PREFERENCE, os.path.join(cfg.data_dir, "preference",
+                                                          "instruction-data-with-preference.json"))
+        pairs = file_pairs(path, allow_ties=cfg.dataset == "raschka")
+        pairs = list(split_records(pairs, cfg.val_size, cfg.test_size, cfg.seed))
+        test_records = [dict(output=chosen) for _, chosen, _ in pairs[2]]
+        prompts = [prompt for prompt, _, _ in pairs[2]]
+    block = model.config.block_size
+    stop = tok.special_tokens[STOP]
+    train_p, val_p, test_p = [pair_examples(tok, p, template, block) for p in pairs]
+    if not (train_p and val_p and test_p):
+        raise ValueError(f"no train, val or test pair fits block_size={block}")
+    print(f"pairs: {len(train_p)} train, {len(val_p)} val, {len(test_p)} test ({cfg.dataset}); "
+          f"loss {cfg.loss}, beta {cfg.beta}, template {template}")
+    ref_val = reference_logprobs(ref, val_p, cfg.batch_size, stop, device, ctx)
+    ref_test = reference_logprobs(ref, test_p, cfg.batch_size, stop, device, ctx)
+    prompt_ids = [render_conversation(tok, p, template)[0] for p in prompts]
+    chosen_test = [c for c, _ in test_p]
+
+    def table_row(model):  # pairs, constraints, what DPO costs in the chosen responses' loss
+        stories = respond(model, tok, prompt_ids, cfg.max_new_tokens, stop, ctx)
+        lengths = [len(tok.encode(s, allowed_special="none")) for s in stories]
+        return dict(pair_metrics(model, test_p, ref_test, cfg, stop, device, ctx),
+                    constraints=constraints_met(stories, test_records),
+                    chosen_loss=heldout_loss(model, chosen_test, cfg.batch_size, stop, device, ctx),
+                    response_tokens=sum(lengths) / len(lengths))
+    before = table_row(model)
+
+    # --- training: the reference scores each training pair once, when its batch first comes
+    cache = {}
+    counter = [0]
+
+    def batch_loss(batch):
+        missing = [i for i in batch if i not in cache]
+        if missing:
+            new = reference_logprobs(ref, [train_p[i] for i in missing], len(missing), stop,
+                                     device, ctx)
+            cache.update(zip(missing, new))
+        pc, pr, nc, nr = score(model, [train_p[i] for i in batch], stop, device, ctx)
+        rc, rr = torch.stack([cache[i] for i in batch]).unbind(1)
+        loss, reward_c, reward_r = preference_loss(cfg.loss, pc, pr, rc, rr, nc, nr, cfg.beta,
+                                                   cfg.label_smoothing, cfg.gamma)
+        # DPO alone may lower the chosen responses' likelihood too (only the gap counts): the NLL
+        # term of RPO (Pang et al. 2024) holds them up
+        objective = loss.mean() + cfg.nll_weight * (-pc / nc).mean()
+        if counter[0] % cfg.log_interval == 0:
+            print(show(summarize(loss.detach(), reward_c.detach(), reward_r.detach(),
+                                 ((pc - rc) / nc).detach())))
+        counter[0] += 1
+        return objective, int((nc + nr).sum())
+
+    def evaluate():
+        stats = pair_metrics(model, val_p, ref_val, cfg, stop, device, ctx)
+        print(f"held-out pairs: loss {stats['loss']:.4f} | {show(stats)}")
+        return stats["loss"]
+
+    def save(step, loss):
+        save_checkpoint(ckpt_path, model, step=step, val_loss=loss, tokenizer=saved_tok,
+                        train_config=dataclasses.asdict(cfg), chat_template=template)
+    rng = random.Random(cfg.seed)
+    order = list(range(len(train_p)))
+
+    def make_batches():
+        rng.shuffle(order)
+        return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = fit(cfg, model, params, make_batches, batch_loss, evaluate, save)
+    after = table_row(model)
+
+    # --- the before/after table
+    rows = dict(before=before, after=after, test_pairs=len(test_p), train_seconds=run["seconds"])
+    print(f"done: {run['seconds']:.0f} s of training; saved {ckpt_path}")
+    print(f"{'held-out':28s} {'start':>10s} {cfg.loss:>10s}")
+    for key, fmt in [("accuracy", "{:10.1%}"), ("margin", "{:10.3f}"), ("constraints", "{:10.1%}"),
+                     ("chosen_loss", "{:10.4f}"), ("response_tokens", "{:10.1f}"), ("kl", "{:10.4f}")]:
+        cells = [rows[m][key] for m in ("before", "after")]
+        text = " ".join("{:>10s}".format("-") if c is None else fmt.format(c) for c in cells)
+        print(f"{key:28s} {text}")
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return dict(rows, ckpt_path=ckpt_path)
+
+if __name__ == "__main__":
+    run_main(main, DpoConfig)
