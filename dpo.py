@@ -6,9 +6,9 @@ as a reward, and a logistic loss on the chosen-minus-rejected reward trains the 
 reward model, no sampling. The key equation (DPO):
     loss = -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]).
 How to run:
-    python dpo.py                      # ~5 min on a 2-core CPU: out-sft/ckpt.pt, corrupted stories
+    python dpo.py                      # ~2 min on a 2-core CPU: out-sft/ckpt.pt, corrupted stories
     python dpo.py --loss=ipo --beta=0.5 --out_dir=out-ipo       # or --loss=cdpo, --loss=simpo
-    python dpo.py --init_from=gpt2 --dataset=raschka --device=cuda --out_dir=out-dpo-gpt2
+    python dpo.py --init_from=gpt2 --dataset=raschka --learning_rate=5e-6 --min_lr=5e-7
 Depends on: gpt.py, bpe.py (the template, the story checker, the training loop). Reads
 out-sft/ckpt.pt from finetune.py and data/stories/instruct.json from train.py; writes
 out-dpo/ckpt.pt and out-dpo/eval.json (the before/after table).
