@@ -44,6 +44,9 @@ class DpoConfig:
     gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer files, for --init_from=gpt2
     # pairs
     dataset: str = "stories"  # stories, raschka (preference JSON), or a prompt/chosen/rejected file
+    pairs: str = "offline"  # stories: offline (corruptions) or onpolicy (the model's own samples)
+    samples: int = 4  # onpolicy: stories sampled per prompt; the best and the worst make a pair
+    prompts: int = 600  # onpolicy: training prompts to sample for
     template: str = ""  # the chat template; '' = the one the checkpoint was finetuned with
     val_size: int = 100  # held-out records: pairs for the loss that picks the best checkpoint
     test_size: int = 200  # held-out records: prompts and pairs for the before/after table
@@ -139,6 +142,33 @@ def file_pairs(path, allow_ties=False):
         pairs.append((record_messages(prompt), r["chosen"], r["rejected"]))
     return pairs
 
+def story_score(story, record):
+    # the share of a record's constraints (required words, named characters) a story meets
+    wanted = len(record["words"]) + len(set(re.findall(r"\b[A-Z][a-z]+\b", record["summary"])))
+    return 1 - len(story_problems(story, record["words"], record["summary"])) / wanted
+
+@torch.no_grad()
+def onpolicy_pairs(model, tok, records, template, k, max_new_tokens, ctx, seed):
+    """The model's own mistakes as pairs: k stories sampled (temperature 1, the cached generate)
+    for each record's prompt and scored by the checker; the best and the worst of each group make
+    a pair when their scores differ."""
+    model.eval()
+    stop = tok.special_tokens[STOP]
+    generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    pairs = []
+    for i in range(0, len(records), 16):  # 16 prompts x k samples in one batch
+        group = records[i:i + 16]
+        prompts = [render_conversation(tok, record_messages(r)[:-1], template)[0] for r in group]
+        with ctx:
+            new = model.generate([p for p in prompts for _ in range(k)], max_new_tokens,
+                                 temperature=1.0, eot_id=stop, generator=generator)
+        for j, record in enumerate(group):
+            stories = [tok.decode(ids).strip() for ids in new[j * k:(j + 1) * k]]
+            ranked = sorted(stories, key=lambda s: story_score(s, record))
+            if story_score(ranked[-1], record) > story_score(ranked[0], record):
+                pairs.append((record_messages(record)[:-1], ranked[-1], ranked[0]))
+    return pairs
+
 # -----------------------------------------------------------------------------
 # the lesson: sequence log-probabilities and the preference losses
 
@@ -228,6 +258,11 @@ def pair_metrics(model, pairs, ref_logps, cfg, pad_id, device, ctx):
 def check_config(cfg):
     if cfg.loss not in LOSSES:
         raise ValueError(f"--loss={cfg.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+    if cfg.pairs not in ("offline", "onpolicy"):
+        raise ValueError(f"--pairs={cfg.pairs!r} is unknown; use offline or onpolicy")
+    if cfg.pairs == "onpolicy" and (cfg.dataset != "stories" or cfg.samples < 2):
+        raise ValueError("--pairs=onpolicy needs --dataset=stories (the checker scores the "
+                         "samples) and --samples>=2")
     if cfg.beta <= 0:
         raise ValueError(f"--beta={cfg.beta}: the reward scale must be > 0 (dpo: about 0.1)")
     if not 0 <= cfg.label_smoothing < 0.5:
@@ -258,6 +293,9 @@ def main(cfg):
         if cfg.max_iters > 0:  # one pass over the pairs the steps use is enough to build
             splits[0] = splits[0][:cfg.max_iters * cfg.batch_size]
         pairs = [story_pairs(rs, cfg.seed + k) for k, rs in enumerate(splits)]
+        if cfg.pairs == "onpolicy":  # training pairs from the model; held-out ones stay offline
+            pairs[0] = onpolicy_pairs(model, tok, splits[0][:cfg.prompts], template, cfg.samples,
+                                      cfg.max_new_tokens, ctx, cfg.seed)
         test_records = splits[2]
         prompts = [record_messages(r)[:-1] for r in test_records]
     else:

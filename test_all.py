@@ -1704,6 +1704,20 @@ def test_dpo_offline_pairs_reject_what_the_checker_rejects():
         assert prompt == bpe.record_messages(r)[:-1]
     assert kinds["name"] > 50 and kinds["word"] > 50, kinds
 
+def test_dpo_onpolicy_pairs_rank_the_models_own_samples():
+    records = _story_records(8, seed=7)
+    torch.manual_seed(0)
+    tok = bpe.Tokenizer().train(" ".join(r["instruction"] + r["output"] for r in records), 350)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
+    pairs = dpo.onpolicy_pairs(model, tok, records, "phi3", 3, 30, contextlib.nullcontext(), 0)
+    assert pairs == dpo.onpolicy_pairs(model, tok, records, "phi3", 3, 30, contextlib.nullcontext(), 0), "seeded"
+    by_prompt = {json.dumps(bpe.record_messages(r)[:-1]): r for r in records}
+    for prompt, chosen, rejected in pairs:
+        r = by_prompt[json.dumps(prompt)]
+        assert dpo.story_score(chosen, r) > dpo.story_score(rejected, r)
+    r = records[0]
+    assert dpo.story_score(r["output"], r) == 1.0 and dpo.story_score("", r) == 0.0
+
 def test_dpo_bad_input_is_a_clear_error():
     with tempfile.TemporaryDirectory() as tmp:
         def write(records):
@@ -1720,6 +1734,7 @@ def test_dpo_bad_input_is_a_clear_error():
         raises(ValueError, dpo.file_pairs, write([{"prompt": "x", "chosen": "y"}]), match="record 0 lacks")
     raises(ValueError, dpo.check_config, dpo.DpoConfig(beta=0.0), match="--beta=0.0")
     raises(ValueError, dpo.check_config, dpo.DpoConfig(loss="kto"), match="use one of dpo")
+    raises(ValueError, dpo.check_config, dpo.DpoConfig(pairs="onpolicy", dataset="raschka"), match="--dataset=stories")
 
 def test_dpo_reads_raschkas_preference_data():
     path = shared_file("preference", "instruction-data-with-preference.json")
