@@ -4,7 +4,9 @@ What you learn: text becomes UTF-8 bytes, then ids, by repeatedly merging the mo
 adjacent pair into a new token (Sennrich et al.); a split regex first cuts text into chunks so
 merges stay inside words. Training is fast because each distinct chunk is counted once and a merge
 recounts only the chunks holding its pair. The key idea: encoding applies the learned merges
-(a, b) -> id in the order they were learned.
+(a, b) -> id in the order they were learned. After the tokenizer come the pieces every finetuning
+script shares on the text side: the chat template (a conversation as ids and a loss mask), the
+story checker, and instruction records read, checked and split.
 How to run:
   python bpe.py                                          # offline demo: trains on this file
   python bpe.py --train=text.txt --vocab_size=4096 --out=tok.json  # train, report bytes/token
