@@ -103,7 +103,7 @@ def story_pairs(records, seed):
     rng = random.Random(seed)
     pairs = []
     for k, record in enumerate(records):
-        other = records[rng.randrange(len(records))]
+        other = records[(k + 1 + rng.randrange(max(1, len(records) - 1))) % len(records)]
         kinds = ["word", "hero", "ending"]
         for kind in kinds[k % 3:] + kinds[:k % 3]:
             rejected = corrupt(record, other, kind) if other is not record else None
@@ -263,11 +263,16 @@ def check_config(cfg):
     if cfg.pairs == "onpolicy" and (cfg.dataset != "stories" or cfg.samples < 2):
         raise ValueError("--pairs=onpolicy needs --dataset=stories (the checker scores the "
                          "samples) and --samples>=2")
-    if cfg.beta <= 0:
+    if not cfg.beta > 0:  # "not > 0" refuses nan too
         raise ValueError(f"--beta={cfg.beta}: the reward scale must be > 0 (dpo: about 0.1)")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise ValueError(f"--label_smoothing={cfg.label_smoothing}: pass a value in [0, 0.5)")
-    require_positive(cfg, "batch_size", "eval_interval", "log_interval", "val_size", "test_size")
+    require_positive(cfg, "batch_size", "eval_interval", "log_interval", "val_size", "test_size",
+                     "prompts")
+    if cfg.max_iters == 0 or cfg.max_iters < -1:
+        raise ValueError(f"--max_iters={cfg.max_iters}: pass a number of steps, or -1 for --epochs")
+    if cfg.nll_weight < 0:
+        raise ValueError(f"--nll_weight={cfg.nll_weight}: pass 0 (plain DPO) or more")
 
 def main(cfg):
     refuse_torchrun("dpo.py")
@@ -311,7 +316,8 @@ def main(cfg):
     stop = tok.special_tokens[STOP]
     train_p, val_p, test_p = [pair_examples(tok, p, template, block) for p in pairs]
     if not (train_p and val_p and test_p):
-        raise ValueError(f"no train, val or test pair fits block_size={block}")
+        raise ValueError(f"no train, val or test pair: too few records, or none fits "
+                         f"block_size={block}")
     print(f"pairs: {len(train_p)} train, {len(val_p)} val, {len(test_p)} test ({cfg.dataset}); "
           f"loss {cfg.loss}, beta {cfg.beta}, template {template}")
     ref_val = reference_logprobs(ref, val_p, cfg.batch_size, stop, device, ctx)

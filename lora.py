@@ -86,11 +86,12 @@ class LoRALinear(nn.Module):
     Kaiming-uniform (PEFT's choice, nn.Linear's own), B at zero, so at step 0 the layer is base."""
     def __init__(self, base, rank, alpha, dropout=0.0, rslora=False):
         super().__init__()
-        if rank < 1 or alpha <= 0:
+        if rank < 1 or not alpha > 0:  # "not > 0" refuses nan too
             raise ValueError(f"LoRA needs rank >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
         self.base = base.requires_grad_(False)
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False)     # A: (rank, in)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False)    # B: (out, rank)
+        device = base.weight.device  # beside the base, on whatever device it lives
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device)   # (rank, in)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device)  # (out, rank)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
@@ -191,26 +192,29 @@ def load_adapter(path, model, base_fingerprint):
         config = adapter["lora_config"]
         rank = config["rank"]
         alpha = config["alpha"]
-        saved = adapter["tensors"]
+        targets = config["targets"]
+        rslora = config["rslora"]
+        saved = dict(adapter["tensors"])
+        fingerprint_of_base = adapter["base_fingerprint"]
     except FileNotFoundError:
         raise FileNotFoundError(f"no adapter at {path}; train one with `python lora.py`") from None
     except Exception as e:  # a truncated or foreign file raises many kinds
         raise ValueError(f"{path} is not a lora.py adapter ({type(e).__name__}); retrain it with "
                          f"`python lora.py`") from None
-    if adapter["base_fingerprint"] != base_fingerprint:
+    if fingerprint_of_base != base_fingerprint:
         raise ValueError(f"{path} was trained on another base model (fingerprint "
-                         f"{adapter['base_fingerprint']}, this one {base_fingerprint}); pass the "
+                         f"{fingerprint_of_base}, this one {base_fingerprint}); pass the "
                          f"--ckpt_path or --init_from it was trained on")
     layers = [lora for _, _, lora in lora_layers(model)]
     if layers and any((lora.rank, lora.alpha) != (rank, alpha) for lora in layers):
         raise ValueError(f"{path} has rank {rank}, alpha {alpha}; the model's adapters have rank "
                          f"{layers[0].rank}, alpha {layers[0].alpha}")
     if not layers:
-        apply_lora(model, config["targets"], rank, alpha, 0.0, config["rslora"])
+        apply_lora(model, targets, rank, alpha, 0.0, rslora)
     mine = {k: v.shape for k, v in model.state_dict().items() if ".lora_" in k}
     if {k: v.shape for k, v in saved.items()} != mine:
         raise ValueError(f"{path}'s tensors do not fit this model's adapters (rank {rank}, "
-                         f"targets {config['targets']}); retrain it with `python lora.py`")
+                         f"targets {targets}); retrain it with `python lora.py`")
     model.load_state_dict(saved, strict=False)
     return model
 
@@ -303,7 +307,7 @@ def comparison_table(cfg, rows):
     return dict(rows=rows)
 
 def check_config(cfg):
-    if cfg.rank < 0 or cfg.alpha <= 0:
+    if cfg.rank < 0 or not cfg.alpha > 0:  # "not > 0" refuses nan too
         raise ValueError(f"--rank={cfg.rank} --alpha={cfg.alpha}: pass rank >= 1 (0 = full "
                          f"finetuning) and alpha > 0")
     if cfg.targets not in TARGETS:
@@ -311,6 +315,8 @@ def check_config(cfg):
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout={cfg.dropout}: pass a probability in [0, 1)")
     require_positive(cfg, "batch_size", "eval_interval", "log_interval", "val_size", "test_size")
+    if cfg.max_iters == 0 or cfg.max_iters < -1:
+        raise ValueError(f"--max_iters={cfg.max_iters}: pass a number of steps, or -1 for --epochs")
 
 def main(cfg):
     refuse_torchrun("lora.py")
@@ -375,6 +381,11 @@ def main(cfg):
     tuned = evaluate(model)
 
     # --- merge, save an ordinary checkpoint, and compare the sizes
+    if cfg.bf16_base and cfg.rank > 0:  # merge into the float32 base, not its bfloat16 rounding
+        adapters = {k: v.float() for k, v in model.state_dict().items() if ".lora_" in k}
+        model = apply_lora(load_model(cfg.ckpt_path, cfg.init_from, cfg.data_dir, device)[0],
+                           cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+        model.load_state_dict(adapters, strict=False)
     merge(model.float())
     save_checkpoint(ckpt_path, model, step=run["best_step"], val_loss=run["best_val_loss"],
                     tokenizer=saved_tok, train_config=dataclasses.asdict(cfg),

@@ -1635,6 +1635,11 @@ def test_lora_main_trains_merges_and_ships_the_adapter():
         shipped = lora.main(dataclasses.replace(cfg, adapter=f"{tmp}/lora/adapter.pt"))
         assert_close(shipped["response_loss"], result["response_loss"], 1e-5, "adapter.pt onto its base = merged")
         raises(FileExistsError, lora.main, cfg, match="--overwrite")
+        half = lora.main(dataclasses.replace(cfg, bf16_base=True, out_dir=f"{tmp}/half"))
+        merged_half = gpt.load_checkpoint(half["ckpt_path"], verbose=False)[0]
+        base_model = gpt.load_checkpoint(ckpt, verbose=False)[0]
+        assert torch.equal(merged_half.transformer.wte.weight, base_model.transformer.wte.weight), \
+            "--bf16_base merges into the float32 base, not its rounding"
         times = lora.step_times(cfg, [0, 2], rounds=1, steps=1)  # the --compare step benchmark
         assert set(times) == {0, 2} and all(ms > 0 for ms in times.values()), times
 
