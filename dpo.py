@@ -1,20 +1,26 @@
-"""DPO: align a finetuned GPT with preference pairs, against a frozen copy of itself.
+"""DPO and GRPO: align a finetuned GPT with preferences, or with a reward, against a frozen copy.
 
 What you learn here (LLM101n chapter 15, Build a LLM from Scratch's DPO chapter): how much more the
 policy likes a response than the frozen reference does, beta * (log pi(y|x) - log ref(y|x)), acts
 as a reward, and a logistic loss on the chosen-minus-rejected reward trains the policy directly: no
 reward model, no sampling. The key equation (DPO):
     loss = -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]).
+And the RL half (--method=grpo): sample a group of stories per prompt from the policy itself, score
+each with a program (the story checker), and raise the log-probs of those that beat their group:
+    A_i = (r_i - mean(r)) / std(r);  loss = -min(ratio A, clip(ratio) A) + kl_coef * KL(pi || ref).
 How to run:
     python dpo.py                      # ~2 min on a 2-core CPU: out-sft/ckpt.pt, corrupted stories
     python dpo.py --loss=ipo --beta=0.5 --out_dir=out-ipo       # or --loss=cdpo, --loss=simpo
+    python dpo.py --method=grpo --out_dir=out-grpo      # ~10 min: the checker's reward, sampling
+    python dpo.py --method=grpo --bench                 # sampling with and without the KV cache
     python dpo.py --init_from=gpt2 --dataset=raschka --learning_rate=5e-6 --min_lr=5e-7
 Depends on: gpt.py, bpe.py (the template, the story checker, the training loop). Reads
 out-sft/ckpt.pt from finetune.py and data/stories/instruct.json from train.py; writes
 out-dpo/ckpt.pt and out-dpo/eval.json (the before/after table).
 References: Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290; Azar et al.
 2023, IPO, arXiv:2310.12036; Mitchell 2023, a note on DPO with noisy preferences (cDPO); Meng et
-al. 2024, SimPO, arXiv:2405.14734.
+al. 2024, SimPO, arXiv:2405.14734; Shao et al. 2024, DeepSeekMath (GRPO), arXiv:2402.03300;
+Schulman et al. 2017, PPO, arXiv:1707.06347.
 """
 import copy
 import dataclasses
@@ -22,6 +28,7 @@ import json
 import os
 import random
 import re
+import time
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +63,16 @@ class DpoConfig:
     label_smoothing: float = 0.1  # cdpo: the chance that a pair's label is flipped
     gamma: float = 0.5  # simpo: the margin the length-normalised reward gap must clear
     nll_weight: float = 1.0  # + this x the chosen responses' per-token loss (RPO): they stay likely
+    # grpo: --method=grpo samples stories and learns from the checker's reward instead of pairs
+    method: str = "dpo"  # dpo (a preference loss on pairs) or grpo (sampling and a reward)
+    group_size: int = 8  # grpo: stories sampled per prompt; each is judged against its group
+    prompts_per_step: int = 8  # grpo: prompts per sampling round
+    inner_steps: int = 2  # grpo: optimizer steps on each round's samples (PPO's epochs)
+    clip: float = 0.2  # grpo: pi / pi_old is clipped to [1 - clip, 1 + clip]; inf = never
+    kl_coef: float = 0.04  # grpo: the weight of the k3 KL penalty to the reference; 0 = none
+    temperature: float = 1.0  # grpo: the sampling temperature
+    unfinished_penalty: float = 0.5  # grpo: taken off the reward of a story that never stops
+    bench: bool = False  # grpo: time one sampling round with and without the KV cache, and exit
     # training
     max_iters: int = 300  # optimizer steps; -1 = epochs x batches per epoch
     epochs: int = 1  # passes over the pairs, when max_iters is -1
@@ -142,16 +159,11 @@ def file_pairs(path, allow_ties=False):
         pairs.append((record_messages(prompt), r["chosen"], r["rejected"]))
     return pairs
 
-def story_score(story, record):
-    # the share of a record's constraints (required words, named characters) a story meets
-    wanted = len(record["words"]) + len(set(re.findall(r"\b[A-Z][a-z]+\b", record["summary"])))
-    return 1 - len(story_problems(story, record["words"], record["summary"])) / wanted
-
 @torch.no_grad()
 def onpolicy_pairs(model, tok, records, template, k, max_new_tokens, ctx, seed):
     """The model's own mistakes as pairs: k stories sampled (temperature 1, the cached generate)
     for each record's prompt and scored by the checker; the best and the worst of each group make
-    a pair when their scores differ."""
+    a pair when their rewards (story_reward, below) differ."""
     model.eval()
     stop = tok.special_tokens[STOP]
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
@@ -164,20 +176,23 @@ def onpolicy_pairs(model, tok, records, template, k, max_new_tokens, ctx, seed):
                                  temperature=1.0, eot_id=stop, generator=generator)
         for j, record in enumerate(group):
             stories = [tok.decode(ids).strip() for ids in new[j * k:(j + 1) * k]]
-            ranked = sorted(stories, key=lambda s: story_score(s, record))
-            if story_score(ranked[-1], record) > story_score(ranked[0], record):
+            ranked = sorted(stories, key=lambda s: story_reward(s, record))
+            if story_reward(ranked[-1], record) > story_reward(ranked[0], record):
                 pairs.append((record_messages(record)[:-1], ranked[-1], ranked[0]))
     return pairs
 
 # -----------------------------------------------------------------------------
 # the lesson: sequence log-probabilities and the preference losses
 
+def token_logprobs(logits, targets):
+    # each target's log-probability under logits (B, T, V): (B, T), 0 where the target is -100
+    return -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                            reduction="none").view(targets.shape)
+
 def sequence_logprobs(logits, targets):
     """Per row of (B, T) targets: the summed log-probability of the trained tokens (targets !=
     -100: the response and its stop token) and their count. -> (logp (B,), n (B,))."""
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                            reduction="none").view(targets.shape)          # (B, T), 0 where -100
-    return logp.sum(1), (targets != -100).sum(1)
+    return token_logprobs(logits, targets).sum(1), (targets != -100).sum(1)
 
 def preference_loss(kind, pc, pr, rc, rr, nc, nr, beta, label_smoothing=0.0, gamma=0.0):
     """Per pair: the loss of the policy's log-probs pc (chosen), pr (rejected) against the
@@ -199,6 +214,83 @@ def preference_loss(kind, pc, pr, rc, rr, nc, nr, beta, label_smoothing=0.0, gam
     else:  # ipo: (h - 1 / (2 beta))^2, a target margin instead of an ever-growing one
         loss = (h - 1 / (2 * beta)) ** 2
     return loss, reward_c, reward_r
+
+# -----------------------------------------------------------------------------
+# GRPO: sample a group of stories per prompt, reward each with the checker, push up the better
+
+def story_reward(story, record):
+    """GRPO's reward in [0, 1]: the share of the required words used times the share of the
+    summary's characters named, so a story without its characters earns nothing; and 0 for text
+    that is no story (under 40 words or 3 sentences, or under one distinct word in three), so
+    a bare list of the required words, or one sentence repeated, does not pay."""
+    words = re.findall(r"[A-Za-z']+", story)
+    if (len(words) < 40 or len(re.findall(r"[.!?]", story)) < 3
+            or len({w.lower() for w in words}) < len(words) / 3):
+        return 0.0
+    missing = set(story_problems(story, record["words"], record["summary"]))
+    names = set(re.findall(r"\b[A-Z][a-z]+\b", record["summary"])) - set(record["words"])
+    used = 1 - len(missing & set(record["words"])) / max(1, len(record["words"]))
+    return used * (1 - len(missing & names) / max(1, len(names)))
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """(r - the group's mean) / (the group's std + eps) over each group_size consecutive rewards:
+    a sample is pushed up by beating its siblings, so a group whose rewards are all equal (or a
+    group of one: the std is the population one, 0) gives every sample 0 and teaches nothing."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, correction=0, keepdim=True) + eps)).flatten()
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip, kl_coef):
+    """The per-token GRPO objective over response tokens (mask (B, T) True there), averaged over
+    all of them (DAPO's token mean; the paper averages each sequence first, which favours short
+    ones). ratio = pi / pi_old; the PPO surrogate -min(ratio A, clip(ratio, 1 - clip, 1 + clip) A)
+    stops a token's gradient once its ratio has moved past the clip in the advantage's direction;
+    k3 = ref/pi - log(ref/pi) - 1 >= 0 estimates KL(pi || ref) without bias (Schulman 2020).
+    kl_coef=0 and clip=inf leave -ratio A, whose gradient at ratio 1 is REINFORCE with the group
+    mean as baseline (what nanochat does). -> (loss, mean k3, the share of clipped tokens)."""
+    ratio = torch.exp(logp - old_logp)                                      # (B, T)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    log_r = ref_logp - logp
+    k3 = torch.exp(log_r) - log_r - 1
+    n = mask.sum()
+    loss = ((kl_coef * k3 - surrogate) * mask).sum() / n
+    clipped = (((ratio - 1).abs() > clip) & mask).sum() / n
+    return loss, (k3 * mask).sum() / n, clipped
+
+@torch.no_grad()
+def rollout(model, ref, prompts, group_size, max_new_tokens, reward_fn, stop, ctx, generator,
+            temperature=1.0, penalty=0.5):
+    """Sample group_size completions of each prompt (token ids) with the cached generate; reward
+    completion ids of prompt k with reward_fn(k, ids), less penalty when it never stops; score
+    them under the sampling policy (old) and the reference. -> a dict of (B, T) tensors x, y,
+    old, ref, the (B,) advantages, and the logged numbers."""
+    model.eval()
+    t0 = time.time()
+    room = model.config.block_size - max(map(len, prompts))  # no sliding window: one pass scores it
+    max_new_tokens = max(1, min(max_new_tokens, room))
+    with ctx:
+        new = model.generate([p for p in prompts for _ in range(group_size)], max_new_tokens,
+                             temperature=temperature, eot_id=stop, generator=generator)
+    seconds = time.time() - t0
+    rows, rewards = [], []
+    for i, ids in enumerate(new):
+        stopped = len(ids) < max_new_tokens  # generate cuts the stop token off
+        prompt = prompts[i // group_size]
+        full = prompt + ids + [stop] * stopped
+        rows.append((full[:-1], [-100] * (len(prompt) - 1) + full[len(prompt):]))
+        rewards.append(reward_fn(i // group_size, ids) - penalty * (not stopped))
+    device = model.lm_head.weight.device
+    x, y = collate(rows, 0, device)  # pads are never attended to by real tokens or trained
+    with ctx:
+        old = token_logprobs(model(x)[0], y)
+        ref_logp = token_logprobs(ref(x)[0], y)
+    rewards = torch.tensor(rewards, device=device)
+    groups = rewards.view(-1, group_size)
+    sampled = sum(map(len, new))
+    return dict(x=x, y=y, old=old, ref=ref_logp, advantages=group_advantages(rewards, group_size),
+                reward=rewards.mean().item(), tokens=sampled, tokens_per_s=sampled / seconds,
+                no_signal=(groups == groups[:, :1]).all(1).float().mean().item(),
+                length=sampled / len(new))
 
 # -----------------------------------------------------------------------------
 # helpers used by main: pairs as examples, scoring them in one pass, the measurements
@@ -255,86 +347,9 @@ def pair_metrics(model, pairs, ref_logps, cfg, pad_id, device, ctx):
         parts.append(torch.stack([loss, reward_c, reward_r, (pc - rc) / nc]))
     return summarize(*torch.cat(parts, 1))
 
-def check_config(cfg):
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"--loss={cfg.loss!r} is unknown; use one of {', '.join(LOSSES)}")
-    if cfg.pairs not in ("offline", "onpolicy"):
-        raise ValueError(f"--pairs={cfg.pairs!r} is unknown; use offline or onpolicy")
-    if cfg.pairs == "onpolicy" and (cfg.dataset != "stories" or cfg.samples < 2):
-        raise ValueError("--pairs=onpolicy needs --dataset=stories (the checker scores the "
-                         "samples) and --samples>=2")
-    if not cfg.beta > 0:  # "not > 0" refuses nan too
-        raise ValueError(f"--beta={cfg.beta}: the reward scale must be > 0 (dpo: about 0.1)")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ValueError(f"--label_smoothing={cfg.label_smoothing}: pass a value in [0, 0.5)")
-    require_positive(cfg, "batch_size", "eval_interval", "log_interval", "val_size", "test_size",
-                     "prompts")
-    if cfg.max_iters == 0 or cfg.max_iters < -1:
-        raise ValueError(f"--max_iters={cfg.max_iters}: pass a number of steps, or -1 for --epochs")
-    if cfg.nll_weight < 0:
-        raise ValueError(f"--nll_weight={cfg.nll_weight}: pass 0 (plain DPO) or more")
-
-def main(cfg):
-    refuse_torchrun("dpo.py")
-    check_config(cfg)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    refuse_overwrite(ckpt_path, cfg.overwrite)
-    if not cfg.init_from and not os.path.isfile(cfg.ckpt_path):
-        raise FileNotFoundError(f"no checkpoint at {cfg.ckpt_path}; finetune one first with "
-                                f"`python finetune.py` (it writes out-sft/ckpt.pt)")
-    cfg, device, ctx, model, saved_tok = start_finetuning(cfg)
-    template = cfg.template or "phi3"
-    if not cfg.init_from and not cfg.template:  # the template the model was finetuned with
-        saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
-        template = saved.get("chat_template", "phi3")
-    tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
-    # the reference: a frozen copy of the starting model, never trained (eval: no dropout)
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-
-    # --- pairs: finetune.py's split of the same records, so the test prompts are the same
-    if cfg.dataset == "stories":
-        records = instruct_records("stories", cfg.data_dir)
-        splits = list(split_records(records, cfg.val_size, cfg.test_size, cfg.seed))
-        if cfg.max_iters > 0:  # one pass over the pairs the steps use is enough to build
-            splits[0] = splits[0][:cfg.max_iters * cfg.batch_size]
-        pairs = [story_pairs(rs, cfg.seed + k) for k, rs in enumerate(splits)]
-        if cfg.pairs == "onpolicy":  # training pairs from the model; held-out ones stay offline
-            pairs[0] = onpolicy_pairs(model, tok, splits[0][:cfg.prompts], template, cfg.samples,
-                                      cfg.max_new_tokens, ctx, cfg.seed)
-        test_records = splits[2]
-        prompts = [record_messages(r)[:-1] for r in test_records]
-    else:
-        path = cfg.dataset
-        if cfg.dataset == "raschka":
-            path = fetch(RASCHKA_PREFERENCE, os.path.join(cfg.data_dir, "preference",
-                                                          "instruction-data-with-preference.json"))
-        pairs = file_pairs(path, allow_ties=cfg.dataset == "raschka")
-        pairs = list(split_records(pairs, cfg.val_size, cfg.test_size, cfg.seed))
-        test_records = [dict(output=chosen) for _, chosen, _ in pairs[2]]
-        prompts = [prompt for prompt, _, _ in pairs[2]]
-    block = model.config.block_size
-    stop = tok.special_tokens[STOP]
-    train_p, val_p, test_p = [pair_examples(tok, p, template, block) for p in pairs]
-    if not (train_p and val_p and test_p):
-        raise ValueError(f"no train, val or test pair: too few records, or none fits "
-                         f"block_size={block}")
-    print(f"pairs: {len(train_p)} train, {len(val_p)} val, {len(test_p)} test ({cfg.dataset}); "
-          f"loss {cfg.loss}, beta {cfg.beta}, template {template}")
-    ref_val = reference_logprobs(ref, val_p, cfg.batch_size, stop, device, ctx)
-    ref_test = reference_logprobs(ref, test_p, cfg.batch_size, stop, device, ctx)
-    prompt_ids = [render_conversation(tok, p, template)[0] for p in prompts]
-    chosen_test = [c for c, _ in test_p]
-
-    def table_row(model):  # pairs, constraints, what DPO costs in the chosen responses' loss
-        stories = respond(model, tok, prompt_ids, cfg.max_new_tokens, stop, ctx)
-        lengths = [len(tok.encode(s, allowed_special="none")) for s in stories]
-        return dict(pair_metrics(model, test_p, ref_test, cfg, stop, device, ctx),
-                    constraints=constraints_met(stories, test_records),
-                    chosen_loss=heldout_loss(model, chosen_test, cfg.batch_size, stop, device, ctx),
-                    response_tokens=sum(lengths) / len(lengths))
-    before = table_row(model)
-
-    # --- training: the reference scores each training pair once, when its batch first comes
+def dpo_steps(cfg, model, ref, train_p, val_p, ref_val, stop, device, ctx):
+    """fit's callbacks for DPO: batches of training pair indices in a fresh order; the preference
+    loss, the reference scoring each pair once, when its batch first comes; the held-out loss."""
     cache = {}
     counter = [0]
 
@@ -362,25 +377,187 @@ def main(cfg):
         print(f"held-out pairs: loss {stats['loss']:.4f} | {show(stats)}")
         return stats["loss"]
 
-    def save(step, loss):
-        save_checkpoint(ckpt_path, model, step=step, val_loss=loss, tokenizer=saved_tok,
-                        train_config=dataclasses.asdict(cfg), chat_template=template)
     rng = random.Random(cfg.seed)
     order = list(range(len(train_p)))
 
     def make_batches():
         rng.shuffle(order)
         return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    return make_batches, batch_loss, evaluate
+
+def grpo_steps(cfg, model, ref, tok, train, val, template, ctx):
+    """fit's callbacks for GRPO: batches of (training record indices, inner step); a loss that
+    samples a new round at inner step 0 and reuses it after; and an evaluation that returns minus
+    the mean reward of greedy stories for the held-out prompts (fit keeps the lowest)."""
+    stop = tok.special_tokens[STOP]
+    train_ids, val_ids = [[render_conversation(tok, record_messages(r)[:-1], template)[0]
+                           for r in records] for records in (train, val)]
+    generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    now = {}
+    counter = [0]
+
+    def make_batches():
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        rounds = [order[i:i + cfg.prompts_per_step] for i in range(0, len(order),
+                                                                    cfg.prompts_per_step)]
+        return [(r, k) for r in rounds for k in range(cfg.inner_steps)][::-1]  # fit pops the end
+
+    def batch_loss(batch):
+        chosen, inner = batch
+        if inner == 0:
+            now.update(rollout(model, ref, [train_ids[i] for i in chosen], cfg.group_size,
+                               cfg.max_new_tokens,
+                               lambda k, ids: story_reward(tok.decode(ids), train[chosen[k]]),
+                               stop, ctx, generator, cfg.temperature, cfg.unfinished_penalty))
+            model.train()
+        mask = now["y"] != -100
+        with ctx:
+            logp = token_logprobs(model(now["x"])[0], now["y"])
+        loss, kl, clipped = grpo_loss(logp, now["old"], now["ref"], now["advantages"], mask,
+                                      cfg.clip, cfg.kl_coef)
+        if counter[0] % cfg.log_interval == 0:
+            print(f"reward {now['reward']:.3f} | no-signal groups {now['no_signal']:.0%} | kl "
+                  f"{kl.item():.4f} | clipped {clipped.item():.1%} | length {now['length']:.0f} | "
+                  f"sampled {now['tokens_per_s']:,.0f} tok/s")
+        counter[0] += 1
+        return loss, int(mask.sum())
+
+    def evaluate():
+        stories = respond(model, tok, val_ids, cfg.max_new_tokens, stop, ctx)
+        reward = sum(story_reward(s, r) for s, r in zip(stories, val)) / len(val)
+        print(f"held-out prompts: mean reward {reward:.3f} | constraints met "
+              f"{constraints_met(stories, val):.1%}")
+        return -reward
+    return make_batches, batch_loss, evaluate
+
+def bench_sampling(cfg, model, tok, records, template, ctx):
+    # one GRPO round sampled with the KV cache and without it: the tokens/s of each
+    stop = tok.special_tokens[STOP]
+    prompts = [render_conversation(tok, record_messages(r)[:-1], template)[0]
+               for r in records[:cfg.prompts_per_step] for _ in range(cfg.group_size)]
+    speed = {}
+    for use_cache in (True, False):
+        t0 = time.time()
+        with ctx:
+            new = model.generate(prompts, cfg.max_new_tokens, cfg.temperature, eot_id=stop,
+                                 generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+        speed[use_cache] = sum(map(len, new)) / (time.time() - t0)
+        print(f"{'with' if use_cache else 'without'} the KV cache: {len(prompts)} stories, "
+              f"{speed[use_cache]:,.0f} sampled tok/s")
+    print(f"the cache samples {speed[True] / speed[False]:.1f}x faster")
+    return speed
+
+def check_config(cfg):
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"--loss={cfg.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+    if cfg.pairs not in ("offline", "onpolicy"):
+        raise ValueError(f"--pairs={cfg.pairs!r} is unknown; use offline or onpolicy")
+    if cfg.pairs == "onpolicy" and (cfg.dataset != "stories" or cfg.samples < 2):
+        raise ValueError("--pairs=onpolicy needs --dataset=stories (the checker scores the "
+                         "samples) and --samples>=2")
+    if not cfg.beta > 0:  # "not > 0" refuses nan too
+        raise ValueError(f"--beta={cfg.beta}: the reward scale must be > 0 (dpo: about 0.1)")
+    if cfg.method not in ("dpo", "grpo"):
+        raise ValueError(f"--method={cfg.method!r} is unknown; use dpo or grpo")
+    if cfg.method == "grpo" and (cfg.dataset != "stories" or not cfg.clip > 0):
+        raise ValueError("--method=grpo needs --dataset=stories (the checker is the reward) and "
+                         "--clip > 0")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise ValueError(f"--label_smoothing={cfg.label_smoothing}: pass a value in [0, 0.5)")
+    require_positive(cfg, "batch_size", "eval_interval", "log_interval", "val_size", "test_size",
+                     "prompts", "group_size", "prompts_per_step", "inner_steps", "max_new_tokens")
+    if cfg.max_iters == 0 or cfg.max_iters < -1:
+        raise ValueError(f"--max_iters={cfg.max_iters}: pass a number of steps, or -1 for --epochs")
+    if cfg.nll_weight < 0:
+        raise ValueError(f"--nll_weight={cfg.nll_weight}: pass 0 (plain DPO) or more")
+
+def main(cfg):
+    refuse_torchrun("dpo.py")
+    check_config(cfg)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not cfg.bench:  # the benchmark writes nothing
+        refuse_overwrite(ckpt_path, cfg.overwrite)
+    if not cfg.init_from and not os.path.isfile(cfg.ckpt_path):
+        raise FileNotFoundError(f"no checkpoint at {cfg.ckpt_path}; finetune one first with "
+                                f"`python finetune.py` (it writes out-sft/ckpt.pt)")
+    cfg, device, ctx, model, saved_tok = start_finetuning(cfg)
+    template = cfg.template or "phi3"
+    if not cfg.init_from and not cfg.template:  # the template the model was finetuned with
+        saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
+        template = saved.get("chat_template", "phi3")
+    tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    # the reference: a frozen copy of the starting model, never trained (eval: no dropout)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # --- pairs: finetune.py's split of the same records, so the test prompts are the same
+    if cfg.dataset == "stories":
+        records = instruct_records("stories", cfg.data_dir)
+        splits = list(split_records(records, cfg.val_size, cfg.test_size, cfg.seed))
+        if cfg.bench:
+            return bench_sampling(cfg, model, tok, splits[0], template, ctx)
+        if cfg.max_iters > 0:  # one pass over the pairs the steps use is enough to build
+            splits[0] = splits[0][:cfg.max_iters * max(cfg.batch_size, cfg.prompts_per_step)]
+        pairs = [story_pairs(rs, cfg.seed + k) if k or cfg.method == "dpo" else []
+                 for k, rs in enumerate(splits)]
+        if cfg.pairs == "onpolicy":  # training pairs from the model; held-out ones stay offline
+            pairs[0] = onpolicy_pairs(model, tok, splits[0][:cfg.prompts], template, cfg.samples,
+                                      cfg.max_new_tokens, ctx, cfg.seed)
+        test_records = splits[2]
+        prompts = [record_messages(r)[:-1] for r in test_records]
+    else:
+        path = cfg.dataset
+        if cfg.dataset == "raschka":
+            path = fetch(RASCHKA_PREFERENCE, os.path.join(cfg.data_dir, "preference",
+                                                          "instruction-data-with-preference.json"))
+        pairs = file_pairs(path, allow_ties=cfg.dataset == "raschka")
+        pairs = list(split_records(pairs, cfg.val_size, cfg.test_size, cfg.seed))
+        test_records = [dict(output=chosen) for _, chosen, _ in pairs[2]]
+        prompts = [prompt for prompt, _, _ in pairs[2]]
+    block = model.config.block_size
+    stop = tok.special_tokens[STOP]
+    train_p, val_p, test_p = [pair_examples(tok, p, template, block) for p in pairs]
+    if not ((train_p or cfg.method == "grpo") and val_p and test_p):
+        raise ValueError(f"no train, val or test pair: too few records, or none fits "
+                         f"block_size={block}")
+    print(f"pairs: {len(train_p)} train, {len(val_p)} val, {len(test_p)} test ({cfg.dataset}); "
+          f"{cfg.method}, loss {cfg.loss}, beta {cfg.beta}, template {template}")
+    ref_val = reference_logprobs(ref, val_p, cfg.batch_size, stop, device, ctx)
+    ref_test = reference_logprobs(ref, test_p, cfg.batch_size, stop, device, ctx)
+    prompt_ids = [render_conversation(tok, p, template)[0] for p in prompts]
+    chosen_test = [c for c, _ in test_p]
+
+    def table_row(model):  # pairs, constraints, what DPO costs in the chosen responses' loss
+        stories = respond(model, tok, prompt_ids, cfg.max_new_tokens, stop, ctx)
+        lengths = [len(tok.encode(s, allowed_special="none")) for s in stories]
+        rewards = [story_reward(s, r) for s, r in zip(stories, test_records) if "words" in r]
+        return dict(pair_metrics(model, test_p, ref_test, cfg, stop, device, ctx),
+                    constraints=constraints_met(stories, test_records),
+                    reward=sum(rewards) / len(rewards) if rewards else None,
+                    chosen_loss=heldout_loss(model, chosen_test, cfg.batch_size, stop, device, ctx),
+                    response_tokens=sum(lengths) / len(lengths))
+    before = table_row(model)
+
+    # --- training
+    def save(step, loss):
+        save_checkpoint(ckpt_path, model, step=step, val_loss=loss, tokenizer=saved_tok,
+                        train_config=dataclasses.asdict(cfg), chat_template=template)
+    if cfg.method == "grpo":
+        steps = grpo_steps(cfg, model, ref, tok, splits[0], splits[1], template, ctx)
+    else:
+        steps = dpo_steps(cfg, model, ref, train_p, val_p, ref_val, stop, device, ctx)
     params = [p for p in model.parameters() if p.requires_grad]
-    run = fit(cfg, model, params, make_batches, batch_loss, evaluate, save)
+    run = fit(cfg, model, params, *steps, save)
     after = table_row(model)
 
     # --- the before/after table
     rows = dict(before=before, after=after, test_pairs=len(test_p), train_seconds=run["seconds"])
     print(f"done: {run['seconds']:.0f} s of training; saved {ckpt_path}")
-    print(f"{'held-out':28s} {'start':>10s} {cfg.loss:>10s}")
+    print(f"{'held-out':28s} {'start':>10s} {'grpo' if cfg.method == 'grpo' else cfg.loss:>10s}")
     for key, fmt in [("accuracy", "{:10.1%}"), ("margin", "{:10.3f}"), ("constraints", "{:10.1%}"),
-                     ("chosen_loss", "{:10.4f}"), ("response_tokens", "{:10.1f}"), ("kl", "{:10.4f}")]:
+                     ("reward", "{:10.3f}"), ("chosen_loss", "{:10.4f}"),
+                     ("response_tokens", "{:10.1f}"), ("kl", "{:10.4f}")]:
         cells = [rows[m][key] for m in ("before", "after")]
         text = " ".join("{:>10s}".format("-") if c is None else fmt.format(c) for c in cells)
         print(f"{key:28s} {text}")

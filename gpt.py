@@ -611,6 +611,9 @@ def load_checkpoint(path, device="cpu", verbose=True):
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a buildllm checkpoint (no model_config/model); "
                          f"write it with train.py")
+    if "quantized" in ckpt:  # integer tensors that only quantize.py's layers hold
+        raise ValueError(f"{path} is a quantized checkpoint; load it with "
+                         f"`python quantize.py --load={path}`")
     if ckpt.get("version") != CHECKPOINT_VERSION:  # a format change says so instead of failing
         raise ValueError(f"{path} is version {ckpt.get('version')}, not {CHECKPOINT_VERSION}: "
                          f"retrain with train.py")

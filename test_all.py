@@ -1714,14 +1714,14 @@ def test_dpo_onpolicy_pairs_rank_the_models_own_samples():
     torch.manual_seed(0)
     tok = bpe.Tokenizer().train(" ".join(r["instruction"] + r["output"] for r in records), 350)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
-    pairs = dpo.onpolicy_pairs(model, tok, records, "phi3", 3, 30, contextlib.nullcontext(), 0)
-    assert pairs == dpo.onpolicy_pairs(model, tok, records, "phi3", 3, 30, contextlib.nullcontext(), 0), "seeded"
-    by_prompt = {json.dumps(bpe.record_messages(r)[:-1]): r for r in records}
+    # an untrained model's samples all earn 0 from story_reward; a stand-in reward ranks them instead
+    with mock.patch.object(dpo, "story_reward", lambda story, record: len(story)):
+        pairs = dpo.onpolicy_pairs(model, tok, records, "phi3", 3, 30, contextlib.nullcontext(), 0)
+        again = dpo.onpolicy_pairs(model, tok, records, "phi3", 3, 30, contextlib.nullcontext(), 0)
+    assert len(pairs) >= 6 and pairs == again, "seeded: the same pairs twice"
+    prompts = [json.dumps(bpe.record_messages(r)[:-1]) for r in records]
     for prompt, chosen, rejected in pairs:
-        r = by_prompt[json.dumps(prompt)]
-        assert dpo.story_score(chosen, r) > dpo.story_score(rejected, r)
-    r = records[0]
-    assert dpo.story_score(r["output"], r) == 1.0 and dpo.story_score("", r) == 0.0
+        assert json.dumps(prompt) in prompts and len(chosen) > len(rejected), "the best against the worst"
 
 def test_dpo_bad_input_is_a_clear_error():
     with tempfile.TemporaryDirectory() as tmp:
@@ -1779,6 +1779,192 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
         assert_close(result["before"]["loss"], math.log(2), 1e-5, "the held-out DPO loss at the start")
         assert gpt.load_checkpoint(result["ckpt_path"], verbose=False)[1]["chat_template"] == "phi3"
         raises(FileExistsError, dpo.main, cfg, match="--overwrite")
+        grpo = dataclasses.replace(cfg, method="grpo", out_dir=f"{tmp}/grpo", group_size=2, prompts_per_step=2,
+                                   max_iters=4, eval_interval=2)
+        result = dpo.main(grpo)
+        assert set(result["after"]) >= {"constraints", "reward", "chosen_loss", "kl"}
+        assert gpt.load_checkpoint(result["ckpt_path"], verbose=False)[1]["train_config"]["method"] == "grpo"
+        speed = dpo.main(dataclasses.replace(grpo, bench=True))
+        assert speed[True] > 0 and speed[False] > 0, "tokens/s with the cache and without"
+
+def test_grpo_reward_pays_for_stories_not_for_word_lists():
+    for r in _story_records(20, seed=11):
+        assert dpo.story_reward(r["output"], r) == 1.0, "every true story earns the whole reward"
+        names = set(re.findall(r"\b[A-Z][a-z]+\b", r["summary"])) - set(r["words"])
+        listed = " ".join(r["words"] + sorted(names))
+        assert dpo.story_reward(listed + ".", r) == 0.0, "a bare list of the required words"
+        assert dpo.story_reward(f"{listed}. " * 30, r) == 0.0, "one sentence repeated"
+        nameless = r["output"]
+        for name in names:
+            nameless = re.sub(rf"\b{name}\b", "someone", nameless)
+        assert dpo.story_reward(nameless, r) == 0.0, "a story without the summary's characters"
+        word = r["words"][0]
+        fewer = re.sub(rf"\b{word}\b", "thing", r["output"], flags=re.IGNORECASE)
+        assert 0 < dpo.story_reward(fewer, r) < 1, "a missing word costs its share"
+
+def test_grpo_advantages_vanish_without_a_signal():
+    assert torch.equal(dpo.group_advantages(torch.tensor([0.3, 0.7, 0.1]), 1), torch.zeros(3))
+    adv = dpo.group_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0, 1.0, 0.0, 1.0]), 4)
+    assert torch.equal(adv[:4], torch.zeros(4)), "equal rewards: no advantage"
+    assert_close(adv[4:], torch.tensor([-1.0, 1.0, -1.0, 1.0]), 1e-3, "(r - mean) / std")
+    torch.manual_seed(0)
+    logits = torch.randn(8, 5, 12, requires_grad=True)
+    y = torch.randint(0, 12, (8, 5))
+    y[:, :2] = -100
+    logp = dpo.token_logprobs(logits, y)
+    loss = dpo.grpo_loss(logp, logp.detach(), logp.detach(), torch.zeros(8), y != -100, 0.2, 0.0)[0]
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits)), "no advantage, no policy gradient"
+
+def test_grpo_clipped_objective_and_k3_by_hand():
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    def grad_at(ratio, advantage, clip=0.2, kl_coef=0.0, ref=None):
+        logp = torch.tensor([[-1.0]], requires_grad=True)
+        old = torch.tensor([[-1.0 - math.log(ratio)]])
+        ref = logp.detach() if ref is None else ref
+        loss, kl, clipped = dpo.grpo_loss(logp, old, ref, torch.tensor([advantage]), mask, clip, kl_coef)
+        loss.backward()
+        return loss.item(), logp.grad.item(), kl.item(), clipped.item()
+    for a in (2.0, -2.0):  # the first inner step: the ratio is 1, clipped == unclipped == -ratio A
+        loss, grad, kl, clipped = grad_at(1.0, a)
+        assert_close(loss, -a, 1e-6, "ratio 1")
+        assert_close(grad, -a, 1e-6, "d(-ratio A)/dlogp = -A")
+        assert kl == 0.0 and clipped == 0.0, "policy == reference: k3 is 0"
+    assert grad_at(1.5, 1.0)[1] == 0.0, "past 1 + clip with A > 0: no gradient"
+    assert grad_at(0.5, -1.0)[1] == 0.0, "below 1 - clip with A < 0: no gradient"
+    assert_close(grad_at(1.5, -1.0)[1], 1.5, 1e-6, "the pessimistic side is not clipped")
+    assert_close(grad_at(1.5, 1.0, clip=math.inf)[1], -1.5, 1e-6, "clip=inf: plain -ratio A")
+    for d in (0.5, -0.5, 2.0):  # k3 = e^d - d - 1 with d = log ref - log pi: positive off zero
+        kl = grad_at(1.0, 0.0, kl_coef=1.0, ref=torch.tensor([[-1.0 + d]]))[2]
+        assert_close(kl, math.exp(d) - d - 1, 1e-6, "k3")
+        assert kl > 0
+
+def test_grpo_teaches_a_tiny_model_to_emit_the_rewarded_token():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    generator = torch.Generator().manual_seed(0)
+    rewards = []
+    for _ in range(12):
+        r = dpo.rollout(model, ref, [[1, 2], [3]], 8, 6, lambda k, ids: ids.count(7) / len(ids), -1,
+                        contextlib.nullcontext(), generator)
+        rewards.append(r["reward"] + 0.5)  # never stops (no stop id): every sample pays 0.5
+        assert r["tokens"] == 16 * 6 and r["x"].shape == (16, 7)
+        model.train()
+        for _ in range(2):
+            logp = dpo.token_logprobs(model(r["x"])[0], r["y"])
+            loss = dpo.grpo_loss(logp, r["old"], r["ref"], r["advantages"], r["y"] != -100, 0.2, 0.01)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards
+
+# -----------------------------------------------------------------------------
+# quantize.py
+
+import quantize  # noqa: E402
+
+def test_quantize_rounding_error_is_at_most_half_a_scale():
+    torch.manual_seed(0)
+    w = torch.randn(48, 128) * 0.05
+    w[5, 9] = 1.5  # an outlier
+    for dim, view in [(None, w), (1, w), (-1, quantize.grouped(w, 32))]:
+        for bits in (8, 4):
+            q, scale = quantize.quantize_absmax(view, bits, dim)
+            assert q.abs().max() <= 2 ** (bits - 1) - 1
+            assert ((quantize.dequantize(q, scale) - view).abs() <= scale / 2 * (1 + 1e-6)).all()
+            assert torch.equal(scale, scale.bfloat16().float()), "scales are bfloat16 values"
+            q, scale, zero = quantize.quantize_minmax(view, bits, dim)
+            assert q.max() <= 2 ** bits - 1
+            assert ((quantize.dequantize(q, scale, zero) - view).abs() <= scale / 2 * (1 + 1e-5)).all()
+    errors = quantize.outlier_demo()
+    assert errors["per tensor"] > 10 * errors["per channel"], errors
+    raises(ValueError, quantize.grouped, w, 48, match="--group_size=48 does not divide the input width 128")
+
+def test_quantize_int4_packing_round_trips():
+    u = torch.randint(0, 16, (6, 10), dtype=torch.uint8)
+    packed = quantize.pack_int4(u)
+    assert packed.shape == (6, 5) and packed.dtype == torch.uint8
+    assert torch.equal(quantize.unpack_int4(packed), u)
+    assert quantize.pack_int4(torch.tensor([[3, 12]]))[0, 0] == 3 + 12 * 16, "low nibble first"
+
+def test_quantize_kernels_equal_their_references():
+    torch.manual_seed(0)
+    for N, K, G in [(48, 64, 32), (50, 128, 64), (16, 256, 128)]:  # 50 rows: the int4 kernel pads to 64
+        linear = torch.nn.Linear(K, N)
+        x = torch.randn(3, 5, K)
+        for layer in (quantize.Int8Linear(linear.weight, linear.bias),
+                      quantize.Int4Linear(linear.weight, linear.bias, G)):
+            what = f"{type(layer).__name__} {N}x{K}"
+            scale = layer.scale if layer.scale.dim() == 1 else layer.scale.repeat_interleave(G, 1)
+            q = layer.weight.float() if layer.weight.dtype == torch.int8 else (
+                quantize.unpack_int4(layer.weight).float() - 8)
+            w = q * (scale[:, None] if scale.dim() == 1 else scale)
+            assert_close(layer(x), x @ w.t() + linear.bias, 1e-4, f"{what}: the float32 reference")
+            layer.use_kernel = False
+            reference = layer(x.bfloat16()).float()
+            layer.use_kernel = True
+            fast = layer(x.bfloat16()).float()
+            assert fast.shape == (3, 5, N)
+            assert (fast - reference).abs().max() <= 1e-2 * reference.abs().max(), f"{what}: the CPU kernel"
+
+def _tiny_quantizable(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=70, block_size=32, n_layer=2, n_head=2, n_embd=64)).eval()
+
+def test_quantize_model_stays_close_to_float32():
+    model = _tiny_quantizable()
+    idx = torch.randint(0, 70, (4, 32), generator=torch.Generator().manual_seed(1))
+    logits = model(idx)[0]
+    prompt = [[1, 2, 3]]
+    greedy = model.generate(prompt, 20, temperature=0.0)[0]
+    for bits, group, bound in [(8, 0, 0.02), (4, 32, 0.25)]:  # measured 0.007 and 0.12
+        for head in ("tied", "float"):
+            q = quantize.quantize_model(copy.deepcopy(model), bits, group, head)
+            assert all(not isinstance(m, torch.nn.Linear) for m in q.transformer.h.modules()), "every block Linear swapped"
+            assert isinstance(q.lm_head, torch.nn.Linear) == (head == "float")
+            if head == "tied":
+                assert q.transformer.wte.table is q.lm_head, "one tensor for the head and the lookup"
+            error = (q(idx)[0] - logits).abs().max() / logits.abs().max()
+            assert error < bound, f"int{bits} {head}: relative logit error {error:.3f}"
+            agree = sum(a == b for a, b in zip(q.generate(prompt, 20, temperature=0.0)[0], greedy))
+            assert agree >= (18 if bits == 8 else 12), f"int{bits} {head}: {agree}/20 greedy tokens agree"
+
+def test_quantize_checkpoint_round_trip_and_size():
+    model = _tiny_quantizable()
+    idx = torch.randint(0, 70, (2, 16), generator=torch.Generator().manual_seed(2))
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = gpt.save_checkpoint(f"{tmp}/float.pt", model, tokenizer="gpt2")
+        for bits in (8, 4):
+            q = quantize.quantize_model(copy.deepcopy(model), bits, 32)
+            path = quantize.save_quantized(f"{tmp}/q{bits}.pt", q, bits, 32, "tied", tokenizer="gpt2")
+            assert not os.path.exists(path + ".tmp")
+            loaded, ckpt = quantize.load_quantized(path)
+            assert torch.equal(loaded(idx)[0], q(idx)[0]), f"int{bits}: the loaded model's logits"
+            assert ckpt["quantized"] == dict(bits=bits, group_size=32, head="tied")
+            size = os.path.getsize(path)
+            assert 0 <= size - quantize.tensor_bytes(q) < 40_000, f"int{bits}: {size} vs {quantize.tensor_bytes(q)}"
+            raises(ValueError, gpt.load_checkpoint, path, match="quantize.py --load=")
+        float_bytes = quantize.tensor_bytes(model)
+        assert float_bytes / quantize.tensor_bytes(quantize.quantize_model(copy.deepcopy(model), 8)) > 3.5
+        raises(ValueError, quantize.load_quantized, float_path, match="is not a quantized checkpoint")
+        raises(FileNotFoundError, quantize.load_quantized, f"{tmp}/missing.pt", match="python quantize.py")
+
+def test_quantize_main_writes_loads_and_samples():
+    records = _story_records(20, seed=4)
+    tok = bpe.Tokenizer().train(" ".join(r["output"] for r in records), 300)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = gpt.save_checkpoint(f"{tmp}/ckpt.pt", model, tokenizer=tok.to_dict())
+        cfg = quantize.QuantizeConfig(ckpt_path=ckpt, bits=4, group_size=32, max_new_tokens=5, device="cpu")
+        result = quantize.main(cfg)
+        assert os.path.exists(f"{tmp}/ckpt-int4-g32.pt") and result["model"].lm_head.weight.dtype == torch.uint8
+        raises(FileExistsError, quantize.main, cfg, match="--overwrite")
+        loaded = quantize.main(quantize.QuantizeConfig(load=f"{tmp}/ckpt-int4-g32.pt", max_new_tokens=5, device="cpu"))
+        assert torch.equal(loaded["model"].lm_head.weight, result["model"].lm_head.weight)
+        raises(ValueError, quantize.main, dataclasses.replace(cfg, group_size=24, overwrite=True), match="does not divide")
+    raises(ValueError, quantize.check_config, quantize.QuantizeConfig(bits=3), match="--bits=3")
 
 # -----------------------------------------------------------------------------
 # repo-wide checks: import policy, copied helpers, line budgets
@@ -1903,6 +2089,9 @@ def test_repo_user_errors_are_one_line():
             ("bpe.py", [f"--train={tmp}/missing.txt"], "no such file"),
             ("bigram.py", [f"--data={tmp}/missing.txt"], "missing.txt"),
             ("micrograd.py", ["--noise=-1"], "--noise"),
+            ("quantize.py", [f"--ckpt_path={tmp}/missing.pt"], "python train.py"),
+            ("quantize.py", ["--bits=2"], "--bits=2"),
+            ("quantize.py", [f"--load={garbage}"], "quantized checkpoint"),
         ]
         runs = [(script, flags, expected, _run_script(script, *flags, cwd=tmp))
                 for script, flags, expected in cases if os.path.exists(os.path.join(HERE, script))]
