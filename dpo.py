@@ -272,7 +272,8 @@ def rollout(model, ref, prompts, group_size, max_new_tokens, reward_fn, stop, ct
         new = model.generate([p for p in prompts for _ in range(group_size)], max_new_tokens,
                              temperature=temperature, eot_id=stop, generator=generator)
     seconds = time.time() - t0
-    rows, rewards = [], []
+    rows = []
+    rewards = []
     for i, ids in enumerate(new):
         stopped = len(ids) < max_new_tokens  # generate cuts the stop token off
         prompt = prompts[i // group_size]

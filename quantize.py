@@ -273,14 +273,18 @@ def heldout_windows(ckpt, data_dir, block_size, n):
 
 @torch.no_grad()
 def heldout_loss(model, windows, batch_size=8):
+    """The mean next-token loss over the windows, and the model's top choice at every position
+    (to compare with float32's: teacher-forced agreement, unlike greedy text, survives a tie)."""
     model.eval()
     device = model.lm_head.weight.device
     losses = []
+    choices = []
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device)
-        logits = model(w[:, :-1])[0]
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten()))
-    return torch.stack(losses).mean().item()
+        logits = model(w[:, :-1])[0].float()
+        losses.append(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten()))
+        choices.append(logits.argmax(-1))
+    return torch.stack(losses).mean().item(), torch.cat(choices)
 
 def decode_speed(model, prompt, new_tokens):
     # batch-1 greedy decode with the cache: the tokens per second of the steps after the first
@@ -315,27 +319,30 @@ def bench(cfg, model, ckpt):
         windows = heldout_windows(meta, cfg.data_dir, base.config.block_size, cfg.eval_windows)
         prompt = windows[0, :16].tolist() if windows is not None else [0] * 16
         reference = base.generate([prompt], 64, temperature=0.0)[0]
-        print(f"\n{name}\n| kind | head | MB | x smaller | held-out loss | change | greedy tokens "
-              f"agreeing | decode tok/s | x float32 |\n|" + "---|" * 9)
+        print(f"\n{name}\n| kind | head | MB | x smaller | held-out loss | change | top-1 as "
+              f"float32 | greedy tokens as float32 | decode tok/s | x float32 |\n|" + "---|" * 10)
         first = None
         for kind, head in runs:
             m = variant(base, kind, head)
-            loss = heldout_loss(m, windows) if windows is not None else None
+            loss, top = heldout_loss(m, windows) if windows is not None else (None, None)
             greedy = m.generate([prompt], 64, temperature=0.0)[0]
             agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b),
                          min(len(greedy), len(reference)))
             m.generate([prompt], 8)  # warm up (and build the int4 kernel's layout)
             row = dict(shape=name, kind=kind, head=head, bytes=tensor_bytes(m), loss=loss,
-                       agree=agree, speed=decode_speed(m, prompt, 64))
+                       top=top, agree=agree, speed=decode_speed(m, prompt, 64))
             rows.append(row)
             first = first or row
-            losses = (f"{loss:.4f} | {loss / first['loss'] - 1:+.3%}" if loss is not None
-                      else "- | -")
+            losses = "- | - | -"
+            if loss is not None:
+                same = (top == first["top"]).float().mean().item()
+                losses = f"{loss:.4f} | {loss / first['loss'] - 1:+.3%} | {same:.1%}"
             print(f"| {kind} | {head} | {row['bytes'] / 1e6:,.2f} | "
                   f"{first['bytes'] / row['bytes']:.2f} | {losses} | {agree}/64 | "
                   f"{row['speed']:,.1f} | {row['speed'] / first['speed']:.2f} |", flush=True)
-    print("MB: the tensors (the tied embedding/head once; a file adds a small header); greedy: "
-          "float32's first 64 tokens from a held-out prompt, matched up to the first difference; "
+    print("MB: the tensors (the tied embedding/head once; a file adds a small header); top-1: "
+          "the held-out positions where the top next token is float32's; greedy: float32's first "
+          "64 tokens from a held-out prompt, matched up to the first difference; "
           "the int kinds run bfloat16 activations through torch's CPU int8/int4 kernels")
     return rows
 
@@ -361,8 +368,8 @@ def main(cfg):
         print(f"loaded {cfg.load}: int{ckpt['quantized']['bits']}, {tensor_bytes(model):,} bytes")
     else:
         if cfg.init_from:
-            model, ckpt = from_pretrained(cfg.init_from, cfg.data_dir).to(device), {}
-            ckpt["tokenizer"] = "gpt2"
+            model = from_pretrained(cfg.init_from, cfg.data_dir).to(device)
+            ckpt = {"tokenizer": "gpt2"}
         else:
             model, ckpt = load_checkpoint(cfg.ckpt_path, device)
         model.eval()
