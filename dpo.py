@@ -11,7 +11,7 @@ each with a program (the story checker), and raise the log-probs of those that b
 How to run:
     python dpo.py                      # ~2 min on a 2-core CPU: out-sft/ckpt.pt, corrupted stories
     python dpo.py --loss=ipo --beta=0.5 --out_dir=out-ipo       # or --loss=cdpo, --loss=simpo
-    python dpo.py --method=grpo --out_dir=out-grpo      # ~10 min: the checker's reward, sampling
+    python dpo.py --method=grpo --max_iters=150 --learning_rate=3e-4 --out_dir=out-grpo  # ~9 min
     python dpo.py --method=grpo --bench                 # sampling with and without the KV cache
     python dpo.py --init_from=gpt2 --dataset=raschka --learning_rate=5e-6 --min_lr=5e-7
 Depends on: gpt.py, bpe.py (the template, the story checker, the training loop). Reads
