@@ -188,9 +188,8 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 class QuantEmbedding(nn.Module):
-    """An embedding lookup into a quantized matrix, the rows it picks dequantized: the head's
-    (the token embedding of a tied model reads the very tensor the head does), or its own (the
-    learned positions)."""
+    """A lookup into a quantized matrix, the picked rows dequantized: the head's (a tied model's
+    token embedding reads the very tensor the head does), or its own (the learned positions)."""
     def __init__(self, table):
         super().__init__()
         self.table = table
