@@ -258,9 +258,10 @@ def load_quantized(path, device="cpu"):
 
 def heldout_windows(ckpt, data_dir, block_size, n):
     """n windows of block_size + 1 tokens, evenly spaced through the val.bin that train.py
-    prepared for the checkpoint's dataset (uint16/uint32 ids, their dtype in meta.json), or None
-    when there is none (GPT-2, or data not prepared here)."""
-    folder = os.path.join(data_dir, ckpt.get("train_config", {}).get("dataset", "?"))
+    prepared in data_dir/<the checkpoint's dataset, a file's by its name's stem> (the ids' dtype in
+    meta.json); None when there is none (GPT-2, or data not prepared here)."""
+    dataset = ckpt.get("train_config", {}).get("dataset", "?")
+    folder = os.path.join(data_dir, os.path.splitext(os.path.basename(dataset))[0])
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
         return None

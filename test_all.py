@@ -1951,6 +1951,17 @@ def test_quantize_checkpoint_round_trip_and_size():
         raises(ValueError, quantize.load_quantized, float_path, match="is not a quantized checkpoint")
         raises(FileNotFoundError, quantize.load_quantized, f"{tmp}/missing.pt", match="python quantize.py")
 
+def test_quantize_reads_the_held_out_tokens_train_py_prepared():
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(f"{tmp}/mytext")
+        np.arange(100, dtype=np.uint16).tofile(f"{tmp}/mytext/val.bin")
+        with open(f"{tmp}/mytext/meta.json", "w") as f:
+            json.dump({"dtype": "uint16"}, f)
+        ckpt = {"train_config": {"dataset": "/somewhere/mytext.txt"}}  # a file: its folder is its stem
+        windows = quantize.heldout_windows(ckpt, tmp, 8, 3)
+        assert windows.tolist() == [list(range(0, 9)), list(range(45, 54)), list(range(91, 100))]
+        assert quantize.heldout_windows({"train_config": {"dataset": "other"}}, tmp, 8, 3) is None
+
 def test_quantize_main_writes_loads_and_samples():
     records = _story_records(20, seed=4)
     tok = bpe.Tokenizer().train(" ".join(r["output"] for r in records), 300)
