@@ -12,6 +12,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import glob
 import http.server
 import inspect
 import io
@@ -2214,6 +2215,39 @@ def test_quantize_main_writes_loads_and_samples():
         assert torch.equal(loaded["model"].lm_head.weight, result["model"].lm_head.weight)
         raises(ValueError, quantize.main, dataclasses.replace(cfg, group_size=24, overwrite=True), match="does not divide")
     raises(ValueError, quantize.check_config, quantize.QuantizeConfig(bits=3), match="--bits=3")
+
+# -----------------------------------------------------------------------------
+# the whole path: train -> finetune -> dpo -> quantize -> serve, each on the last one's default output
+
+def test_journey_from_nothing_to_a_served_chat_on_default_paths():
+    """The README's path on a tiny configuration, in an empty folder: no step is told where the last
+    one wrote (the default paths hand over), and the server answers a chat from the aligned model."""
+    with (tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp),
+          contextlib.redirect_stdout(io.StringIO()) as printed):
+        fast = dict(device="cpu", dtype="float32")
+        train.main(train.TrainConfig(num_stories=200, vocab_size=300, n_layer=1, n_head=2, n_embd=32,
+                                     block_size=256, batch_size=2, max_iters=4, eval_interval=2,
+                                     eval_iters=1, sample_tokens=4, warmup_iters=1, **fast))
+        small = dict(val_size=4, test_size=4, max_iters=2, batch_size=2, eval_interval=1,
+                     max_new_tokens=4, **fast)
+        finetune.main(finetune.FinetuneConfig(**small))
+        dpo.main(dpo.DpoConfig(**small))
+        quantize.main(quantize.QuantizeConfig(ckpt_path="out-dpo/ckpt.pt", max_new_tokens=4,
+                                              device="cpu"))
+        assert sorted(glob.glob("out*/*.pt")) == ["out-dpo/ckpt-int8.pt", "out-dpo/ckpt.pt",
+                                                  "out-sft/ckpt.pt", "out/best.pt", "out/ckpt.pt"]
+        server = subprocess.Popen([sys.executable, os.path.join(HERE, "kvcache.py"), "--serve", "--port=0",
+                                   "--device=cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            lines = iter(server.stdout.readline, "")
+            url = next(line.split()[2] for line in lines if line.startswith("serving at "))
+            chat = requests.post(url + "v1/chat/completions", timeout=30, json={
+                "messages": [{"role": "user", "content": "Write a story."}], "max_tokens": 8}).json()
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.communicate(timeout=30)
+        assert chat["model"] == "out-dpo/ckpt.pt" and chat["usage"]["completion_tokens"] >= 1, chat
+    assert "saved out/ckpt.pt" in printed.getvalue(), printed.getvalue()[-500:]
 
 # -----------------------------------------------------------------------------
 # repo-wide checks: import policy, copied helpers, line budgets
