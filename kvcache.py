@@ -470,7 +470,7 @@ API key <input id="key" type="password" size="10">
 <button id="clear" type="button">New chat</button></p>
 <script>
 const $ = (id) => document.getElementById(id);
-const history = [];
+const messages = [];  // the conversation, sent whole with every request
 let controller = null;
 
 function bubble(role, text) {
@@ -486,7 +486,7 @@ async function send(event) {
   const content = $("input").value.trim();
   if (!content || controller) return;
   $("input").value = "";
-  history.push({role: "user", content});
+  messages.push({role: "user", content});
   bubble("user", content);
   const out = bubble("assistant", "");
   let reply = "";
@@ -497,7 +497,7 @@ async function send(event) {
     if ($("key").value) headers.Authorization = "Bearer " + $("key").value;
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers, signal: controller.signal,
-      body: JSON.stringify({messages: history, stream: true,
+      body: JSON.stringify({messages, stream: true,
                             temperature: Number($("temperature").value),
                             max_tokens: Number($("max_tokens").value)})});
     if (!response.ok) throw new Error((await response.json()).error.message);
@@ -520,7 +520,7 @@ async function send(event) {
   } catch (error) {
     if (error.name !== "AbortError") bubble("error", error.message);
   }
-  history.push({role: "assistant", content: reply});
+  messages.push({role: "assistant", content: reply});
   controller = null;
   $("stop").disabled = true;
 }
@@ -528,7 +528,7 @@ async function send(event) {
 $("form").onsubmit = send;
 $("input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) send(e); };
 $("stop").onclick = () => controller.abort();
-$("clear").onclick = () => { history.length = 0; $("log").textContent = ""; };
+$("clear").onclick = () => { messages.length = 0; $("log").textContent = ""; };
 </script>
 </body></html>
 """

@@ -1465,6 +1465,49 @@ def test_kvcache_server_bad_input_answers_and_keeps_serving():
         server.engine = kvcache.Engine(server.engine.model, 256, 16, 1)
         assert post("/v1/completions", {"prompt": "x", "max_tokens": 3}).json()["usage"]["completion_tokens"] >= 1
 
+PAGE_HARNESS = """
+// just enough DOM for the page's script, and a fetch whose body arrives 3 bytes at a time, so that
+// events and UTF-8 characters are split across reads
+const elements = {};
+const element = (id) => elements[id] ||= {value: "", textContent: "", children: [],
+                                          append(child) { this.children.push(child); }};
+globalThis.document = {getElementById: element, createElement: () => element(Math.random())};
+const realFetch = fetch;
+globalThis.fetch = async (path, options) => {
+  const response = await realFetch(process.argv[2] + path, options);
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  let at = 0;
+  const read = async () => at >= bytes.length ? {done: true} : {done: false, value: bytes.slice(at, at += 3)};
+  const json = async () => JSON.parse(new TextDecoder().decode(bytes));
+  return {ok: response.ok, json, body: {getReader: () => ({read})}};
+};
+SCRIPT
+element("input").value = "Tell me a story";
+element("temperature").value = "0";
+element("max_tokens").value = "100";
+send({preventDefault() {}}).then(() => console.log(JSON.stringify(messages)));
+"""
+
+def test_kvcache_page_script_assembles_a_split_stream():
+    """The chat page's own script, run by node (skipped without it) against the server: the reply
+    it assembles from a stream cut into 3-byte reads is exactly the text, emoji and "data: " too."""
+    node = shutil.which("node")
+    if node is None:
+        raise unittest.SkipTest("node is not installed; the page's script is checked with it")
+    text = "data: 🎉 ok\n\nhé ✓ done"
+    script = iter(list(text.encode("utf-8")) + [256])
+    scripted = lambda *args: torch.tensor([next(script)])
+    page = kvcache.PAGE
+    harness = PAGE_HARNESS.replace("SCRIPT", page[page.index("<script>") + 8:page.index("</script>")])
+    with (tempfile.TemporaryDirectory() as tmp, _server(_serving_model(128)) as (url, server),
+          mock.patch.object(kvcache, "sample", scripted)):
+        path = os.path.join(tmp, "page.js")
+        with open(path, "w") as f:
+            f.write(harness)
+        run = subprocess.run([node, path, url], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-1000:]
+    assert json.loads(run.stdout)[-1] == {"role": "assistant", "content": text}, run.stdout
+
 def test_kvcache_serve_from_the_command_line_then_ctrl_c():
     """`python kvcache.py --serve` on a tiny checkpoint prints its URL, answers a completion, and stops
     cleanly on Ctrl-C (SIGINT) with exit code 0; --bench_serve drives such a server with 1, 4 and
