@@ -258,11 +258,8 @@ class Request:
         self.prompt = prompt
         self.max_tokens = max_tokens
         self.sampling = dict(temperature=temperature, top_p=top_p)
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.seed = seed          # None: a fresh random seed (the engine makes the generator)
+        self.generator = None
         self.stop = list(stop)
         self.hold = max(map(len, self.stop), default=1) - 1  # what could begin a stop string waits
         self.pieces = queue.Queue()
@@ -330,6 +327,11 @@ class Engine:
             self.last[i] = next_id
 
     def join(self, request):
+        request.generator = torch.Generator(self.device)  # on the device the draws are made on
+        if request.seed is None:
+            request.generator.seed()
+        else:
+            request.generator.manual_seed(request.seed)
         prompt = torch.tensor([request.prompt], device=self.device)
         cache = [KVCache(prompt.size(1)) for _ in self.caches]
         logits = self.model.prefill(prompt, torch.zeros(1, dtype=torch.long, device=self.device),
