@@ -538,6 +538,20 @@ $("clear").onclick = () => { messages.length = 0; $("log").textContent = ""; };
 def error_body(message, param=None, kind="invalid_request_error"):
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
+def pieces_as_they_come(pieces):
+    """Yield the text in a queue of pieces (None ends it) as it comes: a piece at a time, or all
+    that have piled up since the last yield in one string, so a busy server writes fewer events."""
+    done = False
+    while not done:
+        text = [pieces.get()]
+        while text[-1] is not None and not pieces.empty():
+            text.append(pieces.get_nowait())
+        done = text[-1] is None
+        if done:
+            text.pop()
+        if text:
+            yield "".join(text)
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """One thread per connection (ThreadingHTTPServer): parse and check a request, hand it to the
     engine, write the answer. `timeout` bounds every socket read and write, so a client that sends
@@ -631,8 +645,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if chat:
             head["object"] = "chat.completion.chunk"
         try:
-            for piece in iter(request.pieces.get, None):
-                self.event(head, chat, piece)
+            for text in pieces_as_they_come(request.pieces):
+                self.event(head, chat, text)
             self.event(head, chat, "", request.finish, usage=usage(request))
             self.wfile.write(b"data: [DONE]\n\n")
         except OSError:  # the client went away, or stopped reading for `timeout` seconds
