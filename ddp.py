@@ -1,11 +1,11 @@
 """Data parallelism from scratch: all-reduce, gradient buckets that overlap backward, and ZeRO-1.
 
 What you learn here (LLM101n chapter 10): N processes each run the GPT on 1/N of the batch and
-average their gradients, so every replica takes the step one process would take on the whole
-batch. train.py leaves this to torch's DDP; here it is written with torch.distributed collectives
-and checked against DDP: `naive` (an all-reduce per gradient), `bucketed` (buckets all-reduced
-asynchronously from backward hooks, overlapping backward, as DDP does) and `zero1` (ZeRO stage 1:
-each rank keeps the AdamW state of only its 1/N shard). The key number: a ring all-reduce sends
+average their gradients, so every replica takes the step one process would on the whole batch.
+train.py leaves that to torch's DDP; here it is written with torch.distributed collectives and
+checked against DDP: `naive` (an all-reduce per gradient), `bucketed` (buckets all-reduced
+asynchronously from backward hooks, overlapping backward, as DDP does) and `zero1` (ZeRO-1: each
+rank keeps the AdamW state of only its 1/N shard). The key number: a ring all-reduce sends
 2(N-1)/N x the gradient bytes per rank, whatever N, and ZeRO-1 sends just as much.
 How to run (under torchrun only: gloo on CPUs; nccl on GPUs, one GPU per process):
     torchrun --standalone --nproc_per_node=2 ddp.py                 # bucketed, ~1 min on a CPU
@@ -35,7 +35,6 @@ class DDPConfig:
     """Data-parallel GPT training with hand-written collectives, under torchrun; fields are flags."""
     # I/O
     out_dir: str = "out-ddp"      # <out_dir>/<mode>/ckpt.pt, with the measurements (replaced)
-    log_interval: int = 10        # steps between log lines (none with --bench)
     # data
     data: str = ""                # a train.py .bin; '' = data/stories/train.bin, else own bytes
     # model
@@ -51,14 +50,14 @@ class DDPConfig:
     learning_rate: float = 1e-3   # constant: the schedule is train.py's lesson, not this one's
     weight_decay: float = 0.1     # AdamW decay, of every parameter (one group: see Zero1)
     bucket_mb: float = 1.0        # bucket cap in MiB, for bucketed and torch (torch's default: 25)
+    # system
     bench: bool = False           # every mode from the same init + a 1-process reference, compared
     bandwidth_gbs: float = 0.0    # cost model link in GB/s (10 us a hop); 0 = NVLink, PCIe, 100GbE
     device: str = "auto"          # auto (cuda if present, else cpu), cpu, cuda (cuda:LOCAL_RANK)
     seed: int = 1337              # the init (the same in every mode) and the batches
 
 MODES = ("torch", "naive", "bucketed", "zero1")
-# torch 2.13 renamed the tensor forms of these two (the old names still work, with a warning);
-# gloo has both since torch 2.2, built from its all-reduce and all-gather
+# torch 2.13 renamed these two (the old names warn); gloo has both since 2.2, made of all-reduces
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
@@ -66,9 +65,8 @@ ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 # the lesson: collectives that count what they send, then the modes (torch's DDP is in train)
 
 class Comm:
-    """This rank's place in the world, and what it sends: each collective the modes call is
-    counted as in a ring (NCCL's way for large messages), where a reduce-scatter or an all-gather
-    sends (N-1)/N of the full buffer and an all-reduce, which is one of each, 2(N-1)/N."""
+    """This rank, the world size, and what the modes' collectives send, counted as in a ring (NCCL's
+    way for large messages): reduce-scatter or all-gather (N-1)/N of the buffer, all-reduce 2(N-1)/N."""
     def __init__(self, rank, world):
         self.rank = rank
         self.world = world
@@ -136,8 +134,7 @@ class Buckets:
                                                   f"sent: a parameter got no gradient")
         for bucket, buffer, handle in self.sent:
             handle.wait()  # the only wait: the sends overlapped the rest of backward
-            sizes = [self.params[j].numel() for j in bucket]
-            for j, grad in zip(bucket, buffer.split(sizes)):
+            for j, grad in zip(bucket, buffer.split([self.params[j].numel() for j in bucket])):
                 self.params[j].grad.copy_(grad.view_as(self.params[j]))
 
 class Zero1:
@@ -160,8 +157,7 @@ class Zero1:
         self.shard.grad = torch.zeros_like(self.shard)
         # one AdamW group (decay on every tensor, where train.py spares biases and gains) keeps the
         # shard a single tensor; DeepSpeed keeps a flat buffer per group instead
-        self.optimizer = torch.optim.AdamW([self.shard], cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW([self.shard], cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.state = self.optimizer.state  # AdamW's two moments, of this shard only
 
     def step(self):
@@ -177,15 +173,13 @@ class Zero1:
 # -----------------------------------------------------------------------------
 # the cost model: planning past this machine on paper
 
-ZERO_GPUS = 8  # one node
 LINKS = [("NVLink 4", 450e9, 3e-6), ("PCIe 4 x16", 25e9, 5e-6), ("100 Gb Ethernet", 12.5e9, 20e-6)]
 # GPT(GPTConfig(n_layer, n_head, n_embd)).num_params() for the four GPT-2 sizes
 GPT2_PARAMS = {"gpt2 124M": 124_439_808, "gpt2-medium 355M": 354_823_168,
                "gpt2-large 774M": 774_030_080, "gpt2-xl 1.5B": 1_557_611_200}
 
 def ring_all_reduce_seconds(size, n, bandwidth, latency):
-    """Ring all-reduce of size bytes on n GPUs: 2(n-1) steps, each sending size/n bytes to the next
-    GPU, so 2(n-1)/n x size / bandwidth + 2(n-1) x latency."""
+    """Ring all-reduce, n GPUs: 2(n-1) steps of size/n bytes, 2(n-1)/n x size / bw + 2(n-1) x latency."""
     return 2 * (n - 1) / n * size / bandwidth + 2 * (n - 1) * latency
 
 def zero_bytes_per_gpu(n_params, stage, n):
@@ -211,17 +205,17 @@ def print_cost_model(cfg):
     print_markdown(f"cost model: ms per ring all-reduce of GPT-2 124M's float32 gradients "
                    f"({grad_bytes / 1e6:.0f} MB)", ["GPUs"] + [f"{name} {bw / 1e9:g} GB/s, "
                    f"{lat * 1e6:g} us" for name, bw, lat in links], rows)
-    rows = [[name] + [f"{zero_bytes_per_gpu(n_params, stage, ZERO_GPUS) / 1e9:.2f}"
+    rows = [[name] + [f"{zero_bytes_per_gpu(n_params, stage, 8) / 1e9:.2f}"
                       for stage in range(4)] for name, n_params in GPT2_PARAMS.items()]
-    print_markdown(f"ZeRO model states per GPU in GB on {ZERO_GPUS} GPUs (mixed-precision "
-                   f"Adam; activations extra)", ["model"] + [f"stage {s}" for s in range(4)], rows)
+    print_markdown("ZeRO model states per GPU in GB on 8 GPUs, one node (mixed-precision Adam; "
+                   "activations extra)", ["model"] + [f"stage {s}" for s in range(4)], rows)
 
 # -----------------------------------------------------------------------------
 # helpers used by main: checks, data, memory, one training run
 
 def check_config(cfg, world):
     # every check of the flags (GPTConfig checks the model's), before data or processes
-    require_positive(cfg, "log_interval", "batch_size", "grad_accum", "max_iters")
+    require_positive(cfg, "batch_size", "grad_accum", "max_iters")
     if cfg.mode not in MODES:
         raise ValueError(f"--mode={cfg.mode!r}: use one of {', '.join(MODES)}, or --bench for all")
     per_step = world * cfg.grad_accum
@@ -231,8 +225,7 @@ def check_config(cfg, world):
                          f" e.g. --batch_size={(cfg.batch_size // per_step + 1) * per_step}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device={cfg.device}: use auto, cpu or cuda (rank r takes cuda:r)")
-    # auto finds no mps here: torch.distributed has no backend for it; pick_device checks cuda
-    return "cuda" if pick_device(cfg.device) == "cuda" else "cpu"
+    return "cuda" if pick_device(cfg.device) == "cuda" else "cpu"  # never mps: it has no backend
 
 def load_tokens(cfg_path):
     # (token ids, tokenizer): a .bin of train.py, whose meta.json beside it names the dtype, or for
@@ -247,13 +240,6 @@ def load_tokens(cfg_path):
                                 f"`python train.py`, or pass --data='' for the built-in text")
     with open(needed[1]) as f:
         return np.memmap(path, json.load(f)["dtype"], "r"), Tokenizer.load(needed[2])
-
-def reset_peak_memory(device):
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):  # Linux: writing 5 resets ru_maxrss
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
 
 def train(mode, cfg, data, model_config, comm, device, accum, log):
     # a fresh GPT (the same init in every mode) trained in one mode, or "single": one process and
@@ -272,7 +258,11 @@ def train(mode, cfg, data, model_config, comm, device, accum, log):
     if mode == "zero1":  # ZeRO-1 takes the optimizer's place
         optimizer = Zero1(params, comm, cfg)
     micro = cfg.batch_size // (comm.world * accum)
-    reset_peak_memory(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):  # Linux: writing 5 resets ru_maxrss
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     times = []
     for step in range(cfg.max_iters):
         t0 = time.time()
@@ -307,14 +297,13 @@ def train(mode, cfg, data, model_config, comm, device, accum, log):
             loss /= comm.world
         loss = loss.item()  # waits for the device: the step time is honest
         times.append(time.time() - t0)
-        if log and not cfg.bench and step % cfg.log_interval == 0:
+        if log and not cfg.bench and step % max(1, cfg.max_iters // 10) == 0:  # ten log lines
             print(f"step {step:4d}/{cfg.max_iters} | loss {loss:.4f}", flush=True)
     if log:
-        print(f"{mode}: loss {loss:.4f} after {cfg.max_iters} steps, median step "
-              f"{1000 * np.median(times):.0f} ms", flush=True)
+        print(f"{mode}: loss {loss:.4f} after {cfg.max_iters} steps, "
+              f"{1000 * np.median(times):.0f} ms a step")
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    # the most bytes torch allocated on a GPU; on a CPU the resident set of the whole process,
-    # torch included (ru_maxrss is in kilobytes on Linux)
+    # a GPU: the most bytes torch allocated; a CPU: the whole process's resident set (KiB on Linux)
     peak = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated(device)
@@ -346,10 +335,9 @@ def main(cfg):
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 throughout: modes compare to 1e-6
     dist.init_process_group("gloo" if device == "cpu" else "nccl")
     if rank == 0:
-        print(f"config:\n{format_config(cfg)}\ndevice: {device} x {world} processes "
-              f"({dist.get_backend()}), float32\ndata: {len(data):,} tokens; "
-              f"{cfg.batch_size} sequences of {cfg.block_size} tokens a step = {world} processes x "
-              f"{cfg.grad_accum} micro-steps x {cfg.batch_size // (world * cfg.grad_accum)}")
+        print(f"config:\n{format_config(cfg)}\n{device} x {world} processes ({dist.get_backend()}), "
+              f"float32, {len(data):,} tokens of data; a step: {cfg.batch_size} sequences = {world} "
+              f"processes x {cfg.grad_accum} micro-steps x {cfg.batch_size // (world * cfg.grad_accum)}")
     results = {}
     try:  # the finally tears the process group down even when a rank fails
         for mode in MODES if cfg.bench else [cfg.mode]:
@@ -375,12 +363,12 @@ def main(cfg):
                         train_config=dataclasses.asdict(cfg), tokenizer=tok.to_dict())
     if cfg.bench:
         memory = "peak allocated" if device.startswith("cuda") else "peak RSS"
-        rows = [[mode, f"{r['step_ms']:.0f}", f"{r['calls_per_step']:.0f}",
+        rows = [[mode, f"{r['step_ms']:.0f}", "DDP's" if mode == "torch" else f"{r['calls_per_step']:.0f}",
                  f"{r['sent_per_step'] / 2 ** 20:.3f}", f"{r['optimizer_bytes'] / 2 ** 20:.3f}",
                  f"{r['peak_memory'] / 2 ** 20:.0f}", f"{r.get('max_diff_torch', 0):.1e}",
                  f"{r.get('max_diff_single', 0):.1e}"] for mode, r in results.items()]
-        print_markdown(f"{world} processes, {results['bucketed']['buckets']} buckets, "
-                       f"{results['zero1']['padding']} padding; single = 1 process, whole batch",
+        print_markdown(f"{world} processes; bucketed: {results['bucketed']['buckets']} buckets; zero1: "
+                       f"{results['zero1']['padding']} zeros of padding; single: 1 process, whole batch",
                        ["mode", "ms/step", "calls/step", "MiB sent/rank/step", "AdamW MiB/rank",
                         f"{memory} MiB", "max abs diff vs torch", "vs 1 process"], rows)
         print_cost_model(cfg)

@@ -1304,21 +1304,20 @@ def test_kvcache_engine_rows_joining_late_decode_as_if_alone():
     engine = kvcache.Engine(model, BYTES_TOK.special_tokens["<|endoftext|>"], max_batch=3, max_queue=8)
     prompts = [[5, 6, 7], [9], list(range(20, 40)), [1, 2], list(range(100, 130))]
     budgets = [25, 3, 25, 10, 48]
+    engine.stop()  # the test drives the steps itself, so the arrivals do not depend on timing
+    requests_ = [kvcache.Request(BYTES_TOK, p, budget, temperature=0) for p, budget in zip(prompts, budgets)]
+    waiting = list(requests_)
     widths = []
-    step = engine.step
-    def recorded_step():
-        widths.append(len(engine.rows))
-        step()
-    try:
-        with mock.patch.object(engine, "step", recorded_step):
-            requests_ = []
-            for prompt, budget in zip(prompts, budgets):
-                requests_.append(kvcache.Request(BYTES_TOK, prompt, budget, temperature=0))
-                engine.submit(requests_[-1])
-                time.sleep(0.01)  # later requests arrive while earlier ones decode
-            texts = ["".join(iter(lambda r=r: r.pieces.get(timeout=20), None)) for r in requests_]
-    finally:
-        engine.stop()
+    with torch.inference_mode():
+        while waiting or engine.rows:
+            if waiting and len(engine.rows) < engine.max_batch:  # one arrival per step at most
+                engine.join(waiting.pop(0))
+            engine.leave_finished()
+            if engine.rows:
+                widths.append(len(engine.rows))
+                engine.step()
+                engine.leave_finished()
+    texts = ["".join(iter(r.pieces.get_nowait, None)) for r in requests_]
     for prompt, budget, request, text in zip(prompts, budgets, requests_, texts):
         room = 48 - len(prompt) + 1  # the server ends a row at block_size; generate would slide on
         alone = model.generate([prompt], min(budget, room), temperature=0, eot_id=256)[0]
@@ -2260,6 +2259,108 @@ def test_quantize_main_writes_loads_and_samples():
     raises(ValueError, quantize.check_config, quantize.QuantizeConfig(bits=3), match="--bits=3")
 
 # -----------------------------------------------------------------------------
+# ddp.py
+
+import ddp  # noqa: E402
+
+def _ddp_flags(tmp, **overrides):
+    # a tiny model whose parameter count is odd (zero1 must pad it for 2 ranks), two micro-steps
+    flags = dict(device="cpu", n_layer=1, n_head=3, n_embd=33, block_size=17, batch_size=8,
+                 grad_accum=2, max_iters=5, bucket_mb=0.01, out_dir=os.path.join(tmp, "out"))
+    return [f"--{k}={v}" for k, v in {**flags, **overrides}.items()]
+
+def test_ddp_modes_match_torch_and_one_process():
+    """One 2-process gloo launch of --bench: every mode from the same init, then the checkpoints
+    are compared here, from outside: naive, bucketed and zero1 equal torch's DDP within 1e-6, and
+    all equal one process trained on the whole global batch within 1e-5. The modes ran 2
+    micro-steps of 2 sequences per rank, the single process one step of all 8: accumulation over
+    micro-steps equals one step on the doubled batch. Also the bytes and the optimizer state."""
+    with tempfile.TemporaryDirectory() as tmp:  # cwd=tmp: no data/stories, so the built-in text
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2", os.path.join(HERE, "ddp.py"), "--bench",
+                              *_ddp_flags(tmp)], cwd=tmp, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        ckpts = {m: torch.load(os.path.join(tmp, "out", m, "ckpt.pt"), weights_only=True)
+                 for m in (*ddp.MODES, "single")}
+        model, _ = gpt.load_checkpoint(os.path.join(tmp, "out", "zero1", "ckpt.pt"), verbose=False)
+        n_params = model.num_params()
+    for mode, ckpt in ckpts.items():
+        for name, tensor in ckpt["model"].items():
+            if mode in ("naive", "bucketed", "zero1"):
+                assert_close(tensor, ckpts["torch"]["model"][name], 1e-6, f"{mode} vs torch: {name}")
+            assert_close(tensor, ckpts["single"]["model"][name], 1e-5, f"{mode} vs 1 process: {name}")
+    measured = {mode: ckpt["measured"] for mode, ckpt in ckpts.items()}
+    assert measured["zero1"]["max_diff_torch"] <= 1e-6 and ckpts["zero1"]["world"] == 2, measured
+    # a ring all-reduce sends 2(N-1)/N = 1 x the float32 gradients per rank; zero1's reduce-scatter
+    # and all-gather half of the padded buffer each, as much (+ the padding)
+    padding = measured["zero1"]["padding"]
+    assert n_params % 2 == 1 and padding == 1, (n_params, padding)
+    for mode in ("torch", "naive", "bucketed"):
+        assert measured[mode]["sent_per_step"] == 4 * n_params, (mode, measured[mode])
+    assert measured["zero1"]["sent_per_step"] == 4 * (n_params + padding), measured["zero1"]
+    n_tensors = len(list(model.parameters()))
+    assert measured["naive"]["calls_per_step"] == n_tensors, measured["naive"]
+    assert 1 < measured["bucketed"]["calls_per_step"] == measured["bucketed"]["buckets"] < n_tensors
+    assert measured["zero1"]["calls_per_step"] == 2 and measured["single"]["sent_per_step"] == 0
+    # AdamW keeps two float32 moments per parameter; zero1 only for its half (+ step counters)
+    full = measured["torch"]["optimizer_bytes"]
+    assert 8 * n_params <= full <= 8 * n_params + 4 * n_tensors, full
+    assert_close(measured["zero1"]["optimizer_bytes"] / full, 0.5, 0.01, "zero1 state / torch state")
+    assert "| zero1 |" in run.stdout and "| 1024 |" in run.stdout, run.stdout[-2000:]
+    assert "| gpt2-xl 1.5B | 24.92 |" in run.stdout and "zero1: 1 zeros of padding" in run.stdout, run.stdout[-2000:]
+
+def test_ddp_bucket_plan():
+    torch.manual_seed(0)
+    params = list(GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)).parameters())
+    sizes = [p.nbytes for p in params]
+    for cap in (1, 600, 5000, 1 << 30):
+        plan = ddp.bucket_plan(params, cap)
+        flat = [i for bucket in plan for i in bucket]
+        assert flat == list(reversed(range(len(params)))), (cap, plan)  # each once, last first
+        for bucket in plan:
+            assert len(bucket) == 1 or sum(sizes[i] for i in bucket) <= cap, (cap, bucket)
+    assert len(ddp.bucket_plan(params, 1)) == len(params) and len(ddp.bucket_plan(params, 1 << 30)) == 1
+    kib = [torch.zeros(256), torch.zeros(256), torch.zeros(768)]  # 1, 1 and 3 KiB
+    assert ddp.bucket_plan(kib, 2048) == [[2], [1, 0]]
+
+def test_ddp_cost_model_known_values():
+    # 2(N-1)/N x bytes / bandwidth: 1 GB at 1 GB/s takes 1 s on 2 GPUs, 1.5 s on 4; latency 2(N-1)x
+    assert_close(ddp.ring_all_reduce_seconds(1e9, 2, 1e9, 0.0), 1.0, 1e-12, "ring, 2 GPUs")
+    assert_close(ddp.ring_all_reduce_seconds(1e9, 4, 1e9, 1e-3), 1.5 + 6e-3, 1e-12, "ring, 4 GPUs")
+    # ZeRO (Rajbhandari et al., figure 1): 16 bytes per parameter, then 4 + 12/N, 2 + 14/N, 16/N
+    for stage, per_param in enumerate([16, 4 + 12 / 8, 2 + 14 / 8, 16 / 8]):
+        assert_close(ddp.zero_bytes_per_gpu(1e6, stage, 8), per_param * 1e6, 1e-6, f"stage {stage}")
+    shapes = {"gpt2 124M": (12, 12, 768), "gpt2-medium 355M": (24, 16, 1024),
+              "gpt2-large 774M": (36, 20, 1280), "gpt2-xl 1.5B": (48, 25, 1600)}
+    with torch.device("meta"):
+        for name, (n_layer, n_head, n_embd) in shapes.items():
+            n = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).num_params()
+            assert ddp.GPT2_PARAMS[name] == n, (name, n)
+
+def test_ddp_without_torchrun_explains_how_to_start_it():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = subprocess.run([sys.executable, os.path.join(HERE, "ddp.py")], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("ddp.py: error: ") and len(run.stderr.strip().splitlines()) == 1
+    assert "torchrun --standalone --nproc_per_node=2 ddp.py" in run.stderr, run.stderr
+
+def test_ddp_bad_flags_fail_before_any_process_group():
+    # as rank 0 of 2: every check comes before init_process_group, so nothing waits for rank 1
+    with mock.patch.dict(os.environ, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}):
+        message = raises(ValueError, ddp.main, ddp.DDPConfig(batch_size=7, device="cpu"),
+                         match="--batch_size=7 does not split into 2 processes")
+        assert "e.g. --batch_size=8" in message, message
+        raises(ValueError, ddp.main, ddp.DDPConfig(batch_size=8, grad_accum=3, device="cpu"),
+               match="pass a multiple of 6")
+        raises(ValueError, ddp.main, ddp.DDPConfig(mode="fsdp", device="cpu"), match="--mode='fsdp'")
+        raises(ValueError, ddp.main, ddp.DDPConfig(device="tpu"), match="--device=tpu")
+        raises(ValueError, ddp.main, ddp.DDPConfig(n_embd=30, n_head=4, device="cpu"), match="divisible")
+        raises(FileNotFoundError, ddp.main, ddp.DDPConfig(data="missing/train.bin", device="cpu"),
+               match="python train.py")
+    assert not torch.distributed.is_initialized()
+
+# -----------------------------------------------------------------------------
 # the whole path: train -> finetune -> dpo -> quantize -> serve, each on the last one's default output
 
 def test_journey_from_nothing_to_a_served_chat_on_default_paths():
@@ -2308,7 +2409,7 @@ SCRIPTS = ["bigram.py", "micrograd.py", "bpe.py", "gpt.py", "train.py", "finetun
 # checks, continuous batching, the chat page (86 lines) and the serving benchmark.
 # test_all.py has no cap: a section per script instead
 LINE_CAPS = {"bigram.py": 360, "micrograd.py": 340, "bpe.py": 690, "gpt.py": 950, "train.py": 840,
-             "kvcache.py": 840, "finetune.py": 450, "lora.py": 410, "dpo.py": 575, "quantize.py": 410,
+             "kvcache.py": 850, "finetune.py": 450, "lora.py": 410, "dpo.py": 575, "quantize.py": 410,
              "ddp.py": 380}
 
 def present(files):
