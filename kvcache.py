@@ -715,6 +715,7 @@ def bench_serve(cfg):
     rows = {}
     for n in (1, 4, 16):
         results = []
+        refused = []  # an error in a client thread would not reach this one: it is passed here
         def client(seed):
             body = dict(prompt="Once upon a time", max_tokens=cfg.max_new_tokens, seed=seed,
                         temperature=cfg.temperature, stream=True)
@@ -722,7 +723,8 @@ def bench_serve(cfg):
             first = None
             with requests.post(url + "v1/completions", json=body, stream=True, timeout=600) as r:
                 if r.status_code != 200:
-                    raise ValueError(f"the server refused the benchmark: {r.json()['error']}")
+                    refused.append(r.json()["error"]["message"])
+                    return
                 for line in r.iter_lines():
                     if line.startswith(b"data: {"):
                         chunk = json.loads(line[6:])
@@ -735,6 +737,9 @@ def bench_serve(cfg):
         for thread in threads:
             thread.join()
         seconds = time.perf_counter() - t0
+        if refused:
+            server.send_signal(signal.SIGINT)
+            raise ValueError(f"the server refused the benchmark: {refused[0]}")
         tokens = sum(r[2] for r in results)
         rows[n] = tokens / seconds
         first = sorted(r[0] for r in results)
