@@ -293,6 +293,17 @@ def decode_speed(model, prompt, new_tokens):
                    on_token=lambda *_: stamps.append(time.perf_counter()))
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
+def head_speed(model, reps=20):
+    # one batch-1 product through the head, the largest matrix: the kernel alone, in GB/s of weights
+    norm = model.transformer.ln_f.weight  # the activations' dtype and device
+    x = torch.randn(1, model.config.n_embd, dtype=norm.dtype, device=norm.device)
+    model.lm_head(x)
+    start = time.perf_counter()
+    for _ in range(reps):
+        y = model.lm_head(x)
+    y[0, 0].item()  # waits for a GPU to finish
+    return tensor_bytes(model.lm_head) * reps / (time.perf_counter() - start) / 1e9
+
 def variant(model, kind, head="tied"):
     """A copy of the float32 model as kind: float32, bfloat16, int8, or int4-g32 (-g64, ...).
     The int kinds run with bfloat16 activations: the CPU kernels need them."""
@@ -320,7 +331,8 @@ def bench(cfg, model, ckpt):
         prompt = windows[0, :16].tolist() if windows is not None else [0] * 16
         reference = base.generate([prompt], 64, temperature=0.0)[0]
         print(f"\n{name}\n| kind | head | MB | x smaller | held-out loss | change | top-1 as "
-              f"float32 | greedy tokens as float32 | decode tok/s | x float32 |\n|" + "---|" * 10)
+              f"float32 | greedy tokens as float32 | decode tok/s | x float32 | head GB/s |\n|"
+              + "---|" * 11)
         first = None
         for kind, head in runs:
             m = variant(base, kind, head)
@@ -330,7 +342,8 @@ def bench(cfg, model, ckpt):
                          min(len(greedy), len(reference)))
             m.generate([prompt], 8)  # warm up (and build the int4 kernel's layout)
             row = dict(shape=name, kind=kind, head=head, bytes=tensor_bytes(m), loss=loss,
-                       top=top, agree=agree, speed=decode_speed(m, prompt, 64))
+                       top=top, agree=agree, speed=decode_speed(m, prompt, 64),
+                       head_gbs=head_speed(m))
             rows.append(row)
             first = first or row
             losses = "- | - | -"
@@ -339,10 +352,12 @@ def bench(cfg, model, ckpt):
                 losses = f"{loss:.4f} | {loss / first['loss'] - 1:+.3%} | {same:.1%}"
             print(f"| {kind} | {head} | {row['bytes'] / 1e6:,.2f} | "
                   f"{first['bytes'] / row['bytes']:.2f} | {losses} | {agree}/64 | "
-                  f"{row['speed']:,.1f} | {row['speed'] / first['speed']:.2f} |", flush=True)
+                  f"{row['speed']:,.1f} | {row['speed'] / first['speed']:.2f} | "
+                  f"{row['head_gbs']:.1f} |", flush=True)
     print("MB: the tensors (the tied embedding/head once; a file adds a small header); top-1: "
           "the held-out positions where the top next token is float32's; greedy: float32's first "
-          "64 tokens from a held-out prompt, matched up to the first difference; "
+          "64 tokens from a held-out prompt, matched up to the first difference; head GB/s: the "
+          "head's weight bytes read per second in one batch-1 product, the kernel alone; "
           "the int kinds run bfloat16 activations through torch's CPU int8/int4 kernels")
     return rows
 

@@ -2212,6 +2212,15 @@ def test_quantize_model_stays_close_to_float32():
             agree = sum(a == b for a, b in zip(q.generate(prompt, 20, temperature=0.0)[0], greedy))
             assert agree >= (18 if bits == 8 else 12), f"int{bits} {head}: {agree}/20 greedy tokens agree"
 
+def test_quantize_bench_times_the_head_of_every_kind():
+    model = _tiny_quantizable()
+    for kind, head in [("float32", "tied"), ("bfloat16", "tied"), ("int8", "tied"), ("int4-g32", "tied"),
+                       ("int8", "float")]:
+        m = quantize.variant(model, kind, head)
+        assert m.transformer.ln_f.weight.dtype == (torch.float32 if kind == "float32" else torch.bfloat16)
+        gbs = quantize.head_speed(m, reps=2)
+        assert math.isfinite(gbs) and gbs > 0, f"{kind} {head}: {gbs} GB/s"
+
 def test_quantize_checkpoint_round_trip_and_size():
     model = _tiny_quantizable()
     idx = torch.randint(0, 70, (2, 16), generator=torch.Generator().manual_seed(2))
