@@ -105,9 +105,9 @@ def outlier_demo(seed=0):
     for name, dim in [("per tensor", None), ("per channel", 1)]:
         q, scale = quantize_absmax(w, 8, dim)
         errors[name] = (dequantize(q, scale) - w).abs().mean().item()
+    ratio = errors["per tensor"] / errors["per channel"]
     print(f"int8 with one outlier: mean |error| {errors['per tensor']:.2e} per tensor, "
-          f"{errors['per channel']:.2e} per channel "
-          f"({errors['per tensor'] / errors['per channel']:.0f}x)")
+          f"{errors['per channel']:.2e} per channel ({ratio:.0f}x)")
     return errors
 
 # -----------------------------------------------------------------------------
@@ -198,10 +198,9 @@ class QuantEmbedding(nn.Module):
         return self.table.rows(idx, self.table.scale.dtype)
 
 def quantize_model(model, bits, group_size=32, head="tied"):
-    """Swap every Linear in the blocks (attention, MLP) for its quantized version, in place, by
-    named_children + setattr, and the learned positions. head='tied' quantizes the shared
-    embedding/head matrix once for both; 'float' keeps it (and the lookup) exact. Norms and
-    biases stay float: they are a few thousand numbers."""
+    """Swap every Linear in the blocks (attention, MLP) and the learned positions for quantized
+    versions, in place, by named_children + setattr. head='tied' quantizes the shared embedding/head
+    matrix once for both; 'float' keeps it exact. Norms and biases stay float: a few thousand numbers."""
     def make(weight, bias=None):
         return Int8Linear(weight, bias) if bits == 8 else Int4Linear(weight, bias, group_size)
 
@@ -237,8 +236,7 @@ def load_quantized(path, device="cpu"):
     """A checkpoint written by save_quantized -> (model, ckpt). A float checkpoint is an error
     that says how to quantize it (and gpt.load_checkpoint refuses a quantized one)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no quantized checkpoint at {path}; make one with "
-                                f"`python quantize.py --ckpt_path=...`")
+        raise FileNotFoundError(f"no quantized checkpoint at {path}; make one with `python quantize.py`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a bad file raises many kinds here (OSError, UnpicklingError, ...)
@@ -257,9 +255,8 @@ def load_quantized(path, device="cpu"):
 # measurements: held-out loss, greedy agreement, decode speed
 
 def heldout_windows(ckpt, data_dir, block_size, n):
-    """n windows of block_size + 1 tokens, evenly spaced through the val.bin that train.py
-    prepared in data_dir/<the checkpoint's dataset, a file's by its name's stem> (the ids' dtype in
-    meta.json); None when there is none (GPT-2, or data not prepared here)."""
+    """n windows of block_size + 1 tokens, evenly spaced through train.py's data_dir/<dataset>/val.bin
+    (its dtype in meta.json); None when there is none (GPT-2, or data not prepared here)."""
     dataset = ckpt.get("train_config", {}).get("dataset", "?")
     folder = os.path.join(data_dir, os.path.splitext(os.path.basename(dataset))[0])
     meta_path = os.path.join(folder, "meta.json")
@@ -277,8 +274,7 @@ def heldout_loss(model, windows, batch_size=8):
     (to compare with float32's: teacher-forced agreement, unlike greedy text, survives a tie)."""
     model.eval()
     device = model.lm_head.weight.device
-    losses = []
-    choices = []
+    losses, choices = [], []
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device)
         logits = model(w[:, :-1])[0].float()
@@ -286,12 +282,13 @@ def heldout_loss(model, windows, batch_size=8):
         choices.append(logits.argmax(-1))
     return torch.stack(losses).mean().item(), torch.cat(choices)
 
-def decode_speed(model, prompt, new_tokens):
-    # batch-1 greedy decode with the cache: the tokens per second of the steps after the first
+def decode_speed(model, prompt, new_tokens, eot_id=-1):
+    # batch-1 greedy decode with the cache -> (the new ids, tokens/s of the steps after the first)
     stamps = []
-    model.generate([prompt], new_tokens, temperature=0.0,
-                   on_token=lambda *_: stamps.append(time.perf_counter()))
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    new = model.generate([prompt], new_tokens, temperature=0.0, eot_id=eot_id,
+                         on_token=lambda *_: stamps.append(time.perf_counter()))[0]
+    seconds = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
+    return new, (len(stamps) - 1) / seconds
 
 def head_speed(model, reps=20):
     # one batch-1 product through the head, the largest matrix: the kernel alone, in GB/s of weights
@@ -318,8 +315,7 @@ def bench(cfg, model, ckpt):
     """The table for the model and for the GPT-2 124M shape (random weights: no held-out loss):
     bytes, held-out loss, greedy agreement with float32 and batch-1 decode tokens/s per kind."""
     outlier_demo()
-    kinds = [(k, "tied") for k in ("float32", "bfloat16", "int8", "int4-g32", "int4-g64",
-                                   "int4-g128")]
+    kinds = [(k, "tied") for k in ("float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128")]
     shapes = [(cfg.init_from or cfg.ckpt_path, model, ckpt, kinds + [("int8", "float")])]
     if model.config.n_embd != 768:
         torch.manual_seed(cfg.seed)
@@ -342,7 +338,7 @@ def bench(cfg, model, ckpt):
                          min(len(greedy), len(reference)))
             m.generate([prompt], 8)  # warm up (and build the int4 kernel's layout)
             row = dict(shape=name, kind=kind, head=head, bytes=tensor_bytes(m), loss=loss,
-                       top=top, agree=agree, speed=decode_speed(m, prompt, 64),
+                       top=top, agree=agree, speed=decode_speed(m, prompt, 64)[1],
                        head_gbs=head_speed(m))
             rows.append(row)
             first = first or row
@@ -354,11 +350,11 @@ def bench(cfg, model, ckpt):
                   f"{first['bytes'] / row['bytes']:.2f} | {losses} | {agree}/64 | "
                   f"{row['speed']:,.1f} | {row['speed'] / first['speed']:.2f} | "
                   f"{row['head_gbs']:.1f} |", flush=True)
-    print("MB: the tensors (the tied embedding/head once; a file adds a small header); top-1: "
-          "the held-out positions where the top next token is float32's; greedy: float32's first "
-          "64 tokens from a held-out prompt, matched up to the first difference; head GB/s: the "
-          "head's weight bytes read per second in one batch-1 product, the kernel alone; "
-          "the int kinds run bfloat16 activations through torch's CPU int8/int4 kernels")
+    print("MB: the tensors (the tied embedding/head once; a file adds a small header); top-1: the "
+          "held-out positions where the top next token is float32's; greedy: float32's first 64 "
+          "tokens from a held-out prompt, matched up to the first difference; head GB/s: the head's "
+          "weight bytes read per second in one batch-1 product, the kernel alone; the int kinds run "
+          "bfloat16 activations through torch's CPU int8/int4 kernels")
     return rows
 
 # -----------------------------------------------------------------------------
@@ -406,10 +402,8 @@ def main(cfg):
         model = model.to(dtype)
         tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
         prompt = tok.encode(cfg.prompt, allowed_special="none") or [tok.special_tokens[STOP]]
-        with torch.no_grad():
-            new = model.generate([prompt], cfg.max_new_tokens, temperature=0.0,
-                                 eot_id=tok.special_tokens[STOP])[0]
-        print(cfg.prompt + tok.decode(new))
+        new, speed = decode_speed(model, prompt, cfg.max_new_tokens, tok.special_tokens[STOP])
+        print(f"{cfg.prompt}{tok.decode(new)}\n{len(new)} tokens, {speed:,.1f} tok/s after the first")
     return dict(model=model, ckpt=ckpt)
 
 if __name__ == "__main__":

@@ -2262,7 +2262,10 @@ def test_quantize_main_writes_loads_and_samples():
         result = quantize.main(cfg)
         assert os.path.exists(f"{tmp}/ckpt-int4-g32.pt") and result["model"].lm_head.weight.dtype == torch.uint8
         raises(FileExistsError, quantize.main, cfg, match="--overwrite")
-        loaded = quantize.main(quantize.QuantizeConfig(load=f"{tmp}/ckpt-int4-g32.pt", max_new_tokens=5, device="cpu"))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            loaded = quantize.main(quantize.QuantizeConfig(load=f"{tmp}/ckpt-int4-g32.pt", max_new_tokens=5, device="cpu"))
+        assert re.search(r"\n\d+ tokens, [\d,.]+ tok/s after the first\n$", printed.getvalue())
         assert torch.equal(loaded["model"].lm_head.weight, result["model"].lm_head.weight)
         raises(ValueError, quantize.main, dataclasses.replace(cfg, group_size=24, overwrite=True), match="does not divide")
     raises(ValueError, quantize.check_config, quantize.QuantizeConfig(bits=3), match="--bits=3")
