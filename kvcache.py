@@ -161,8 +161,7 @@ def bench_row(model, prompts, new_tokens, points=4):
 
 def run_bench(cfg, device):
     bandwidth = measure_bandwidth(device)
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-          f"{torch.get_num_threads()} threads on {device}")
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads on {device}")
     shapes = {"gpt2-124M": GPTConfig()}
     if os.path.exists(cfg.ckpt_path):
         shapes[cfg.ckpt_path] = load_checkpoint(cfg.ckpt_path)[0].config
@@ -748,7 +747,11 @@ def bench_serve(cfg):
               f"{first[n // 2]:.3f} | {latency[n // 2]:.2f} | {latency[int(0.95 * (n - 1))]:.2f} |",
               flush=True)
     server.send_signal(signal.SIGINT)  # Ctrl-C: the server shuts down cleanly
-    server.wait(timeout=30)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # the figures are in: a stuck shutdown must not hang the bench
+        server.kill()
+        print("warning: the server did not stop within 30 s of Ctrl-C, so it was killed", file=sys.stderr)
     return rows
 
 # -----------------------------------------------------------------------------
@@ -783,8 +786,7 @@ def main(cfg):
     if cfg.bench:
         return run_bench(cfg, device)
     dtype, reason, _ = setup_precision(device, cfg.dtype)  # weights are cast, not autocast
-    # --- model and tokenizer (a checkpoint loads on the cpu: its optimizer state never reaches the
-    # device)
+    # --- model and tokenizer (loaded on the cpu: a checkpoint's optimizer state never reaches the device)
     ckpt = {}
     if cfg.init_from:
         model = from_pretrained(cfg.init_from)
@@ -817,6 +819,7 @@ def main(cfg):
     story = [eot_id] if eot_id >= 0 else []  # text starts after <|endoftext|>
     tokens = 0
     seconds = 0.0
+    decoded = [0, 0.0]  # tokens after each row's first, and their seconds: decode without prefill
     while True:
         if cfg.interactive:  # each turn continues the whole story so far (the window rule crops it)
             try:
@@ -825,16 +828,20 @@ def main(cfg):
                 break
         prompts = [story + tok.encode(t, allowed_special="all") for t in texts]
         stream = TextStream(tok)
-        show = None
-        if len(texts) == 1:
-            if not cfg.interactive:
-                print(texts[0], end="")
-            def show(step, ids, logits):
+        stamps = []  # when each step's tokens came out
+        if len(texts) == 1 and not cfg.interactive:
+            print(texts[0], end="")
+        def show(step, ids, logits):
+            stamps.append(time.perf_counter())
+            if len(texts) == 1:
                 stream.push(ids[0].item() if ids[0] != eot_id else None)
         t0 = time.perf_counter()
         outs = model.generate(prompts, cfg.max_new_tokens, on_token=show, **sampling)
         seconds += time.perf_counter() - t0
         tokens += sum(len(o) for o in outs)
+        longest = max(len(o) for o in outs)  # its last token came out at step longest - 1
+        decoded[0] += sum(max(len(o) - 1, 0) for o in outs)
+        decoded[1] += stamps[longest - 1] - stamps[0] if longest > 1 else 0.0
         stream.push()
         for i, ids in enumerate(outs):
             if len(outs) > 1:
@@ -844,9 +851,10 @@ def main(cfg):
         if not cfg.interactive:
             break
         story = prompts[0] + outs[0]
+    decode = decoded[0] / decoded[1] if decoded[1] else float("nan")
     print(f"\n{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):,.1f} tok/s "
-          f"(prefill included)")
-    return {"tokens": tokens, "tok_per_s": tokens / max(seconds, 1e-9)}
+          f"(prefill included), {decode:,.1f} after each row's first")
+    return {"tokens": tokens, "tok_per_s": tokens / max(seconds, 1e-9), "decode_tok_per_s": decode}
 
 if __name__ == "__main__":
     run_main(main, KVCacheConfig)

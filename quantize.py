@@ -274,7 +274,8 @@ def heldout_loss(model, windows, batch_size=8):
     (to compare with float32's: teacher-forced agreement, unlike greedy text, survives a tie)."""
     model.eval()
     device = model.lm_head.weight.device
-    losses, choices = [], []
+    losses = []
+    choices = []
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device)
         logits = model(w[:, :-1])[0].float()
@@ -283,12 +284,12 @@ def heldout_loss(model, windows, batch_size=8):
     return torch.stack(losses).mean().item(), torch.cat(choices)
 
 def decode_speed(model, prompt, new_tokens, eot_id=-1):
-    # batch-1 greedy decode with the cache -> (the new ids, tokens/s of the steps after the first)
-    stamps = []
+    # batch-1 greedy decode with the cache -> (the new ids, tokens/s after the first token)
+    stamps = []  # when each token came out (a last one may be the stop token, not returned)
     new = model.generate([prompt], new_tokens, temperature=0.0, eot_id=eot_id,
                          on_token=lambda *_: stamps.append(time.perf_counter()))[0]
-    seconds = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
-    return new, (len(stamps) - 1) / seconds
+    seconds = stamps[len(new) - 1] - stamps[0] if len(new) > 1 else float("nan")
+    return new, (len(new) - 1) / seconds
 
 def head_speed(model, reps=20):
     # one batch-1 product through the head, the largest matrix: the kernel alone, in GB/s of weights
@@ -366,8 +367,7 @@ def check_config(cfg):
     if cfg.head not in ("tied", "float"):
         raise ValueError(f"--head={cfg.head!r} is unknown; use tied or float")
     if cfg.group_size < 1 or cfg.eval_windows < 1 or cfg.max_new_tokens < 0:
-        raise ValueError("--group_size and --eval_windows must be at least 1, and "
-                         "--max_new_tokens at least 0")
+        raise ValueError("--group_size and --eval_windows must be at least 1, and --max_new_tokens at least 0")
 
 def main(cfg):
     refuse_torchrun("quantize.py")

@@ -1214,6 +1214,8 @@ def test_kvcache_main_streams_batches_and_loops():
         with mock.patch("builtins.input", side_effect=["once", "upon", EOFError]):
             assert 0 < run(interactive=True) <= 40
     assert "--- sample 3\na cat" in printed.getvalue(), printed.getvalue()[-300:]
+    speeds = re.findall(r"tok/s \(prefill included\), ([\d,.]+|nan) after each row's first", printed.getvalue())
+    assert len(speeds) == 3 and float(speeds[1].replace(",", "")) > 0, printed.getvalue()[-300:]
     assert f"checkpoint {path}: step ?" in printed.getvalue(), printed.getvalue()[:500]
     assert "grouped-query" not in printed.getvalue(), "a GQA saving is reported with GQA off"
 
