@@ -6,7 +6,7 @@ trained tensors; B starts at zero, so training starts from the base model exactl
 the update B @ A has the shape of W, so after training it folds into W and costs nothing at
 inference, while during training the optimizer keeps state for r * (in + out) numbers, not in * out.
 How to run:
-    python lora.py                     # ~6 min on a 2-core CPU: rank-8 adapters on out/ckpt.pt
+    python lora.py                     # 6-9 min on a 2-core CPU: rank-8 adapters on out/ckpt.pt
     python lora.py --compare           # full finetuning vs LoRA r=4, 8, 16, same data and steps
     python lora.py --init_from=gpt2 --dataset=alpaca --learning_rate=3e-4 --min_lr=3e-5
 Depends on: gpt.py, bpe.py (the data, template, training loop and evaluation finetune.py uses).
