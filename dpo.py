@@ -348,9 +348,20 @@ def pair_metrics(model, pairs, ref_logps, cfg, pad_id, device, ctx):
         parts.append(torch.stack([loss, reward_c, reward_r, (pc - rc) / nc]))
     return summarize(*torch.cat(parts, 1))
 
-def dpo_steps(cfg, model, ref, train_p, val_p, ref_val, stop, device, ctx):
+def prompt_reward(model, tok, records, template, max_new_tokens, ctx):
+    """The mean story_reward of the greedy stories for held-out records' prompts (printed with the
+    share that meet every constraint): on the stories, what picks either method's checkpoint."""
+    prompts = [render_conversation(tok, record_messages(r)[:-1], template)[0] for r in records]
+    stories = respond(model, tok, prompts, max_new_tokens, tok.special_tokens[STOP], ctx)
+    reward = sum(story_reward(s, r) for s, r in zip(stories, records)) / len(records)
+    print(f"held-out prompts: mean reward {reward:.3f} | constraints met "
+          f"{constraints_met(stories, records):.1%}")
+    return reward
+
+def dpo_steps(cfg, model, ref, train_p, val_p, ref_val, stop, device, ctx, val_reward):
     """fit's callbacks for DPO: batches of training pair indices in a fresh order; the preference
-    loss, the reference scoring each pair once, when its batch first comes; the held-out loss."""
+    loss, the reference scoring each pair once, when its batch first comes; the held-out loss, or
+    minus val_reward() where one is given (the stories: the task itself picks the checkpoint)."""
     cache = {}
     counter = [0]
 
@@ -376,7 +387,7 @@ def dpo_steps(cfg, model, ref, train_p, val_p, ref_val, stop, device, ctx):
     def evaluate():
         stats = pair_metrics(model, val_p, ref_val, cfg, stop, device, ctx)
         print(f"held-out pairs: loss {stats['loss']:.4f} | {show(stats)}")
-        return stats["loss"]
+        return -val_reward() if val_reward else stats["loss"]
 
     rng = random.Random(cfg.seed)
     order = list(range(len(train_p)))
@@ -386,13 +397,12 @@ def dpo_steps(cfg, model, ref, train_p, val_p, ref_val, stop, device, ctx):
         return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     return make_batches, batch_loss, evaluate
 
-def grpo_steps(cfg, model, ref, tok, train, val, template, ctx):
+def grpo_steps(cfg, model, ref, tok, train, template, ctx, val_reward):
     """fit's callbacks for GRPO: batches of (training record indices, inner step); a loss that
     samples a new round at inner step 0 and reuses it after; and an evaluation that returns minus
-    the mean reward of greedy stories for the held-out prompts (fit keeps the lowest)."""
+    val_reward(), the held-out prompts' mean reward (fit keeps the lowest)."""
     stop = tok.special_tokens[STOP]
-    train_ids, val_ids = [[render_conversation(tok, record_messages(r)[:-1], template)[0]
-                           for r in records] for records in (train, val)]
+    train_ids = [render_conversation(tok, record_messages(r)[:-1], template)[0] for r in train]
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     now = {}
@@ -425,13 +435,7 @@ def grpo_steps(cfg, model, ref, tok, train, val, template, ctx):
         counter[0] += 1
         return loss, int(mask.sum())
 
-    def evaluate():
-        stories = respond(model, tok, val_ids, cfg.max_new_tokens, stop, ctx)
-        reward = sum(story_reward(s, r) for s, r in zip(stories, val)) / len(val)
-        print(f"held-out prompts: mean reward {reward:.3f} | constraints met "
-              f"{constraints_met(stories, val):.1%}")
-        return -reward
-    return make_batches, batch_loss, evaluate
+    return make_batches, batch_loss, lambda: -val_reward()
 
 def bench_sampling(cfg, model, tok, records, template, ctx):
     # one GRPO round sampled with the KV cache and without it: the tokens/s of each
@@ -544,10 +548,14 @@ def main(cfg):
     def save(step, loss):
         save_checkpoint(ckpt_path, model, step=step, val_loss=loss, tokenizer=saved_tok,
                         train_config=dataclasses.asdict(cfg), chat_template=template)
+
+    def val_reward():  # the stories: the greedy stories for the val prompts pick the checkpoint
+        return prompt_reward(model, tok, splits[1], template, cfg.max_new_tokens, ctx)
     if cfg.method == "grpo":
-        steps = grpo_steps(cfg, model, ref, tok, splits[0], splits[1], template, ctx)
+        steps = grpo_steps(cfg, model, ref, tok, splits[0], template, ctx, val_reward)
     else:
-        steps = dpo_steps(cfg, model, ref, train_p, val_p, ref_val, stop, device, ctx)
+        steps = dpo_steps(cfg, model, ref, train_p, val_p, ref_val, stop, device, ctx,
+                          val_reward if cfg.dataset == "stories" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     run = fit(cfg, model, params, *steps, save)
     after = table_row(model)

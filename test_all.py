@@ -900,6 +900,27 @@ def test_train_stories_instruct_format():
         assert record["output"] == story and record["input"] == summary == record["summary"]
         assert record["words"] == words and all(f" {w}" in record["instruction"] for w in words)
 
+def test_train_stories_plans_precede_their_stories():
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = {}
+        for plans in (0.0, 0.5, 1.0):
+            train.write_stories(tmp, 400, 7, plans)
+            with open(os.path.join(tmp, "train.txt")) as f, open(os.path.join(tmp, "val.txt")) as g:
+                texts[plans] = [d.strip("\n") for d in (f.read() + g.read()).split(train.EOT)][:-1]
+        by_story = {r[0]: r for r in generate_stories(400, seed=7)}
+        assert len(texts[0.5]) == 400 and set(texts[0.0]) == set(by_story), "plans=0 is not the plain stories"
+        planned = [d for d in texts[0.5] if d.startswith("Words: ")]
+        assert 150 < len(planned) < 250, f"{len(planned)} of 400 planned at plans=0.5"
+        assert all(d.startswith("Words: ") for d in texts[1.0]), "plans=1 left a story without its plan"
+        for doc in texts[1.0]:
+            # "Words: a, b, c\nSummary: ...\nStory:\n<the story>", the plan of the story after it
+            head, story = doc.split("\nStory:\n")
+            words, summary = head.removeprefix("Words: ").split("\nSummary: ")
+            record = by_story[story]
+            assert words.split(", ") == record[2] and summary == record[1], doc
+        raises(ValueError, train.check_config, train.TrainConfig(plans=1.5), "bpe", 1, False, "cpu",
+               match="--plans=1.5")
+
 def tiny(tmp, **kw):
     # a model that trains in about a second on 200 synthetic stories, in float32 for exact comparisons
     args = dict(out_dir=os.path.join(tmp, "out"), data_dir=os.path.join(tmp, "data"), num_stories=200,
@@ -2062,6 +2083,10 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
         assert_close(result["before"]["loss"], math.log(2), 1e-5, "the held-out DPO loss at the start")
         assert gpt.load_checkpoint(result["ckpt_path"], verbose=False)[1]["chat_template"] == "phi3"
         raises(FileExistsError, dpo.main, cfg, match="--overwrite")
+        # on the stories the val prompts' mean reward picks the checkpoint (evaluations at steps 0, 3, 6)
+        with mock.patch.object(dpo, "prompt_reward", side_effect=[0.1, 0.5, 0.2]):
+            picked = dpo.main(dataclasses.replace(cfg, out_dir=f"{tmp}/dpo-picked"))
+        assert gpt.load_checkpoint(picked["ckpt_path"], verbose=False)[1]["step"] == 3, "not the best reward"
         grpo = dataclasses.replace(cfg, method="grpo", out_dir=f"{tmp}/grpo", group_size=2, prompts_per_step=2,
                                    max_iters=4, eval_interval=2)
         result = dpo.main(grpo)
@@ -2423,7 +2448,7 @@ SCRIPTS = ["bigram.py", "micrograd.py", "bpe.py", "gpt.py", "train.py", "finetun
 # checks, continuous batching, the chat page (86 lines) and the serving benchmark.
 # test_all.py has no cap: a section per script instead
 LINE_CAPS = {"bigram.py": 360, "micrograd.py": 340, "bpe.py": 690, "gpt.py": 950, "train.py": 840,
-             "kvcache.py": 860, "finetune.py": 450, "lora.py": 410, "dpo.py": 575, "quantize.py": 410,
+             "kvcache.py": 860, "finetune.py": 450, "lora.py": 410, "dpo.py": 580, "quantize.py": 410,
              "ddp.py": 380}
 
 def present(files):

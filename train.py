@@ -53,6 +53,7 @@ class TrainConfig:
     # data
     dataset: str = "stories"     # stories (synthetic, offline), tinystories, shakespeare_char, .txt
     num_stories: int = 20000     # stories to generate: 90% train, 10% val, +50% for instruct.json
+    plans: float = 1.0           # share of them after their plan (words, summary): see with_plan
     # --tokenizer='' picks byte for shakespeare_char, gpt2 when starting from GPT-2, else bpe
     tokenizer: str = ""          # bpe, gpt2, byte or a bpe.py tok.json; '' = per dataset/init_from
     vocab_size: int = 1024       # bpe: 256 bytes + merges + <|endoftext|> (stories allow <= 1223)
@@ -99,8 +100,8 @@ DATASETS = {  # name -> urls: [train, val], or [one file that is split 90/10]
     "shakespeare_char": [SHAKESPEARE]}
 # --init_from=resume takes these from the checkpoint (the data, its order, the batches), the rest
 # from the flags
-RESUMED_FIELDS = ("dataset", "num_stories", "tokenizer", "vocab_size", "seed", "block_size",
-                  "batch_size", "grad_accum")
+RESUMED_FIELDS = ("dataset", "num_stories", "plans", "tokenizer", "vocab_size", "seed",
+                  "block_size", "batch_size", "grad_accum")
 
 def write_text(path, text):
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -118,13 +119,21 @@ def instruct_record(story, summary, words, kind):
             "input": summary, "output": story, "words": list(words), "summary": summary,
             "kind": kind}
 
-def write_stories(folder, n, seed):
-    # train and val stories, and held-out ones as instruction records for finetune.py and dpo.py;
-    # the generator is in the appendix at the end of this file
+def with_plan(story, summary, words):
+    """A story after its plan, as TinyStories-Instruct writes its documents: the words it uses and
+    its summary come first, so the model learns to write to a plan while it learns to write (the
+    finetuned model then keeps more of the plan, and LoRA gets closer to full finetuning; README)."""
+    return f"Words: {', '.join(words)}\nSummary: {summary}\nStory:\n{story}"
+
+def write_stories(folder, n, seed, plans):
+    # train and val stories (a share `plans` of them after their plan), and held-out ones as
+    # instruction records for finetune.py and dpo.py; the generator is in the appendix at the end
     records = generate_stories(n + n // 2, seed)
+    planned = random.Random(seed).choices([True, False], [plans, 1 - plans], k=n)
+    docs = [with_plan(*r[:3]) if plan else r[0] for r, plan in zip(records, planned)]
     n_train = n - n // 10
-    write_text(os.path.join(folder, "train.txt"), "".join(r[0] + SEP for r in records[:n_train]))
-    write_text(os.path.join(folder, "val.txt"), "".join(r[0] + SEP for r in records[n_train:n]))
+    write_text(os.path.join(folder, "train.txt"), "".join(d + SEP for d in docs[:n_train]))
+    write_text(os.path.join(folder, "val.txt"), "".join(d + SEP for d in docs[n_train:]))
     held_out = [instruct_record(*r) for r in records[n:]]
     write_text(os.path.join(folder, "instruct.json"), json.dumps(held_out, indent=1))
 
@@ -240,7 +249,7 @@ def prepare_data(cfg, kind):
         files = files + [kind]  # a tok.json: retraining it rebuilds the data
     source = [[p, os.path.getsize(p), os.path.getmtime(p)] for p in files]
     if cfg.dataset == "stories":
-        source += [cfg.num_stories, cfg.seed, STORIES_VERSION]
+        source += [cfg.num_stories, cfg.seed, cfg.plans, STORIES_VERSION]
     key = dict(source=source, tokenizer=kind, vocab_size=cfg.vocab_size * (kind == "bpe"),
                version=PREP_VERSION)
     meta_path = os.path.join(folder, "meta.json")
@@ -253,7 +262,7 @@ def prepare_data(cfg, kind):
             return folder, meta
         os.remove(meta_path)  # stale: a half-done rebuild must not leave it vouching for new files
     if cfg.dataset == "stories":
-        write_stories(folder, cfg.num_stories, cfg.seed)
+        write_stories(folder, cfg.num_stories, cfg.seed, cfg.plans)
     ranges = [(p, 0, os.path.getsize(p)) for p in paths]  # byte ranges [lo, hi) of train and val
     if len(paths) == 1:  # one file: the first 90% (up to a line break) trains, the rest validates
         with open(paths[0], "rb") as f:
@@ -379,6 +388,7 @@ def check_config(cfg, kind, world, ddp, device_type):
         rules.append((name, getattr(cfg, name) >= 0, "0 or more"))
     for name in ("beta1", "beta2"):
         rules.append((name, 0 <= getattr(cfg, name) < 1, "in [0, 1)"))
+    rules.append(("plans", 0 <= cfg.plans <= 1, "in [0, 1]"))
     tokenizers = ["gpt2"] if cfg.init_from in GPT2_NAMES else ["bpe", "gpt2", "byte"]
     init_ok = cfg.init_from in ("scratch", "resume", *GPT2_NAMES) or os.path.exists(cfg.init_from)
     rules += [
@@ -440,7 +450,8 @@ def main(cfg):
     if cfg.init_from == "resume":  # data and its order are the run's own, whatever the flags say
         resumed = load_checkpoint(ckpt_path, verbose=master)  # (model, ckpt) on the cpu
         saved = resumed[1]["train_config"]
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in RESUMED_FIELDS})
+        # (a checkpoint from before --plans existed has none: its stories came without plans)
+        cfg = dataclasses.replace(cfg, **{k: saved.get(k, 0.0) for k in RESUMED_FIELDS})
     kind = cfg.tokenizer
     if not kind:
         kind = "byte" if cfg.dataset == "shakespeare_char" else "bpe"
