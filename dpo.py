@@ -9,7 +9,7 @@ And the RL half (--method=grpo): sample a group of stories per prompt from the p
 each with a program (the story checker), and raise the log-probs of those that beat their group:
     A_i = (r_i - mean(r)) / std(r);  loss = -min(ratio A, clip(ratio) A) + kl_coef * KL(pi || ref).
 How to run:
-    python dpo.py                      # ~2 min on a 2-core CPU: out-sft/ckpt.pt, corrupted stories
+    python dpo.py                      # ~4 min on a 2-core CPU: out-sft/ckpt.pt, corrupted stories
     python dpo.py --loss=ipo --beta=0.5 --out_dir=out-ipo       # or --loss=cdpo, --loss=simpo
     python dpo.py --method=grpo --max_iters=150 --learning_rate=3e-4 --out_dir=out-grpo  # ~9 min
     python dpo.py --method=grpo --bench                 # sampling with and without the KV cache

@@ -6,7 +6,7 @@ response and the stop token that ends it (prompt and padding targets are -100), 
 learns to answer, not to ask. The key idea: finetuning is pretraining's loss on a masked target.
 A classifier is the same network with a small linear head over the last real token's state.
 How to run:
-    python finetune.py                  # ~5 min on a 2-core CPU: out/ckpt.pt learns to write to order
+    python finetune.py                  # 5-9 min on a 2-core CPU: out/ckpt.pt writes to order
     python finetune.py --init_from=gpt2 --dataset=alpaca --learning_rate=5e-5 --device=cuda
     python finetune.py --task=classify --dataset=sms    # SMS spam, beside naive Bayes
     python finetune.py --task=classify --classify_text="WIN a FREE prize now"

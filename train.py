@@ -7,7 +7,7 @@ step uses the mean gradient of grad_accum micro-batches, whether one process mak
 another or many make them at once.
 
 How to run:
-    python train.py                     # ~5 min on a 2-core CPU: synthetic stories, then a story
+    python train.py                     # 4-9 min on a 2-core CPU: planned synthetic stories
     python train.py --dataset=tinystories --vocab_size=4096 --n_layer=8 --n_embd=512 --compile
     torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --grad_accum=8
 Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt, and the prepared data in
