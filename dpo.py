@@ -9,9 +9,9 @@ And the RL half (--method=grpo): sample a group of stories per prompt from the p
 each with a program (the story checker), and raise the log-probs of those that beat their group:
     A_i = (r_i - mean(r)) / std(r);  loss = -min(ratio A, clip(ratio) A) + kl_coef * KL(pi || ref).
 How to run:
-    python dpo.py                      # ~4 min on a 2-core CPU: out-sft/ckpt.pt, corrupted stories
+    python dpo.py                      # ~4.5 min on a 2-core CPU: out-sft/ckpt.pt, its own stories
     python dpo.py --loss=ipo --beta=0.5 --out_dir=out-ipo       # or --loss=cdpo, --loss=simpo
-    python dpo.py --method=grpo --max_iters=150 --learning_rate=3e-4 --out_dir=out-grpo  # ~9 min
+    python dpo.py --method=grpo --out_dir=out-grpo             # ~10 min
     python dpo.py --method=grpo --bench                 # sampling with and without the KV cache
     python dpo.py --init_from=gpt2 --dataset=raschka --learning_rate=5e-6 --min_lr=5e-7
 Depends on: gpt.py, bpe.py (the template, the story checker, the training loop). Reads
@@ -45,24 +45,24 @@ class DpoConfig:
     # I/O
     ckpt_path: str = "out-sft/ckpt.pt"  # the policy's start and the reference, from finetune.py
     init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a .safetensors: OpenAI's GPT-2
-    out_dir: str = "out-dpo"  # ckpt.pt (the best by held-out loss) and eval.json go here
+    out_dir: str = "out-dpo"  # ckpt.pt (the best checkpoint) and eval.json go here
     overwrite: bool = False  # replace a checkpoint already in out_dir (else that is an error)
     data_dir: str = "data"  # downloads are cached here; train.py wrote stories/instruct.json
     gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer files, for --init_from=gpt2
     # pairs
     dataset: str = "stories"  # stories, raschka (preference JSON), or a prompt/chosen/rejected file
-    pairs: str = "offline"  # stories: offline (corruptions) or onpolicy (the model's own samples)
+    pairs: str = "both"  # stories: offline (corruptions), onpolicy (the model's own samples), both
     samples: int = 4  # onpolicy: stories sampled per prompt; the best and the worst make a pair
-    prompts: int = 600  # onpolicy: training prompts to sample for
+    prompts: int = 400  # onpolicy, both: the training prompts (sampled for, and corrupted)
     template: str = ""  # the chat template; '' = the one the checkpoint was finetuned with
-    val_size: int = 100  # held-out records: pairs for the loss that picks the best checkpoint
+    val_size: int = 100  # held-out records: prompts (stories) or pairs that pick the best checkpoint
     test_size: int = 200  # held-out records: prompts and pairs for the before/after table
     # loss
     loss: str = "dpo"  # dpo, cdpo (label smoothing), ipo, simpo (no reference)
     beta: float = 0.1  # the reward's scale (simpo: typically 2.0)
     label_smoothing: float = 0.1  # cdpo: the chance that a pair's label is flipped
     gamma: float = 0.5  # simpo: the margin the length-normalised reward gap must clear
-    nll_weight: float = 1.0  # + this x the chosen responses' per-token loss (RPO): they stay likely
+    nll_weight: float = 2.0  # + this x the chosen responses' per-token loss (RPO): they stay likely
     # grpo: --method=grpo samples stories and learns from the checker's reward instead of pairs
     method: str = "dpo"  # dpo (a preference loss on pairs) or grpo (sampling and a reward)
     group_size: int = 8  # grpo: stories sampled per prompt; each is judged against its group
@@ -74,15 +74,15 @@ class DpoConfig:
     unfinished_penalty: float = 0.5  # grpo: taken off the reward of a story that never stops
     bench: bool = False  # grpo: time one sampling round with and without the KV cache, and exit
     # training
-    max_iters: int = 300  # optimizer steps; -1 = epochs x batches per epoch
+    max_iters: int = 150  # optimizer steps; -1 = epochs x batches per epoch
     epochs: int = 1  # passes over the pairs, when max_iters is -1
     batch_size: int = 8  # pairs per step (16 sequences in one forward pass)
-    learning_rate: float = 1e-4  # peak, after warmup
-    min_lr: float = 1e-5  # the cosine ends here
+    learning_rate: float = 0.0  # peak, after warmup; 0 = per method: 1e-4 (dpo), 3e-4 (grpo)
+    min_lr: float = -1.0  # the cosine ends here; -1 = learning_rate / 10
     warmup_iters: int = 20  # linear warmup steps
     weight_decay: float = 0.0  # AdamW decay of matrices
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 = off
-    eval_interval: int = 50  # steps between held-out evaluations (and saves when it improves)
+    eval_interval: int = 25  # steps between held-out evaluations (and saves when it improves)
     log_interval: int = 10  # steps between log lines, with the rewards
     max_new_tokens: int = 200  # the longest greedy response in the table
     # system
@@ -179,6 +179,7 @@ def onpolicy_pairs(model, tok, records, template, k, max_new_tokens, ctx, seed):
             ranked = sorted(stories, key=lambda s: story_reward(s, record))
             if story_reward(ranked[-1], record) > story_reward(ranked[0], record):
                 pairs.append((record_messages(record)[:-1], ranked[-1], ranked[0]))
+    print(f"on-policy pairs: {len(pairs)} of {len(records)} prompts x {k} stories differ in reward")
     return pairs
 
 # -----------------------------------------------------------------------------
@@ -262,8 +263,9 @@ def rollout(model, ref, prompts, group_size, max_new_tokens, reward_fn, stop, ct
             temperature=1.0, penalty=0.5):
     """Sample group_size completions of each prompt (token ids) with the cached generate; reward
     completion ids of prompt k with reward_fn(k, ids), less penalty when it never stops; score
-    them under the sampling policy (old) and the reference. -> a dict of (B, T) tensors x, y,
-    old, ref, the (B,) advantages, and the logged numbers."""
+    them under the reference. -> a dict of (B, T) tensors x, y, ref, the (B,) advantages, and
+    the logged numbers. The sampling policy's own log-probs (pi_old) are those of the first
+    optimizer step on the round, before it changes anything: the trainer keeps them there."""
     model.eval()
     t0 = time.time()
     room = model.config.block_size - max(map(len, prompts))  # no sliding window: one pass scores it
@@ -283,12 +285,11 @@ def rollout(model, ref, prompts, group_size, max_new_tokens, reward_fn, stop, ct
     device = model.lm_head.weight.device
     x, y = collate(rows, 0, device)  # pads are never attended to by real tokens or trained
     with ctx:
-        old = token_logprobs(model(x)[0], y)
         ref_logp = token_logprobs(ref(x)[0], y)
     rewards = torch.tensor(rewards, device=device)
     groups = rewards.view(-1, group_size)
     sampled = sum(map(len, new))
-    return dict(x=x, y=y, old=old, ref=ref_logp, advantages=group_advantages(rewards, group_size),
+    return dict(x=x, y=y, ref=ref_logp, advantages=group_advantages(rewards, group_size),
                 reward=rewards.mean().item(), tokens=sampled, tokens_per_s=sampled / seconds,
                 no_signal=(groups == groups[:, :1]).all(1).float().mean().item(),
                 length=sampled / len(new))
@@ -426,6 +427,8 @@ def grpo_steps(cfg, model, ref, tok, train, template, ctx, val_reward):
         mask = now["y"] != -100
         with ctx:
             logp = token_logprobs(model(now["x"])[0], now["y"])
+        if inner == 0:  # the policy has not moved since it sampled: these are pi_old (ratio 1)
+            now["old"] = logp.detach()
         loss, kl, clipped = grpo_loss(logp, now["old"], now["ref"], now["advantages"], mask,
                                       cfg.clip, cfg.kl_coef)
         if counter[0] % cfg.log_interval == 0:
@@ -457,11 +460,11 @@ def bench_sampling(cfg, model, tok, records, template, ctx):
 def check_config(cfg):
     if cfg.loss not in LOSSES:
         raise ValueError(f"--loss={cfg.loss!r} is unknown; use one of {', '.join(LOSSES)}")
-    if cfg.pairs not in ("offline", "onpolicy"):
-        raise ValueError(f"--pairs={cfg.pairs!r} is unknown; use offline or onpolicy")
-    if cfg.pairs == "onpolicy" and (cfg.dataset != "stories" or cfg.samples < 2):
-        raise ValueError("--pairs=onpolicy needs --dataset=stories (the checker scores the "
-                         "samples) and --samples>=2")
+    if cfg.pairs not in ("offline", "onpolicy", "both"):
+        raise ValueError(f"--pairs={cfg.pairs!r} is unknown; use offline, onpolicy or both")
+    if cfg.pairs != "offline" and cfg.samples < 2:
+        raise ValueError(f"--samples={cfg.samples}: on-policy pairs need at least 2 stories per "
+                         f"prompt (or pass --pairs=offline)")
     if not cfg.beta > 0:  # "not > 0" refuses nan too
         raise ValueError(f"--beta={cfg.beta}: the reward scale must be > 0 (dpo: about 0.1)")
     if cfg.method not in ("dpo", "grpo"):
@@ -477,10 +480,14 @@ def check_config(cfg):
         raise ValueError(f"--max_iters={cfg.max_iters}: pass a number of steps, or -1 for --epochs")
     if cfg.nll_weight < 0:
         raise ValueError(f"--nll_weight={cfg.nll_weight}: pass 0 (plain DPO) or more")
+    # the peak learning rates the README's runs use for each method
+    learning_rate = cfg.learning_rate or {"dpo": 1e-4, "grpo": 3e-4}[cfg.method]
+    min_lr = learning_rate / 10 if cfg.min_lr < 0 else cfg.min_lr
+    return dataclasses.replace(cfg, learning_rate=learning_rate, min_lr=min_lr)
 
 def main(cfg):
     refuse_torchrun("dpo.py")
-    check_config(cfg)
+    cfg = check_config(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not cfg.bench:  # the benchmark writes nothing
         refuse_overwrite(ckpt_path, cfg.overwrite)
@@ -502,13 +509,17 @@ def main(cfg):
         splits = list(split_records(records, cfg.val_size, cfg.test_size, cfg.seed))
         if cfg.bench:
             return bench_sampling(cfg, model, tok, splits[0], template, ctx)
+        sampling = cfg.method == "dpo" and cfg.pairs != "offline"  # held-out pairs stay offline
         if cfg.max_iters > 0:  # one pass over the pairs the steps use is enough to build
             splits[0] = splits[0][:cfg.max_iters * max(cfg.batch_size, cfg.prompts_per_step)]
+        if sampling:
+            splits[0] = splits[0][:cfg.prompts]
         pairs = [story_pairs(rs, cfg.seed + k) if k or cfg.method == "dpo" else []
                  for k, rs in enumerate(splits)]
-        if cfg.pairs == "onpolicy":  # training pairs from the model; held-out ones stay offline
-            pairs[0] = onpolicy_pairs(model, tok, splits[0][:cfg.prompts], template, cfg.samples,
-                                      cfg.max_new_tokens, ctx, cfg.seed)
+        if sampling:  # training pairs from the model (both: beside the offline ones)
+            sampled = onpolicy_pairs(model, tok, splits[0], template, cfg.samples,
+                                     cfg.max_new_tokens, ctx, cfg.seed)
+            pairs[0] = sampled + (pairs[0] if cfg.pairs == "both" else [])
         test_records = splits[2]
         prompts = [record_messages(r)[:-1] for r in test_records]
     else:

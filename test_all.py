@@ -2043,7 +2043,15 @@ def test_dpo_bad_input_is_a_clear_error():
         raises(ValueError, dpo.file_pairs, write([{"prompt": "x", "chosen": "y"}]), match="record 0 lacks")
     raises(ValueError, dpo.check_config, dpo.DpoConfig(beta=0.0), match="--beta=0.0")
     raises(ValueError, dpo.check_config, dpo.DpoConfig(loss="kto"), match="use one of dpo")
-    raises(ValueError, dpo.check_config, dpo.DpoConfig(pairs="onpolicy", dataset="raschka"), match="--dataset=stories")
+    raises(ValueError, dpo.check_config, dpo.DpoConfig(samples=1), match="--samples=1")
+    raises(ValueError, dpo.check_config, dpo.DpoConfig(pairs="mixed"), match="use offline, onpolicy or both")
+
+def test_dpo_learning_rate_is_per_method_unless_given():
+    for method, lr in [("dpo", 1e-4), ("grpo", 3e-4)]:
+        cfg = dpo.check_config(dpo.DpoConfig(method=method))
+        assert (cfg.learning_rate, cfg.min_lr) == (lr, lr / 10), (method, cfg.learning_rate, cfg.min_lr)
+    cfg = dpo.check_config(dpo.DpoConfig(method="grpo", learning_rate=1e-5, min_lr=0.0))
+    assert (cfg.learning_rate, cfg.min_lr) == (1e-5, 0.0), "a flag passed explicitly wins"
 
 def test_dpo_reads_raschkas_preference_data():
     path = shared_file("preference", "instruction-data-with-preference.json")
@@ -2072,9 +2080,12 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
             return out
         cfg = dpo.DpoConfig(ckpt_path=ckpt, data_dir=tmp, out_dir=f"{tmp}/dpo", val_size=5, test_size=5,
                             max_iters=6, batch_size=4, eval_interval=3, learning_rate=1e-2, max_new_tokens=8,
-                            device="cpu", dtype="float32")
-        with mock.patch.object(dpo.copy, "deepcopy", spy):
+                            prompts=20, device="cpu", dtype="float32")
+        sampler = mock.patch.object(dpo, "onpolicy_pairs", wraps=dpo.onpolicy_pairs)
+        with mock.patch.object(dpo.copy, "deepcopy", spy), sampler as sampled:
             result = dpo.main(cfg)
+        (_, _, prompts, *_), _ = sampled.call_args  # --pairs=both: the model's own pairs beside the offline
+        assert sampled.call_count == 1 and prompts == dpo.split_records(records, 5, 5, cfg.seed)[0][:20]
         (ref, weights), = copies
         assert all(torch.equal(v, weights[k]) for k, v in ref.state_dict().items()), "the reference changed"
         assert not ref.training and not any(p.requires_grad for p in ref.parameters())
@@ -2160,9 +2171,15 @@ def test_grpo_teaches_a_tiny_model_to_emit_the_rewarded_token():
         rewards.append(r["reward"] + 0.5)  # never stops (no stop id): every sample pays 0.5
         assert r["tokens"] == 16 * 6 and r["x"].shape == (16, 7)
         model.train()
-        for _ in range(2):
+        for inner in range(2):
             logp = dpo.token_logprobs(model(r["x"])[0], r["y"])
-            loss = dpo.grpo_loss(logp, r["old"], r["ref"], r["advantages"], r["y"] != -100, 0.2, 0.01)[0]
+            if inner == 0:  # pi_old: the policy that sampled, before this round's first step
+                with torch.no_grad():
+                    model.eval()
+                    assert_close(logp, dpo.token_logprobs(model(r["x"])[0], r["y"]), 1e-5, "pi_old")
+                    model.train()
+                old = logp.detach()
+            loss = dpo.grpo_loss(logp, old, r["ref"], r["advantages"], r["y"] != -100, 0.2, 0.01)[0]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -2448,7 +2465,7 @@ SCRIPTS = ["bigram.py", "micrograd.py", "bpe.py", "gpt.py", "train.py", "finetun
 # checks, continuous batching, the chat page (86 lines) and the serving benchmark.
 # test_all.py has no cap: a section per script instead
 LINE_CAPS = {"bigram.py": 360, "micrograd.py": 340, "bpe.py": 690, "gpt.py": 950, "train.py": 840,
-             "kvcache.py": 860, "finetune.py": 450, "lora.py": 410, "dpo.py": 580, "quantize.py": 410,
+             "kvcache.py": 860, "finetune.py": 450, "lora.py": 410, "dpo.py": 590, "quantize.py": 410,
              "ddp.py": 380}
 
 def present(files):
