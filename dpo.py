@@ -24,7 +24,6 @@ Schulman et al. 2017, PPO, arXiv:1707.06347.
 """
 import copy
 import dataclasses
-import json
 import os
 import random
 import re
@@ -37,7 +36,8 @@ from bpe import (STOP, Tokenizer, constraints_met, fetch, instruct_records, make
                  read_records, record_messages, render_conversation, split_records,
                  story_problems)
 from gpt import (collate, fit, heldout_loss, refuse_overwrite, refuse_torchrun,
-                 require_positive, respond, run_main, save_checkpoint, start_finetuning)
+                 require_positive, respond, run_main, save_checkpoint, save_json,
+                 start_finetuning)
 
 @dataclasses.dataclass
 class DpoConfig:
@@ -431,7 +431,9 @@ def grpo_steps(cfg, model, ref, tok, train, template, ctx, val_reward):
             now["old"] = logp.detach()
         loss, kl, clipped = grpo_loss(logp, now["old"], now["ref"], now["advantages"], mask,
                                       cfg.clip, cfg.kl_coef)
-        if counter[0] % cfg.log_interval == 0:
+        # a line at the last inner step of a round that reaches a multiple of log_interval steps:
+        # there the policy has moved off pi_old, and the share of clipped tokens shows it
+        if inner == cfg.inner_steps - 1 and (counter[0] + 1) % cfg.log_interval < cfg.inner_steps:
             print(f"reward {now['reward']:.3f} | no-signal groups {now['no_signal']:.0%} | kl "
                   f"{kl.item():.4f} | clipped {clipped.item():.1%} | length {now['length']:.0f} | "
                   f"sampled {now['tokens_per_s']:,.0f} tok/s")
@@ -581,8 +583,7 @@ def main(cfg):
         cells = [rows[m][key] for m in ("before", "after")]
         text = " ".join("{:>10s}".format("-") if c is None else fmt.format(c) for c in cells)
         print(f"{key:28s} {text}")
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    save_json(os.path.join(cfg.out_dir, "eval.json"), rows)
     return dict(rows, ckpt_path=ckpt_path)
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Taori et al. 2023, Stanford Alpaca; Raschka 2024, Build a Large Language Model (
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -35,7 +34,7 @@ from bpe import (CHAT_TEMPLATES, STOP, Tokenizer, constraints_met, fetch, instru
                  make_examples, record_messages, render_conversation, split_records)
 from gpt import (collate, fit, heldout_loss, length_batches, load_checkpoint, padding_fraction,
                  pick_device, refuse_overwrite, refuse_torchrun, require_positive, respond,
-                 response_loss, run_main, save_checkpoint, start_finetuning)
+                 response_loss, run_main, save_checkpoint, save_json, start_finetuning)
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -260,9 +259,7 @@ def show_table(rows, path):
         if any(c is not None for c in cells):
             print(f"{name:32s} " + " ".join("{:>10s}".format("-") if c is None else
                                              fmt.format(c) for c in cells))
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_json(path, rows)
 
 def instruct(cfg, model, tok, common, out_dir, device, ctx):
     # --- data: records -> conversations -> masked examples, and prompts for the table

@@ -34,7 +34,7 @@ from bpe import (STOP, Tokenizer, constraints_met, instruct_records, make_exampl
                  record_messages, render_conversation, split_records)
 from gpt import (collate, fit, heldout_loss, length_batches, load_model, pick_device,
                  refuse_overwrite, refuse_torchrun, require_positive, respond, response_loss,
-                 run_main, save_checkpoint, setup_precision, start_finetuning)
+                 run_main, save_checkpoint, save_json, setup_precision, start_finetuning)
 
 @dataclasses.dataclass
 class LoraConfig:
@@ -302,8 +302,7 @@ def comparison_table(cfg, rows):
     print(f"(step: the median of 15 steps each, side by side in one process on one batch; "
           f"optimizer state of full finetuning / LoRA r=8: "
           f"{full['optimizer_bytes'] / rows[2]['optimizer_bytes']:.0f}x)")
-    with open(os.path.join(cfg.out_dir, "compare.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    save_json(os.path.join(cfg.out_dir, "compare.json"), rows)
     return dict(rows=rows)
 
 def check_config(cfg):
@@ -402,8 +401,7 @@ def main(cfg):
         print(f"saved {adapter_path} ({result['file_bytes'] / 2**20:.2f} MB, "
               f"{result['file_bytes'] / result['ckpt_bytes']:.1%} of the merged {ckpt_path}, "
               f"{result['ckpt_bytes'] / 2**20:.1f} MB)")
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    save_json(os.path.join(cfg.out_dir, "eval.json"), result)
     return dict(result, ckpt_path=ckpt_path)
 
 if __name__ == "__main__":
