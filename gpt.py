@@ -103,10 +103,13 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
+DECODE_BY_HAND = True  # False: always torch's fused kernel (dpo.py --bench compares the two)
+
 def decode_by_hand(q):
     # a decode step (one query) of 8 rows or more in bfloat16 on a CPU: there torch's fused kernel
     # is 1.2x (16 rows) to 1.5x (64 rows) slower than attention written out
-    return q.size(2) == 1 and q.size(0) >= 8 and q.dtype == torch.bfloat16 and q.is_cpu
+    return (DECODE_BY_HAND and q.size(2) == 1 and q.size(0) >= 8 and q.dtype == torch.bfloat16
+            and q.is_cpu)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
