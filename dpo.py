@@ -9,7 +9,7 @@ And the RL half (--method=grpo): sample a group of stories per prompt from the p
 each with a program (the story checker), and raise the log-probs of those that beat their group:
     A_i = (r_i - mean(r)) / std(r);  loss = -min(ratio A, clip(ratio) A) + kl_coef * KL(pi || ref).
 How to run:
-    python dpo.py                      # ~4.5 min on a 2-core CPU: out-sft/ckpt.pt, its own stories
+    python dpo.py                      # ~3.5 min on a 2-core CPU: out-sft/ckpt.pt, its own stories
     python dpo.py --loss=ipo --beta=0.5 --out_dir=out-ipo       # or --loss=cdpo, --loss=simpo
     python dpo.py --method=grpo --out_dir=out-grpo             # ~8.5 min
     python dpo.py --method=grpo --bench     # sampling: the KV cache, its fused kernel, no cache
@@ -454,12 +454,15 @@ def bench_sampling(cfg, model, tok, records, template, ctx):
                                      ("no cache", False, True)]:
         gpt.DECODE_BY_HAND = by_hand
         t0 = time.time()
-        with ctx:
-            new = model.generate(prompts, cfg.max_new_tokens, cfg.temperature, eot_id=stop,
-                                 generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+        try:
+            with ctx:
+                new = model.generate(prompts, cfg.max_new_tokens, cfg.temperature, eot_id=stop,
+                                     generator=torch.Generator().manual_seed(0),
+                                     use_cache=use_cache)
+        finally:
+            gpt.DECODE_BY_HAND = True  # the rule is back, whatever happened
         speed[name] = sum(map(len, new)) / (time.time() - t0)
         print(f"{name}: {len(prompts)} stories, {speed[name]:,.0f} sampled tok/s")
-    gpt.DECODE_BY_HAND = True
     print(f"the cache samples {speed['cache'] / speed['no cache']:.1f}x faster than no cache, and "
           f"{speed['cache'] / speed['cache, fused attention']:.2f}x the fused kernel's tok/s")
     return speed
