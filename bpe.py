@@ -1,29 +1,26 @@
-"""Byte-level BPE: the tokenizer every later script uses, trained in pure Python, exact for GPT-2.
+"""Byte-level BPE: the tokenizer every later script uses, pure Python, exact for GPT-2.
 
-What you learn: text becomes UTF-8 bytes, then ids, by repeatedly merging the most frequent
-adjacent pair into a new token (Sennrich et al.); a split regex first cuts text into chunks so
-merges stay inside words. Training is fast because each distinct chunk is counted once and a merge
-recounts only the chunks holding its pair. The key idea: encoding applies the learned merges
-(a, b) -> id in the order they were learned. After the tokenizer come the pieces every finetuning
-script shares on the text side: the chat template (a conversation as ids and a loss mask), the
-story checker, and instruction records read, checked and split.
+What you learn: text becomes UTF-8 bytes, then ids, by repeatedly merging the most
+frequent adjacent pair into a new token (Sennrich et al.); a split regex first cuts text
+into chunks so merges stay inside words. Training is fast because each distinct chunk is
+counted once and a merge recounts only the chunks holding its pair. The key idea:
+encoding applies the learned merges (a, b) -> id in the order they were learned. Then
+the text side every finetuning script shares: the chat template (a conversation as ids
+and a loss mask), the story checker, and instruction records read, checked and split.
 How to run:
-  python bpe.py                                          # offline demo: trains on this file
-  python bpe.py --train=text.txt --vocab_size=4096 --out=tok.json  # train, report bytes/token
-  python bpe.py --tokenizer=tok.json --text="Hello world"  # ids and pieces (or --tokenizer=gpt2)
-  python bpe.py --bench                          # incremental vs naive, Python vs tiktoken
-Depends on: nothing from this repo. References: Sennrich et al. 2016, Neural Machine Translation
-of Rare Words with Subword Units, arXiv:1508.07909; Radford et al. 2019, Language Models are
-Unsupervised Multitask Learners (GPT-2); https://github.com/openai/tiktoken
+  python bpe.py                                   # offline demo: trains on this file
+  python bpe.py --train=text.txt --vocab_size=4096 --out=tok.json  # bytes per token
+  python bpe.py --tokenizer=tok.json --text="Hello world"  # or --tokenizer=gpt2
+  python bpe.py --bench                   # incremental vs naive, Python vs tiktoken
+Depends on: nothing from this repo. References: Sennrich et al. 2016, arXiv:1508.07909;
+Radford et al. 2019, Language Models are Unsupervised Multitask Learners (GPT-2); tiktoken
 """
 import argparse
 import dataclasses
-import difflib
 import hashlib
 import heapq
 import inspect
 import json
-import linecache
 import os
 import random
 import re
@@ -39,31 +36,33 @@ import tiktoken
 class BpeConfig:
     """Train, inspect or benchmark a byte-level BPE tokenizer."""
     # what to run, I/O
-    train: str = ""  # UTF-8 text file to train on ('' = offline demo on this source file)
+    train: str = ""  # UTF-8 text to train on ('' = offline demo on this source file)
     out: str = "tok.json"  # where --train writes the tokenizer (readable JSON)
-    tokenizer: str = ""  # 'gpt2' or a tok.json: print the ids and pieces of --text ('' = off)
-    bench: bool = False  # time train (incremental vs naive) and encode (Python vs tiktoken) on 1 MB
-    text: str = "Hello world! Tokens 🤖 naïve 東京 <|endoftext|>"  # shown by --tokenizer and the demo
-    gpt2_dir: str = "data/gpt2"  # holds GPT-2's encoder.json and vocab.bpe (downloaded if missing)
+    tokenizer: str = ""  # 'gpt2' or a tok.json: show --text as ids and pieces ('' = off)
+    bench: bool = False  # time train (incremental, naive) and encode (Python, tiktoken)
+    text: str = "Hello world! Tokens 🤖 naïve 東京 <|endoftext|>"  # what to show
+    gpt2_dir: str = "data/gpt2"  # holds encoder.json and vocab.bpe (downloaded if missing)
     # tokenizer
-    vocab_size: int = 1024  # 256 bytes + merges + 1 special token (<|endoftext|>); GPT-2 has 50257
-    pattern: str = "gpt2"  # split regex applied before BPE: 'gpt2', 'gpt4' (cl100k) or 'none'
+    vocab_size: int = 1024  # 256 bytes + merges + <|endoftext|>; GPT-2 has 50257
+    pattern: str = "gpt2"  # split regex before BPE: 'gpt2', 'gpt4' (cl100k) or 'none'
 
-SPLIT_PATTERNS = {  # merges never cross a chunk boundary: " dog" in " dog." and " dog," is one
+# merges never cross a chunk boundary: " dog" in " dog." and " dog," is one chunk
+SPLIT_PATTERNS = {
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
     "gpt4": (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
              r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""),
-    "none": "",  # the whole text is one chunk, as in the textbook example (slow on long texts)
+    "none": "",  # one chunk: the textbook example (slow on long texts)
 }
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+GPT2_FILES = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 
 # -----------------------------------------------------------------------------
-# building blocks: merging a pair, counting chunks, downloading GPT-2's files
+# building blocks: merging a pair, counting chunks, fetching a file
 
 def merge(ids, pair, new_id):
-    """Replace each pair, left to right: merge([1, 2, 2, 1, 2], (1, 2), 9) -> [9, 2, 9]."""
+    """Replace pair left to right: merge([1, 2, 2, 1, 2], (1, 2), 9) -> [9, 2, 9]."""
     out = []
     i = 0
     while i < len(ids):
@@ -81,64 +80,51 @@ def count_chunks(text, pattern, specials):
         counts.update(regex.findall(pattern, part) if pattern else [part])
     return counts
 
-# identical to gpt.download; copied so this file stands alone
-def download(url, path, sha256=""):
-    """Fetch url to path once: streamed with progress, resumed from path.part after an interruption,
-    checked against sha256 when given, and renamed into place only when complete."""
+def fetch(url, path, sha256="", instead="--dataset=path/to/file"):
+    """url saved at path once: streamed with progress into path.part, checked against
+    sha256 when given, then renamed; offline, the error names path and `instead`."""
     if os.path.exists(path):
         return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part = path + ".part"
-    done = os.path.getsize(part) if os.path.exists(part) else 0
+    digest = hashlib.sha256()
     try:
-        with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"}) as r:
-            if r.status_code != 416:  # 416: nothing is left to fetch, the .part file is complete
-                r.raise_for_status()
-                if r.status_code != 206:  # 200: the server ignored Range, start over
-                    done = 0
-                total = done + int(r.headers.get("content-length", 0))
-                with open(part, "ab" if done else "wb") as f:
-                    for block in r.iter_content(1 << 20):
-                        done += f.write(block)
-                        print(f"\r{url}: {done / 1e6:.1f}/{total / 1e6:.1f} MB", end="",
-                              file=sys.stderr)
-                print(file=sys.stderr)
+        with requests.get(url, stream=True, timeout=30) as r:
+            r.raise_for_status()
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path + ".part", "wb") as f:
+                for block in r.iter_content(1 << 20):
+                    digest.update(block)
+                    f.write(block)
+                    print(f"\r{url}: {f.tell() / 1e6:.1f} MB", end="", file=sys.stderr)
+        print(file=sys.stderr)
     except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and "
-                           f"save it as {path} (a rerun resumes from {part})") from None
-    if sha256:
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != sha256:
-            os.remove(part)
-            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected "
-                               f"{sha256}); retry")
-    os.replace(part, path)  # atomic: path is either absent or complete
+        raise RuntimeError(f"could not download {url} ({type(e).__name__}); save it as "
+                           f"{path} yourself, or pass {instead}") from None
+    if sha256 and digest.hexdigest() != sha256:
+        raise RuntimeError(f"{url} arrived corrupted (sha256 mismatch); run again")
+    os.replace(path + ".part", path)  # path is either absent or complete
     return path
 
 # -----------------------------------------------------------------------------
 # the tokenizer
 
 class Tokenizer:
-    """Byte-level BPE. Tokenizer() knows the 256 bytes only; train(), load(), gpt2() add merges."""
+    """Byte-level BPE. Tokenizer() has the 256 bytes; train(), load(), gpt2() add merges."""
     def __init__(self, pattern="gpt2", byte_order=range(256), merges=(), special_tokens=()):
         if pattern not in SPLIT_PATTERNS:
             raise ValueError(f"pattern={pattern!r} is unknown; use one of {list(SPLIT_PATTERNS)}")
         if sorted(byte_order) != list(range(256)):
             raise ValueError("byte_order must list each byte 0..255 exactly once")
         self.pattern = pattern
-        self._split = regex.compile(SPLIT_PATTERNS[pattern]) if pattern != "none" else None
+        self._split = regex.compile(SPLIT_PATTERNS[pattern] or r"[\s\S]+")  # 'none': 1 chunk
         self.vocab = {i: bytes([b]) for i, b in enumerate(byte_order)}  # id -> bytes
-        self.byte_ids = {b: i for i, b in enumerate(byte_order)}  # byte -> id (GPT-2 permutes them)
-        self.merges = {}  # (id_a, id_b) -> new id; the new id doubles as the merge's priority
+        self.byte_ids = {b: i for i, b in enumerate(byte_order)}  # GPT-2 permutes bytes
+        self.merges = {}  # (id_a, id_b) -> new id, which is also the merge's priority
         for a, b in merges:
             if a not in self.vocab or b not in self.vocab or (a, b) in self.merges:
                 raise ValueError(f"merge [{a}, {b}] repeats or uses an id not defined before it")
             self.merges[a, b] = len(self.vocab)
             self.vocab[len(self.vocab)] = self.vocab[a] + self.vocab[b]
-        self.special_tokens = {}  # str -> id, after the last merge (GPT-2: <|endoftext|> = 50256)
+        self.special_tokens = {}  # str -> id after the merges (GPT-2's eot: 50256)
         for s in special_tokens:
             if not isinstance(s, str) or not s or s in self.special_tokens:
                 raise ValueError(f"special tokens must be distinct non-empty strings, "
@@ -150,48 +136,48 @@ class Tokenizer:
 
     def train(self, text, vocab_size, pattern="gpt2", special_tokens=("<|endoftext|>",),
               verbose=False):
-        """Learn vocab_size - 256 - len(special_tokens) merges, ties going to the smallest pair
-        (id_a, id_b): train("aaabdaaabac", 259, "none", ()) learns (97, 97) -> 256,
-        (97, 98) -> 257 and (256, 257) -> 258."""
-        self.__init__(pattern, range(256), [], special_tokens)  # checks pattern and special tokens
+        """Learn vocab_size - 256 - len(special_tokens) merges, ties going to the
+        smallest pair (id_a, id_b): train("aaabdaaabac", 259, "none", ()) learns
+        (97, 97) -> 256, (97, 98) -> 257 and (256, 257) -> 258."""
+        self.__init__(pattern, range(256), [], special_tokens)  # checks both arguments
         specials = list(self.special_tokens)
         n_merges = vocab_size - self.vocab_size
         if n_merges < 0:
-            raise ValueError(f"vocab_size={vocab_size} is too small for 256 byte tokens + "
-                             f"{len(specials)} special tokens; pass vocab_size>={self.vocab_size}")
-        # 1. each distinct chunk is a word with a count: " the" may occur 10,000 times, one word
+            raise ValueError(f"vocab_size={vocab_size} leaves no room for 256 bytes and "
+                             f"{specials}; pass vocab_size>={self.vocab_size}")
+        # 1. each distinct chunk is a word with a count: " the" may occur 10,000 times
         chunks = count_chunks(text, SPLIT_PATTERNS[pattern], specials)
         words = [list(c.encode("utf-8")) for c in chunks]
         counts = list(chunks.values())
-        # 2. count adjacent pairs (weighted by word count) and remember which words hold each pair
+        # 2. count adjacent pairs (weighted by word count), and which words hold each
         stats = defaultdict(int)  # pair -> count
         where = defaultdict(set)  # pair -> the words holding it
         for i, word in enumerate(words):
             for pair in zip(word, word[1:]):
                 stats[pair] += counts[i]
                 where[pair].add(i)
-        # 3. a heap of (-count, pair) pops the most frequent pair, ties to the smallest pair. Rather
-        # than update entries when counts change we push fresh ones and skip stale ones as they come
+        # 3. a heap of (-count, pair) pops the most frequent pair, ties to the smallest;
+        # a changed count gets a fresh entry, and stale ones are skipped as they come
         heap = [(-n, pair) for pair, n in stats.items()]
         heapq.heapify(heap)
         merges = []
         while len(merges) < n_merges:
             if not heap:
+                most = vocab_size - n_merges + len(merges)
                 raise ValueError(f"vocab_size={vocab_size} is too large: this text allows "
-                                 f"{len(merges)} merges; pass "
-                                 f"vocab_size<={vocab_size - n_merges + len(merges)} or more text")
+                                 f"{len(merges)} merges; pass vocab_size<={most} or more text")
             neg_count, pair = heapq.heappop(heap)
             if stats[pair] != -neg_count:
                 continue  # stale entry: the count changed after it was pushed
             merges.append(pair)
             new_id = 255 + len(merges)
-            # 4. touch only the words holding the pair: take their old pairs out, put the new in
+            # 4. touch only the words holding the pair: their old pairs out, the new in
             delta = defaultdict(int)  # pair -> change of its count
             for i in where.pop(pair):
                 old = words[i]
                 new = merge(old, pair, new_id)
                 if len(new) == len(old):
-                    continue  # the word lost this pair to an earlier merge; where[] keeps it
+                    continue  # an earlier merge took this pair; where[] still lists it
                 for p in zip(old, old[1:]):
                     delta[p] -= counts[i]
                 for p in zip(new, new[1:]):
@@ -203,8 +189,7 @@ class Tokenizer:
                 if change and stats[p] > 0:
                     heapq.heappush(heap, (-stats[p], p))
             if verbose and len(merges) % 200 == 0:
-                print(f"merge {len(merges)}/{n_merges}: {pair} -> {new_id}, "
-                      f"seen {-neg_count} times")
+                print(f"merge {len(merges)}/{n_merges}: {pair} -> {new_id} ({-neg_count} times)")
         self.__init__(pattern, range(256), merges, specials)
         return self
 
@@ -219,29 +204,25 @@ class Tokenizer:
         return ids
 
     def encode(self, text, allowed_special="none_raise"):
-        """str -> ids. As in tiktoken, text holding a special token raises unless it is allowed:
-        allowed_special is 'all', a set of tokens, 'none' (as plain text) or 'none_raise'."""
-        if allowed_special == "all":
-            allowed = set(self.special_tokens)
-        elif allowed_special in ("none", "none_raise"):
-            allowed = set()
-        else:
+        """str -> ids. As in tiktoken, a special token in text raises unless allowed:
+        allowed_special is 'all', a set, 'none' (as plain text) or 'none_raise'."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set()
+        if not isinstance(allowed_special, str):  # a set of tokens
             allowed = set(allowed_special) & set(self.special_tokens)
         for s in self.special_tokens:
             if allowed_special != "none" and s in text and s not in allowed:
-                raise ValueError(f"text contains the special token {s!r}, which is not allowed: "
-                                 f"pass allowed_special={{{s!r}}} or 'all' to encode it as its id, "
-                                 f"or 'none' to encode it as plain text")
+                raise ValueError(f"text contains the special token {s!r}, which is not "
+                                 f"allowed: pass allowed_special={{{s!r}}} or 'all' to "
+                                 f"encode it as its id, or 'none' to encode it as text")
         parts = [text]
-        if allowed:  # split on the allowed specials; the capture group keeps them, at odd positions
+        if allowed:  # split on allowed specials; the group keeps them, at odd positions
             parts = re.split(f"({'|'.join(map(re.escape, allowed))})", text)
         ids = []
         for k, part in enumerate(parts):
             if k % 2:  # an allowed special token
                 ids.append(self.special_tokens[part])
                 continue
-            chunks = self._split.findall(part) if self._split else [part]
-            for chunk in chunks:
+            for chunk in self._split.findall(part):
                 if chunk not in self._cache:  # a word seen before costs one dict lookup
                     self._cache[chunk] = self._encode_chunk(chunk)
                 ids.extend(self._cache[chunk])
@@ -250,52 +231,52 @@ class Tokenizer:
     def pieces(self, ids):
         """The bytes behind each id: pieces([72, 105, 226]) -> [b'H', b'i', b'\\xe2']."""
         if unknown := [i for i in ids if i not in self.vocab]:
-            raise ValueError(f"unknown token ids {unknown[:5]}: this tokenizer has ids "
-                             f"0..{self.vocab_size - 1}")
+            raise ValueError(f"unknown ids {unknown[:5]}; the ids are 0..{len(self.vocab) - 1}")
         return [self.vocab[i] for i in ids]
 
     def decode(self, ids):
-        """ids -> str. Bytes that are not UTF-8 (a character split across ids) become U+FFFD."""
+        """ids -> str; bytes that are not UTF-8 (a split character) become U+FFFD."""
         return b"".join(self.pieces(ids)).decode("utf-8", errors="replace")
 
     def to_tiktoken(self, name="bpe"):
-        """The same tokenizer as a tiktoken.Encoding: identical ids at Rust speed (rank = id)."""
-        ranks = {b: i for i, b in self.vocab.items() if i not in self.special_tokens.values()}
-        n_ids = len(ranks) + len(self.special_tokens)
-        assert n_ids == len(self.vocab), "two tokens have the same bytes"
-        return tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERNS[self.pattern] or r"[\s\S]+",
-                                 mergeable_ranks=ranks, special_tokens=dict(self.special_tokens))
+        """The same tokenizer as a tiktoken.Encoding: identical ids at Rust speed."""
+        n = 256 + len(self.merges)  # the ids before the special tokens
+        ranks = {self.vocab[i]: i for i in range(n)}  # rank = id
+        assert len(ranks) == n, "two tokens have the same bytes"
+        return tiktoken.Encoding(name=name, pat_str=self._split.pattern,
+                                 mergeable_ranks=ranks, special_tokens=self.special_tokens)
 
     def to_dict(self):
-        """Plain types, so a checkpoint can carry it: torch.load(weights_only=True) reads it."""
-        return {"version": 1, "pattern": self.pattern, "special_tokens": list(self.special_tokens),
+        """Plain types, so a checkpoint can carry it (torch.load(weights_only=True))."""
+        return {"version": 1, "pattern": self.pattern,
+                "special_tokens": list(self.special_tokens),
                 "byte_order": [self.vocab[i][0] for i in range(256)],
                 "merges": [list(p) for p in self.merges]}
 
     @classmethod
     def from_dict(cls, obj, source="the tokenizer"):
-        """Inverse of to_dict; anything malformed raises a ValueError naming source and fix."""
+        """Inverse of to_dict; anything malformed raises a ValueError with the fix."""
         try:
             if obj["version"] != 1:
                 raise ValueError(f"version is {obj['version']!r}, this code reads 1")
             return cls(obj["pattern"], obj["byte_order"], obj["merges"], obj["special_tokens"])
         except (ValueError, KeyError, TypeError, IndexError) as e:
             problem = f"{type(e).__name__}: {e}"
-            raise ValueError(f"{source} is not a valid tokenizer ({problem}); re-create it with "
-                             f"`python bpe.py --train=FILE --out=tok.json`") from None
+            raise ValueError(f"{source} is not a valid tokenizer ({problem}); re-create "
+                             f"it: python bpe.py --train=FILE --out=tok.json") from None
 
     def save(self, path):
-        """Readable JSON: pattern, special tokens, the bytes of ids 0..255, then a merge a line."""
+        """Readable JSON: pattern, specials, the bytes of ids 0..255, a merge a line."""
         obj = self.to_dict()
-        head = json.dumps({k: v for k, v in obj.items() if k != "merges"}, ensure_ascii=False)
-        merges = ",\n".join(f"[{a}, {b}]" for a, b in obj["merges"])
+        merges = ",\n".join(f"[{a}, {b}]" for a, b in obj.pop("merges"))
+        head = json.dumps(obj, ensure_ascii=False)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(head[:-1] + ', "merges": [\n' + merges + "\n]}\n")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a file
 
     @classmethod
     def load(cls, path):
-        """Read a file from save(); a missing, truncated or corrupt file raises with the fix."""
+        """Read a file from save(); a missing or corrupt one raises with the fix."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer file {path} not found; create it with `python "
                                     f"bpe.py --train=FILE --out={path}` or use --tokenizer=gpt2")
@@ -309,70 +290,63 @@ class Tokenizer:
 
     @classmethod
     def gpt2(cls, dir="data/gpt2"):
-        """GPT-2's exact tokenizer: encoder.json and vocab.bpe in dir, downloaded if missing."""
+        """GPT-2's exact tokenizer: encoder.json and vocab.bpe in dir (fetched if missing)."""
+        both = (f"--gpt2_dir=DIR, a folder holding encoder.json "
+                f"({GPT2_URL}encoder.json) and vocab.bpe ({GPT2_URL}vocab.bpe)")
         for name, sha256 in GPT2_FILES.items():
-            try:
-                download(GPT2_URL + name, os.path.join(dir, name), sha256)
-            except RuntimeError as e:  # name both files: fetching them by hand needs the pair
-                raise RuntimeError(f"{e}. GPT-2's tokenizer needs encoder.json "
-                                   f"({GPT2_URL}encoder.json) and vocab.bpe ({GPT2_URL}vocab.bpe) "
-                                   f"in {os.path.abspath(dir)}; or pass --gpt2_dir=DIR, a folder "
-                                   f"holding encoder.json and vocab.bpe") from None
-        # ids 0..255: the 188 printable bytes, then the other 68 (the files spell them chr(256 + k))
-        order = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-        order += [b for b in range(256) if b not in order]
+            fetch(GPT2_URL + name, os.path.join(dir, name), sha256, instead=both)
+        # ids 0..255: the 188 printable bytes, then the other 68 (spelled chr(256 + k))
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        order = printable + [b for b in range(256) if b not in printable]
         try:
             with open(os.path.join(dir, "encoder.json"), encoding="utf-8") as f:
                 encoder = json.load(f)
             with open(os.path.join(dir, "vocab.bpe"), encoding="utf-8") as f:
                 lines = f.read().split("\n")[1:-1]  # skip "#version: 0.2" and the end
-            # vocab.bpe line i is "left right", spelled in GPT-2's alphabet, and makes id 256 + i
+            # vocab.bpe line i, "left right" in GPT-2's alphabet, makes id 256 + i
             merges = [[encoder[s] for s in line.split(" ")] for line in lines]
             tok = cls("gpt2", order, merges, ["<|endoftext|>"])
             if tok.vocab_size != len(encoder):  # e.g. a truncated vocab.bpe
-                raise ValueError(f"{len(lines)} merges in vocab.bpe do not fit {len(encoder)} "
-                                 f"tokens in encoder.json")
+                raise ValueError(f"vocab.bpe's {len(lines)} merges do not fit {len(encoder)} ids")
         except (ValueError, KeyError, TypeError) as e:
             problem = f"{type(e).__name__}: {e}"
             raise ValueError(f"the GPT-2 files in {dir} are corrupt ({problem}); delete "
-                             f"encoder.json and vocab.bpe there to download them again") from None
+                             f"encoder.json and vocab.bpe there, then retry") from None
         return tok
 
     @classmethod
     def from_saved(cls, saved, gpt2_dir="data/gpt2"):
-        """The tokenizer in a checkpoint's "tokenizer" key: 'gpt2', a to_dict() dict or a tok.json
-        path. Tokenizer.from_saved(ckpt["tokenizer"]) -> the one the model was trained with."""
+        """A checkpoint's tokenizer from its "tokenizer" key: 'gpt2', to_dict()'s or a path."""
         if saved == "gpt2":
             return cls.gpt2(gpt2_dir)
         if isinstance(saved, dict):
             return cls.from_dict(saved, "the checkpoint's tokenizer")
         if isinstance(saved, str) and (saved.endswith(".json") or os.path.isfile(saved)):
             return cls.load(saved)
-        raise ValueError(f"the checkpoint's tokenizer {str(saved)[:60]!r} is neither 'gpt2', a "
-                         f"bpe.py dict nor a tok.json path; retrain with train.py")
+        raise ValueError(f"the checkpoint's tokenizer {str(saved)[:60]!r} is neither "
+                         f"'gpt2', a bpe.py dict nor a tok.json; retrain with train.py")
 
 # -----------------------------------------------------------------------------
-# the chat template: a conversation as token ids and a loss mask, shared by every later script
+# the chat template: a conversation as token ids and a loss mask, for every later script
 
-# No new tokens: role headers are plain text, and each assistant turn ends with <|endoftext|>,
-# which train.py's tokenizers and GPT-2's all have and a pretrained model reads as "the text ends
-# here". So no embedding row is added, and stopping is one token: generate(eot_id=STOP).
+# No new tokens: role headers are plain text, and each assistant turn ends with STOP,
+# which train.py's tokenizers and GPT-2's all have and a pretrained model reads as "the
+# text ends here": no embedding row is added, and stopping is generate(eot_id=STOP).
 STOP = "<|endoftext|>"
 CHAT_TEMPLATES = {
-    # Phi-3's role markers spelled as text (Raschka's exercise 7.1): short, so stories fit 256 tokens
-    "phi3": dict(system="<|system|>\n{}\n", user="<|user|>\n{}\n", assistant="<|assistant|>\n",
-                 default_system=""),
-    # Alpaca's layout, the one Raschka's chapter 7 trains with; its system line is always there
+    # Phi-3's role markers as text (Raschka's exercise 7.1): short, stories fit 256 tokens
+    "phi3": dict(system="<|system|>\n{}\n", user="<|user|>\n{}\n",
+                 assistant="<|assistant|>\n", default_system=""),
+    # Alpaca's layout, as in Raschka's chapter 7; its system line is always there
     "alpaca": dict(system="{}\n\n", user="### Instruction:\n{}\n\n", assistant="### Response:\n",
                    default_system="Below is an instruction that describes a task. Write a "
                                   "response that appropriately completes the request."),
 }
 
 def record_messages(record):
-    """An instruction-data record as a conversation: {instruction, input, output} (Alpaca's
-    schema, Raschka's instruction-data.json; output optional) -> a user turn, the instruction and
-    then the input after a blank line, and the output as the assistant turn; {messages: [...]}
-    passes through."""
+    """A record as a conversation: {instruction, input, output} (Alpaca's schema; output
+    optional) -> a user turn (instruction, blank line, input) and an assistant turn (output);
+    {messages: [...]} passes through."""
     if "messages" in record:
         return record["messages"]
     user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
@@ -382,17 +356,17 @@ def record_messages(record):
     return messages
 
 def render_conversation(tok, messages, template="phi3"):
-    """[{"role": "system" | "user" | "assistant", "content": str}, ...] -> (ids, mask). mask[i]
-    is 1 where ids[i] is an assistant token or the STOP that ends its turn: what finetuning learns.
-    A conversation ending on a user turn ends with the assistant header, the prompt to complete.
-    Contents are encoded as plain text: "<|endoftext|>" typed by a user is not the stop token."""
+    """[{"role": "system" | "user" | "assistant", "content": str}, ...] -> (ids, mask);
+    mask[i] is 1 where ids[i] is what finetuning learns: an assistant token or the STOP
+    ending its turn. A conversation ending on a user turn ends with the assistant header,
+    the prompt to complete. Contents are plain text: a typed "<|endoftext|>" is no STOP."""
     if template not in CHAT_TEMPLATES:
         raise ValueError(f"chat template {template!r} is unknown; use one of "
                          f"{list(CHAT_TEMPLATES)}")
     spec = CHAT_TEMPLATES[template]
     if STOP not in tok.special_tokens:
-        raise ValueError(f"the tokenizer has no {STOP} to end a turn with; train one with "
-                         f"special_tokens=({STOP!r},)")
+        raise ValueError(f"the tokenizer has no {STOP} to end a turn with; train one "
+                         f"with special_tokens=({STOP!r},)")
     if spec["default_system"] and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": spec["default_system"]}] + list(messages)
     ids = []
@@ -400,7 +374,7 @@ def render_conversation(tok, messages, template="phi3"):
     for message in messages:
         role = message["role"]
         if role not in ("system", "user", "assistant"):
-            raise ValueError(f"a message has role {role!r}; use system, user or assistant")
+            raise ValueError(f"a message has role {role!r}; use system, user, assistant")
         if role == "assistant":
             head = tok.encode(spec["assistant"])
             body = tok.encode(message["content"], allowed_special="none")
@@ -417,10 +391,9 @@ def render_conversation(tok, messages, template="phi3"):
     return ids, mask
 
 def story_problems(story, words, summary):
-    """What a story written for (words, summary) lacks, [] when nothing: each required word as a
-    whole word, any case ("Ball." counts for "ball", "balloon" does not), and each character the
-    summary names: its capitalised words ("Lily" and "Tom" in "Lily lost her red ball, and her
-    friend Tom helped her find it."). finetune.py and dpo.py score stories with this one rule."""
+    """What a story for (words, summary) lacks, [] when nothing: each word, as a whole word
+    in any case ("Ball." counts for "ball", "balloon" does not), and each character the
+    summary names by a capital ("Lily" and "Tom" in "Lily lost her ball, and Tom found it")."""
     names = re.findall(r"\b[A-Z][a-z]+\b", summary)
     wanted = dict.fromkeys(list(words) + names)  # in order, once each
     return [w for w in wanted if not re.search(rf"\b{re.escape(w)}\b", story, re.IGNORECASE)]
@@ -436,29 +409,28 @@ def record_problem(record):
     # what is wrong with one record, or '' when it is fine
     if not isinstance(record, dict):
         return "is not a JSON object"
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "has an empty or non-list messages"
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                return "has a message without a string content"
-            if m.get("role") not in ("system", "user", "assistant"):
-                return f"has a message with role {m.get('role')!r}"
-        roles = [m["role"] for m in messages]
-        if roles[-2:] != ["user", "assistant"]:
-            return "does not end with a user turn and then an assistant turn"
-        return ""
-    fields = [record.get("instruction"), record.get("output"), record.get("input", "")]
-    return "" if all(isinstance(f, str) for f in fields) else "lacks a string instruction or output"
+    if "messages" not in record:
+        fields = [record.get("instruction"), record.get("output"), record.get("input", "")]
+        ok = all(isinstance(f, str) for f in fields)
+        return "" if ok else "lacks a string instruction or output"
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        return "has a messages field that is not a list"
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return "has a message without a string content"
+        if m.get("role") not in ("system", "user", "assistant"):
+            return f"has a message with role {m.get('role')!r}"
+    if [m["role"] for m in messages[-2:]] != ["user", "assistant"]:
+        return "does not end with a user turn and then an assistant turn"
+    return ""
 
-RECORD_SCHEMA = ("each record needs instruction and output strings (input optional) or messages "
-                 "ending with a user turn and an assistant turn")
+RECORD_SCHEMA = ("each record needs instruction and output strings (input optional) or "
+                 "messages ending with a user turn and an assistant turn")
 
 def read_records(path, problem=record_problem, schema=RECORD_SCHEMA):
-    """A JSON list, or JSONL lines, of {instruction, input, output} or {messages: [...]} records,
-    each checked by problem(record) (another schema: pass its own check and description): a
-    malformed file or record is an error naming both."""
+    """A JSON list, or JSONL lines, of records checked by problem(record) (by default
+    RECORD_SCHEMA's); a malformed file or record is an error naming both."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; pass --dataset=stories, alpaca or a JSON file")
     where = ""
@@ -474,31 +446,23 @@ def read_records(path, problem=record_problem, schema=RECORD_SCHEMA):
         else:
             records = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON{where} ({e}); fix it (UTF-8 JSON) or "
-                         f"download it again") from None
+        raise ValueError(f"{path} is not valid JSON{where} ({e}); fix it (UTF-8 JSON) "
+                         f"or download it again") from None
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{path} holds no records; it needs a JSON list (or JSONL lines): "
-                         f"{schema}")
+        raise ValueError(f"{path} holds no records; it needs a JSON list or JSONL: {schema}")
     for k, record in enumerate(records):
         if what := problem(record):
             raise ValueError(f"{path}: record {k} {what}; {schema}")
     return records
 
-def fetch(url, path, sha256=""):
-    """download(), and offline the error also names the other way in: a file of one's own."""
-    try:
-        return download(url, path, sha256)
-    except RuntimeError as e:
-        raise RuntimeError(f"{e}; or pass the file you have: --dataset=path/to/file") from None
-
 def instruct_records(dataset, data_dir="data"):
-    """The records of --dataset: stories (train.py's held-out instruct.json), alpaca (Raschka's
+    """--dataset's records: stories (train.py's held-out instruct.json), alpaca (Raschka's
     1,100 instructions, downloaded once) or the path of a JSON/JSONL file."""
     if dataset == "stories":
         path = os.path.join(data_dir, "stories", "instruct.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: `python train.py` writes it (held-out "
-                                    f"stories as instructions)")
+            raise FileNotFoundError(f"{path} not found: `python train.py` writes it "
+                                    f"(held-out stories as instructions)")
         return read_records(path)
     if dataset == "alpaca":
         path = os.path.join(data_dir, "instruct", "instruction-data.json")
@@ -506,20 +470,19 @@ def instruct_records(dataset, data_dir="data"):
     return read_records(dataset)
 
 def split_records(items, val_size, test_size, seed):
-    """Shuffle with seed, then (train, val, test): the last two have val_size and test_size."""
+    """Shuffled with seed: (train, val, test), the last two of val_size and test_size."""
     if len(items) <= val_size + test_size:
-        raise ValueError(f"{len(items)} examples leave none to train on after val_size={val_size} "
-                         f"and test_size={test_size}; lower them or add data")
+        raise ValueError(f"{len(items)} examples leave none to train on after "
+                         f"val_size={val_size} and test_size={test_size}; lower them or add data")
     items = list(items)
     random.Random(seed).shuffle(items)
-    return items[val_size + test_size:], items[:val_size], items[val_size:val_size + test_size]
+    n = val_size + test_size
+    return items[n:], items[:val_size], items[val_size:n]
 
 def make_examples(tok, conversations, template, block_size, mask_prompt=True):
-    """Render each conversation into (x, y): y[t] = the token after x[t], or -100 where nothing is
-    learned (the prompt, with mask_prompt). A too-long example keeps its first block_size + 1
-    tokens, so a long response is cut (and loses its stop token) but the prompt never is: an
-    example whose first trained token lies beyond the window is dropped.
-    -> (examples, dropped, cut)."""
+    """(examples, dropped, cut): each conversation as (x, y), y[t] = the token after x[t]
+    or -100 where nothing is learned (the prompt, with mask_prompt). Past block_size + 1
+    tokens a response is cut (losing its stop token); with no trained token left, dropped."""
     examples = []
     dropped = cut = 0
     for messages in conversations:
@@ -535,20 +498,19 @@ def make_examples(tok, conversations, template, block_size, mask_prompt=True):
         examples.append((ids[:-1], y))
     return examples, dropped, cut
 
-
 def constraints_met(stories, records):
-    """The share of stories in which story_problems finds nothing missing, for records that carry
-    words and a summary (train.py's instruct.json); None for records that do not."""
+    """The share of stories in which story_problems finds nothing missing, for records
+    that carry words and a summary (train.py's instruct.json); None for others."""
     if not all("words" in r and "summary" in r for r in records):
         return None
     met = [not story_problems(s, r["words"], r["summary"]) for s, r in zip(stories, records)]
     return sum(met) / len(met)
 
 # -----------------------------------------------------------------------------
-# helpers used by main: the naive baseline, the benchmark, flags, the entry point
+# helpers used by main: the naive baseline, the benchmark, the flags
 
 def train_naive(text, vocab_size, pattern):
-    # the baseline: train()'s distinct words, but every pair is recounted after every merge
+    # the baseline: train()'s distinct words, but every pair is recounted after each merge
     chunks = count_chunks(text, SPLIT_PATTERNS[pattern], ["<|endoftext|>"])
     words = [list(c.encode("utf-8")) for c in chunks]
     counts = list(chunks.values())
@@ -558,7 +520,7 @@ def train_naive(text, vocab_size, pattern):
         for word, n in zip(words, counts):
             for pair in zip(word, word[1:]):
                 stats[pair] += n
-        merges.append(min(stats, key=lambda p: (-stats[p], p)))  # most frequent, then smallest
+        merges.append(min(stats, key=lambda p: (-stats[p], p)))  # most frequent, smallest
         words = [merge(word, merges[-1], new_id) for word in words]
     return merges
 
@@ -566,24 +528,30 @@ def timed(fn, *args, **kwargs):  # CPU seconds of this process: fair on a busy m
     t0 = time.process_time()
     return fn(*args, **kwargs), time.process_time() - t0
 
-def read_text(path):  # the --train file, or this very file (offline), checked before any work
+def read_text(path):
+    # the --train file, or this very file (offline), checked before any work
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: "
+        raise SystemExit(f"bpe.py: error: {path} is not UTF-8 ({e.reason}); convert it: "
                          f"iconv -f latin1 -t utf-8") from None
     if not text:
-        raise ValueError(f"{path} is empty: there is nothing to learn merges from")
+        raise SystemExit(f"bpe.py: error: {path} is empty: there is nothing to learn "
+                         f"merges from")
     return text
 
 def bench(cfg):
-    path = cfg.train or os.path.abspath(__file__)  # offline default: this file, repeated to 1 MB
+    path = cfg.train or os.path.abspath(__file__)  # offline: this file, repeated to 1 MB
     text = read_text(path)
     text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
-    tok, t_fast = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern)
+    try:  # a --vocab_size the text cannot fill, an unknown --pattern
+        tok, t_fast = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern)
+    except ValueError as e:
+        raise SystemExit(f"bpe.py: error: {e}") from None
     naive, t_naive = timed(train_naive, text, cfg.vocab_size, cfg.pattern)
-    ids, t_python = timed(tok.encode, text, allowed_special="all")  # cold cache: chunks merge once
+    # encoding starts with a cold cache: each distinct chunk is merged once
+    ids, t_python = timed(tok.encode, text, allowed_special="all")
     ids_tiktoken, t_tiktoken = timed(tok.to_tiktoken().encode, text, allowed_special="all")
     mb = len(text.encode("utf-8")) / 1e6
     result = {"speedup": t_naive / t_fast, "same_merges": naive == list(tok.merges),
@@ -596,74 +564,49 @@ def bench(cfg):
           f"identical ids: {result['same_ids']}")
     return result
 
-# identical to gpt.parse_args; copied so this file stands alone
 def parse_args(config_class, argv=None):
-    """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
-    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). -h shows each flag's
-    default and the comment beside its field; a misspelled flag or a value of the wrong type stops
-    with exit code 2, naming the closest flag."""
+    """gpt.parse_args, copied so this file stands alone: a config from --name=value
+    flags, one per field, typed by its default; -h shows each default and comment."""
     def to_bool(text):  # type=bool would turn "False" into True
         if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
             raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
         return text.lower() in ("true", "1", "yes")
-    # the comment beside each field (`n_layer: int = 4  # transformer blocks`) is its help text
-    comments = {}
-    for line in inspect.getsource(config_class).splitlines():
-        if match := re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line):
-            comments[match[1]] = match[2].replace("%", "%%")  # argparse formats help with %
+    source = inspect.getsource(config_class)
+    comments = dict(re.findall(r"\n\s+(\w+): \w+ = .*?  # (.*)", source))
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field in dataclasses.fields(config_class):
         kind = type(field.default)
-        extra = {}
-        if kind is bool:  # a bare boolean flag (`--bench`) means True
-            kind = to_bool
-            extra = dict(nargs="?", const=True)
-        parser.add_argument(f"--{field.name}", type=kind, default=field.default,
-                            metavar=type(field.default).__name__,
-                            help=f"{comments.get(field.name, '')} (default: {field.default!r})",
-                            **extra)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [f"--{field.name}" for field in dataclasses.fields(config_class)]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    return config_class(**vars(args))
+        help = comments.get(field.name, "").replace("%", "%%")  # argparse formats help with %
+        extra = dict(type=kind)
+        if kind is bool:  # a bare flag (`--bench`) means True
+            extra = dict(type=to_bool, nargs="?", const=True)
+        parser.add_argument(f"--{field.name}", default=field.default, metavar=kind.__name__,
+                            help=f"{help} (default: {field.default!r})", **extra)
+    return config_class(**vars(parser.parse_args(argv)))
 
-# identical to gpt.run_main; copied so this file stands alone
-def run_main(main, config_class, argv=None):
-    """The entry point of every script: parse the flags, then return main(config). A mistake the
-    user can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one
-    line on stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
-    config = parse_args(config_class, argv)
-    try:
-        return main(config)
-    except (ValueError, OSError, RuntimeError) as e:
-        tb = e.__traceback__
-        while tb.tb_next is not None:  # the frame that raised it
-            tb = tb.tb_next
-        path = tb.tb_frame.f_code.co_filename
-        ours = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(__file__))
-        if not ours or not linecache.getline(path, tb.tb_lineno).strip().startswith("raise "):
-            raise
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+# -----------------------------------------------------------------------------
+# the run
 
 def main(cfg):
-    """Benchmark, show --text via --tokenizer, train on --train, or (no flags) run the demo."""
+    """Benchmark, show --text via --tokenizer, train on --train, or (no flags) the demo."""
     if cfg.train and not os.path.isfile(cfg.train):
-        raise FileNotFoundError(f"--train={cfg.train}: no such file; pass the path of a "
-                                f"UTF-8 text file")
+        raise SystemExit(f"bpe.py: error: --train={cfg.train}: no such file; pass the path "
+                         f"of a UTF-8 text file")
     if cfg.bench:
         return bench(cfg)
     # --- load a tokenizer, or train one on --train or on this very file (offline demo)
+    try:  # a missing or corrupt file, GPT-2's files offline, a vocab_size the text can't fill
+        if cfg.tokenizer == "gpt2":
+            tok = Tokenizer.gpt2(cfg.gpt2_dir)
+        elif cfg.tokenizer:
+            tok = Tokenizer.load(cfg.tokenizer)
+        else:
+            text = read_text(cfg.train or os.path.abspath(__file__))
+            tok, seconds = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern, verbose=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"bpe.py: error: {e}") from None
     result = {}
-    if cfg.tokenizer == "gpt2":
-        tok = Tokenizer.gpt2(cfg.gpt2_dir)
-    elif cfg.tokenizer:
-        tok = Tokenizer.load(cfg.tokenizer)
-    else:
-        text = read_text(cfg.train or os.path.abspath(__file__))
-        tok, seconds = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern, verbose=True)
+    if not cfg.tokenizer:
         n_tokens = len(tok.to_tiktoken().encode(text, allowed_special="all"))
         bytes_per_token = len(text.encode("utf-8")) / max(1, n_tokens)
         result = {"seconds": seconds, "bytes_per_token": bytes_per_token}
@@ -672,13 +615,13 @@ def main(cfg):
         if cfg.train:
             tok.save(cfg.out)
             print(f"wrote {cfg.out}")
-    # --- the ids and pieces of --text (bytes: partial UTF-8 is shown escaped), the round trip
+    # --- the ids and pieces of --text (partial UTF-8 shown escaped), and the round trip
     ids = tok.encode(cfg.text, allowed_special="all")
-    pieces = [piece.decode("utf-8", errors="backslashreplace") for piece in tok.pieces(ids)]
+    pieces = [p.decode("utf-8", errors="backslashreplace") for p in tok.pieces(ids)]
     print(f"{len(ids)} ids: {ids}")
     print(f"pieces: {pieces}")
     print(f"round trip ok: {tok.decode(ids) == cfg.text}")
     return result | {"ids": ids}
 
 if __name__ == "__main__":
-    run_main(main, BpeConfig)
+    main(parse_args(BpeConfig))

@@ -1,37 +1,32 @@
-"""GPT: the transformer language model every other script trains, finetunes, caches or quantizes.
+"""GPT: the transformer language model every later script trains, finetunes, caches or quantizes.
 
-What you learn here: causal self-attention, the pre-norm transformer block, weight tying, GPT-2's
-initialisation, and the modern (Llama-style) switches: rotary positions, RMSNorm, SwiGLU and
-grouped-query attention. The key equation: attention(Q, K, V) = softmax(Q K^T / sqrt(hs) + mask) V.
-It also reads OpenAI's GPT-2 weights from a Hugging Face safetensors file with no extra dependency.
+What you learn here: causal self-attention, the pre-norm transformer block, weight tying,
+GPT-2's initialisation, and the modern (Llama-style) switches: rotary positions, RMSNorm,
+SwiGLU and grouped-query attention. Generation prefills the prompts once, then decodes one
+token at a time from a KV cache. The key equation:
+    attention(Q, K, V) = softmax(Q K^T / sqrt(hs) + mask) V
 
 How to run:
-    python gpt.py                                  # offline demo: a small random model
-    python gpt.py --init_from=gpt2                 # downloads GPT-2 small (500 MB) and runs it once
+    python gpt.py                         # offline demo: a small random model
+    python gpt.py --init_from=gpt2        # downloads GPT-2 small (500 MB) and runs it once
     python gpt.py --init_from=path/to/model.safetensors --device=cuda
-    (to sample GPT-2 text, use kvcache.py --init_from=gpt2: it has the tokenizer and the KV cache)
 
-Depends on nothing of ours. The sections after the model hold the plumbing every later script shares
-(flags, the entry point, device and precision, downloads, checkpoints) and the finetuning loop that
-finetune.py, lora.py and dpo.py share (batches, the masked loss, fit). Shapes: B batch, T time,
-C channels, V vocab, nh heads, nkv key/value heads, hs head size.
-References: Attention Is All You Need (1706.03762); GPT-2 (OpenAI 2019); RoFormer (2104.09864);
-RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245); PaLM appendix B (2204.02311).
+Depends on nothing of ours. After the model, one banner holds the plumbing the later scripts
+share (flags, device and precision, downloads, checkpoints, GPT-2's weights, batches of
+examples). Shapes: B batch, T time, C channels, V vocab, nh heads, nkv key/value heads,
+hs head size.
+References: Attention Is All You Need (1706.03762); GPT-2 (OpenAI 2019); RoFormer
+(2104.09864); RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245).
 """
 import argparse
 import contextlib
-import copy
 import dataclasses
-import difflib
-import hashlib
 import inspect
 import json
-import linecache
 import math
 import os
 import re
 import sys
-import time
 
 import requests
 import torch
@@ -57,17 +52,14 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be at least 1")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"change either")
         kv = self.n_kv_head or self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if kv < 0 or self.n_head % kv:
-            raise ValueError(f"n_head={self.n_head} is not divisible by "
-                             f"n_kv_head={self.n_kv_head}; use a divisor of n_head "
-                             f"(1 = multi-query, n_head = plain attention)")
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={kv}; use a "
+                             f"divisor (1 = multi-query, n_head = plain attention)")
         if self.rope and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got n_embd/n_head="
-                             f"{self.n_embd // self.n_head}")
+            raise ValueError(f"rope needs an even head size, not {self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -90,26 +82,23 @@ def make_norm(config):
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 def rope_tables(hs, length, base=10000.0):
-    # rotary embeddings rotate each pair of channels (i, i + hs/2) by the angle pos * base^(-2i/hs)
+    # rope turns each channel pair (i, i + hs/2) by the angle pos * base^(-2i/hs)
     freqs = 1.0 / base ** (torch.arange(0, hs, 2).float() / hs)    # (hs/2,)
     angles = torch.outer(torch.arange(length).float(), freqs)      # (T, hs/2)
     return angles.cos(), angles.sin()
 
 def apply_rope(x, cos, sin):
-    # x: (B, nh, T, hs); cos, sin: (T, hs/2), or (B, T, hs/2) when each row has its own positions
+    # x: (B, nh, T, hs); cos, sin: (T, hs/2), or (B, T, hs/2) for per-row positions
     if cos.dim() == 3:
         cos = cos[:, None]                                         # (B, 1, T, hs/2)
         sin = sin[:, None]                                         # (B, 1, T, hs/2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
-DECODE_BY_HAND = True  # False: always torch's fused kernel (dpo.py --bench compares the two)
-
 def decode_by_hand(q):
-    # a decode step (one query) of 8 rows or more in bfloat16 on a CPU: there torch's fused kernel
-    # is slower than attention written out (a 64-row GRPO round samples 1.38x faster by hand)
-    return (DECODE_BY_HAND and q.size(2) == 1 and q.size(0) >= 8 and q.dtype == torch.bfloat16
-            and q.is_cpu)
+    # a decode step (one query) of 8+ rows in bfloat16 on a CPU: there attention written
+    # out beats torch's fused kernel (a 64-row GRPO round sampled 1.38x faster)
+    return q.size(2) == 1 and q.size(0) >= 8 and q.dtype == torch.bfloat16 and q.is_cpu
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -117,7 +106,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.hs = config.n_embd // config.n_head
-        # one matmul makes q (nh heads) and k, v (nkv heads each); GPT-2's c_attn when nkv == nh
+        # one matmul makes q (nh heads), k and v (nkv heads each): GPT-2's c_attn
         qkv_size = (self.n_head + 2 * self.n_kv_head) * self.hs
         self.c_attn = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -125,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def qkv(self, x, rope=None):
-        """x (B, T, C) -> q (B, nh, T, hs), k and v (B, nkv, T, hs); rotated by rope if given."""
+        """x (B, T, C) -> q (B, nh, T, hs), k and v (B, nkv, T, hs), rotated by rope."""
         B, T, C = x.shape
         kv_size = self.n_kv_head * self.hs
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, kv_size, kv_size], dim=2)
@@ -138,7 +127,7 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask=None):
-        """softmax(q k^T / sqrt(hs)) v, causal unless given a boolean mask (True = may attend)."""
+        """softmax(q k^T / sqrt(hs)) v: causal, or by a boolean mask (True = may attend)."""
         B, nh, T, hs = q.shape
         if mask is not None and decode_by_hand(q):  # one query per row: two small matmuls
             q = q.reshape(B, self.n_kv_head, nh // self.n_kv_head, hs)  # heads sharing a k, v
@@ -146,8 +135,8 @@ class CausalSelfAttention(nn.Module):
             att = (k @ q.transpose(-2, -1)).transpose(-2, -1) * hs ** -0.5  # (B, nkv, nh/nkv, L)
             y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
         else:
-            # grouped-query: each k/v head serves nh/nkv query heads; enable_gqa pairs them
-            # without copying k and v
+            # grouped-query: each k/v head serves nh/nkv query heads; enable_gqa pairs
+            # them without copying k and v
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None,
                 dropout_p=self.dropout if self.training else 0.0,
@@ -197,13 +186,11 @@ class Block(nn.Module):
 # the KV cache and sampling, for fast generation
 
 class KVCache:
-    """One layer's keys and values for B rows of up to max_len positions: two preallocated
-    (B, nkv, max_len, hs) tensors, made at the first write in the dtype attention computes in.
-    update(k, v) writes new positions and returns the keys and values of all positions so far."""
+    """One layer's keys and values, (B, nkv, max_len, hs) each, made at the first write in
+    attention's dtype; update(k, v) adds positions and returns all of them so far."""
     def __init__(self, max_len):
         self.max_len = max_len
-        self.k = None
-        self.v = None
+        self.k = self.v = None  # (B, nkv, max_len, hs) each, from the first write
         self.length = 0  # filled positions, the same in every row because prompts are left-padded
 
     def update(self, k, v):
@@ -213,26 +200,26 @@ class KVCache:
             self.v = torch.zeros_like(self.k)
         L = self.length
         assert L + T <= self.max_len, f"cache overflow: {L} + {T} > {self.max_len} positions"
-        # write in place (no allocation), then return views of the filled part: attention reads
-        # L + T positions, not max_len
+        # write in place (no allocation), then return views of the filled part:
+        # attention reads L + T positions, not max_len
         self.k[:, :, L:L + T] = k
         self.v[:, :, L:L + T] = v
         self.length = L + T
         return self.k[:, :, :L + T], self.v[:, :, :L + T]          # (B, nkv, L + T, hs)
 
 def top_p_filter(probs, p):
-    """Keep the smallest set of most likely tokens whose probability reaches p, renormalised:
-    top_p_filter([[0.5, 0.3, 0.15, 0.05]], 0.8) -> [[0.625, 0.375, 0, 0]]; p=0.81 keeps three."""
+    """Keep the fewest most likely tokens whose probability reaches p, renormalised:
+    top_p_filter([[0.5, 0.3, 0.15, 0.05]], 0.8) -> [[0.625, 0.375, 0, 0]]."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = F.pad(sorted_probs.cumsum(-1)[..., :-1], (1, 0))     # probability of the tokens above
-    # a token is dropped when the tokens above it already reach p (the first one is always kept)
+    # drop a token when the tokens above it already reach p (so the first always stays)
     sorted_probs = sorted_probs.masked_fill(before >= p, 0.0)
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return kept / kept.sum(-1, keepdim=True)
 
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Next token ids (B,) from logits (B, V): argmax when temperature == 0, else a draw from the
-    tempered softmax cut to the top_k tokens (0 = all), then to the top_p nucleus (1.0 = all)."""
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a draw from the
+    tempered softmax cut to the top_k tokens (0 = all), then the top_p nucleus (1 = all)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -263,7 +250,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the output layer reuses the token embedding (saves V*C parameters)
+        # weight tying: the output layer is the token embedding (V*C parameters fewer)
         self.lm_head.weight = self.transformer.wte.weight
         # GPT-2 init: N(0, 0.02); the projections into the residual stream shrink by
         # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth
@@ -279,27 +266,25 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def embed(self, idx, pos):
-        """Token (+ learned position) embeddings and rope tables at positions pos (T,) or (B, T)."""
+        """Token (+ position) embeddings, and rope tables, at positions pos (T,) or (B, T)."""
         x = self.transformer.wte(idx)                              # (B, T, C)
         if self.config.rope:
             return self.transformer.drop(x), (self.rope_cos[pos], self.rope_sin[pos])
         return self.transformer.drop(x + self.transformer.wpe(pos)), None
 
     def hidden(self, idx):
-        """token ids idx (B, T) -> the final hidden states (B, T, C) that lm_head turns into logits
-        (a classifier reads them too)."""
+        """ids idx (B, T) -> the final hidden states (B, T, C), for lm_head or a classifier."""
         T = idx.size(1)
         if T > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {T}: block_size is only "
-                             f"{self.config.block_size}; crop the input to its last "
-                             f"{self.config.block_size} tokens")
+            raise ValueError(f"cannot forward {T} tokens: block_size is only "
+                             f"{self.config.block_size}; crop the input to its last tokens")
         x, rope = self.embed(idx, torch.arange(T, device=idx.device))
         for block in self.transformer.h:
             x = block(x, rope)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """token ids idx (B, T) -> logits (B, T, V), and mean cross-entropy over targets != -100."""
+        """ids idx (B, T) -> logits (B, T, V), and the mean loss over targets != -100."""
         logits = self.lm_head(self.hidden(idx))                    # (B, T, V)
         loss = None
         if targets is not None:
@@ -312,8 +297,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self):
-        # 6 FLOPs per weight per token (2 forward, 4 backward) plus attention's scores and mixing;
-        # the position table does no multiplications, so it is left out
+        # 6 FLOPs per weight per token (2 forward, 4 backward) plus attention's scores
+        # and mixing; the position table does no multiplications, so it is left out
         cfg = self.config
         n = self.num_params()
         if not cfg.rope:
@@ -321,7 +306,7 @@ class GPT(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (312e12 for an A100 in bf16)."""
+        """Model FLOPs utilisation: FLOP/s over peak_flops (312e12: an A100 in bf16)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -329,18 +314,17 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # the fused kernel updates every tensor in one pass (CUDA, and CPUs since torch 2.4);
-        # MPS keeps the loop
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        # the fused kernel updates every tensor in one pass (CUDA, CPUs); MPS keeps the loop
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 fused=device_type in ("cuda", "cpu"))
 
     # -------------------------------------------------------------------------
     # generation: prefill the prompts once, then one cached decode step per token
 
     def forward_cached(self, idx, cache, pos, mask):
-        """The new tokens idx (B, T) at positions pos (B, T) attend to the cache (a KVCache per
-        layer) and to themselves where mask (B, 1, T, L + T) is True. Appends their keys and values
-        to the cache; returns the last position's logits (B, V) in float32."""
+        """New tokens idx (B, T) at positions pos (B, T) attend to the cache (a KVCache a
+        layer), which they join, and to themselves where mask (B, 1, T, L + T) is True.
+        -> the last position's logits (B, V) in float32."""
         x, rope = self.embed(idx, pos)                             # (B, T, C)
         for block, layer_cache in zip(self.transformer.h, cache):
             x = block(x, rope, layer_cache, mask)
@@ -348,26 +332,24 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x[:, -1])).float()  # (B, V)
 
     def prefill(self, idx, pad, cache):
-        """Left-padded prompts idx (B, T) in one pass into an empty cache: row b starts with pad[b]
-        pad tokens, so its real tokens get positions 0, 1, ... and no real query sees a pad key."""
+        """Left-padded prompts idx (B, T) in one pass into an empty cache: row b starts with
+        pad[b] pads; its real tokens get positions 0, 1, ... and never see a pad key."""
         t = torch.arange(idx.size(1), device=idx.device)
         pos = (t - pad[:, None]).clamp(min=0)                      # (B, T)
         real = t >= pad[:, None]                                   # (B, T) True at real tokens
         causal = t[None, :] <= t[:, None]                          # (T, T) key index <= query index
-        # a pad query sees no real key; letting it see itself keeps its softmax finite (else NaN)
+        # a pad query sees no real key: seeing itself keeps its softmax finite (not NaN)
         mask = (causal & real[:, None, :]) | (t[None, :] == t[:, None])  # (B, T, T)
         return self.forward_cached(idx, cache, pos, mask[:, None])
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eot_id=-1,
                  generator=None, use_cache=True, on_token=None):
-        """Continue prompts (lists of token ids, any lengths) in one batch; returns each row's new
-        ids, cut before its first eot_id. temperature=0 is greedy; generator seeds the draws.
-        use_cache=False recomputes the whole history at every step: the slow reference.
-        on_token(step, ids (B,), logits (B, V)) sees every choice (streaming, tests).
-        Past block_size the window slides: the model sees the whole history until it would pass
-        block_size tokens, then only the last block_size // 2, which are prefilled again (a batch
-        slides together, when its left-padded length does)."""
+        """Continue prompts (lists of ids, any lengths) in one batch -> each row's new ids,
+        cut before its first eot_id. temperature=0 is greedy; generator seeds the draws;
+        on_token(step, ids (B,), logits (B, V)) sees each choice. use_cache=False redoes
+        the whole history every step: the slow reference. Past block_size the window
+        slides: the last block_size // 2 tokens are prefilled again (a batch together)."""
         block_size = self.config.block_size
         device = self.lm_head.weight.device
         keep = max(1, block_size // 2)
@@ -376,11 +358,11 @@ class GPT(nn.Module):
             raise ValueError("an empty prompt has nothing to continue; start it with <|endoftext|>")
         B = len(prompts)
         T = max(len(p) for p in prompts)
-        # left padding lines the rows up, so every row writes its next token into the same slot
+        # left padding lines the rows up: every row writes its next token in one slot
         ctx = torch.zeros(B, block_size, dtype=torch.long, device=device)  # the token in each slot
         ctx[:, :T] = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
         pad = torch.tensor([T - len(p) for p in prompts], device=device)   # (B,)
-        # room for the prompt and every fed-back token, at most block_size (then the window slides)
+        # room for the prompt and each fed-back token, up to block_size (then it slides)
         room = min(block_size, T + max(max_new_tokens, 1) - 1)
         cache = [KVCache(room) for _ in self.transformer.h]
         logits = self.prefill(ctx[:, :T], pad, cache)
@@ -419,86 +401,70 @@ class GPT(nn.Module):
         return out
 
 # -----------------------------------------------------------------------------
-# helpers every script shares: flags, the entry point, device and precision, downloads, checkpoints
+# helpers shared by the scripts: plumbing, not the lesson
+
+# flags and the entry point
+
+class UserError(ValueError):
+    """A user's mistake (a bad flag, a missing file) and its fix: run() prints one line."""
 
 def parse_args(config_class, argv=None):
-    """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
-    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). -h shows each flag's
-    default and the comment beside its field; a misspelled flag or a value of the wrong type stops
-    with exit code 2, naming the closest flag."""
+    """Fill a config dataclass from `--name=value` flags, one per field, typed by its
+    default: parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...).
+    -h lists each flag with the comment beside its field and its default."""
     def to_bool(text):  # type=bool would turn "False" into True
         if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
             raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
         return text.lower() in ("true", "1", "yes")
-    # the comment beside each field (`n_layer: int = 4  # transformer blocks`) is its help text
-    comments = {}
-    for line in inspect.getsource(config_class).splitlines():
-        if match := re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line):
-            comments[match[1]] = match[2].replace("%", "%%")  # argparse formats help with %
+    comments = dict(re.findall(r"\n\s+(\w+): \w+ = .*?  # (.*)", inspect.getsource(config_class)))
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field in dataclasses.fields(config_class):
         kind = type(field.default)
-        extra = {}
-        if kind is bool:  # a bare boolean flag (`--bench`) means True
-            kind = to_bool
-            extra = dict(nargs="?", const=True)
-        parser.add_argument(f"--{field.name}", type=kind, default=field.default,
-                            metavar=type(field.default).__name__,
-                            help=f"{comments.get(field.name, '')} (default: {field.default!r})",
-                            **extra)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [f"--{field.name}" for field in dataclasses.fields(config_class)]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    return config_class(**vars(args))
+        extra = dict(type=kind)
+        if kind is bool:  # a bare flag (`--bench`) means True
+            extra = dict(type=to_bool, nargs="?", const=True)
+        help = comments.get(field.name, "").replace("%", "%%")  # argparse formats with %
+        parser.add_argument(f"--{field.name}", default=field.default, metavar=kind.__name__,
+                            help=f"{help} (default: {field.default!r})", **extra)
+    return config_class(**vars(parser.parse_args(argv)))
 
-def run_main(main, config_class, argv=None):
-    """The entry point of every script: parse the flags, then return main(config). A mistake the
-    user can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one
-    line on stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
-    config = parse_args(config_class, argv)
+def run(main, config_class):
+    """Every script's entry point: main(the flags' config). A UserError ends the run as
+    one line on stderr with exit status 1; any other exception keeps its traceback."""
     try:
-        return main(config)
-    except (ValueError, OSError, RuntimeError) as e:
-        tb = e.__traceback__
-        while tb.tb_next is not None:  # the frame that raised it
-            tb = tb.tb_next
-        path = tb.tb_frame.f_code.co_filename
-        ours = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(__file__))
-        if not ours or not linecache.getline(path, tb.tb_lineno).strip().startswith("raise "):
-            raise
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        return main(parse_args(config_class))
+    except UserError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {e}") from None
 
 def format_config(cfg, per_line=3):
-    """The config as aligned `name = value` columns, a few to a line, for the top of a run's log."""
+    """The config as aligned `name = value` columns, for the top of a run's log."""
     items = [f"{k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()]
     width = max(map(len, items)) + 2
     rows = [items[i:i + per_line] for i in range(0, len(items), per_line)]
-    return "\n".join("  " + "".join(item.ljust(width) for item in row).rstrip() for row in rows)
+    return "\n".join("  " + "".join(x.ljust(width) for x in row).rstrip() for row in rows)
 
 def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters):
     """Linear warmup to learning_rate, a cosine down to min_lr at decay_iters, then flat."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
-    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
-    progress = min(1.0, progress)  # 0 -> 1, then stays 1
+    progress = min(1.0, (step - warmup_iters) / max(1, decay_iters - warmup_iters))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 def progress_bar(step, total, pace):
-    """'[#####               ] eta 2m46s' at step of total, pace seconds per step: pass the
-    average pace so far (evaluations included), not the last step's, so the ETA holds steady."""
+    """'[#####               ] eta 2m46s' at step of total, pace seconds per step (the
+    average so far, evaluations included, so the ETA holds steady)."""
     eta = divmod(round(pace * (total - step)), 60)
     return f"[{'#' * (20 * step // max(total, 1)):<20}] eta {eta[0]}m{eta[1]:02d}s"
 
+# device and precision
+
 def refuse_torchrun(script):
-    """Single-process scripts call this first: torchrun would start copies doing the same work."""
+    """Single-process scripts call this first: torchrun would start copies of the run."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(f"{script} runs in one process: start it with python, not torchrun")
+        raise UserError(f"{script} runs in one process: start it with python, not torchrun")
 
 def pick_device(device="auto"):
-    """'auto' -> cuda if available, then mps (Apple GPUs), then cpu; anything else is checked."""
+    """'auto' -> cuda if available, then mps (Apple GPUs), then cpu; others are checked."""
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if device == "auto":
         if torch.cuda.is_available():
@@ -510,15 +476,16 @@ def pick_device(device="auto"):
         cuda_index = kind == "cuda" and index.isdigit()
         available = available and cuda_index and int(index) < torch.cuda.device_count()
     if not available:
-        raise ValueError(f"--device={device} is not available; use auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"--device={device} is not available; "
+                        f"use auto, cpu, cuda, cuda:N or mps")
     return device
 
 def choose_precision(device_type, dtype="auto", bf16=False):
-    """Pure decision: (dtype, reason) for a device kind and whether it computes in bf16 natively.
-    'auto' picks bfloat16 where it is native (Ampere+ CUDA, CPUs with AVX512-BF16/AMX), float16
-    (+ GradScaler) on older CUDA, and float32 elsewhere, Apple MPS included."""
+    """(dtype, reason) for a device kind, with or without native bf16: 'auto' picks bfloat16
+    where native (Ampere+ CUDA, CPUs with AVX512-BF16/AMX), float16 on older CUDA (with a
+    GradScaler), float32 elsewhere. A pure function, so every device kind is tested."""
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
+        raise UserError(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
     if dtype == "auto":
         if device_type == "cuda" and bf16:
             return "bfloat16", "CUDA GPU with bf16"
@@ -527,46 +494,48 @@ def choose_precision(device_type, dtype="auto", bf16=False):
         if device_type == "cpu" and bf16:
             return "bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)"
         return "float32", f"{device_type} without fast low precision"
-    if dtype != "float32" and device_type == "mps":  # kept simple: MPS autocast varies by version
-        raise ValueError(f"--dtype={dtype} on mps: MPS runs in float32 here; pass --dtype=float32")
+    if dtype != "float32" and device_type == "mps":  # MPS autocast varies by version
+        raise UserError(f"--dtype={dtype} on mps: MPS runs in float32 here; "
+                        f"pass --dtype=float32")
     if dtype == "float16" and device_type != "cuda":
-        raise ValueError("--dtype=float16 needs CUDA (its GradScaler is CUDA-only); "
-                         "pass bfloat16 or float32")
+        raise UserError("--dtype=float16 needs CUDA (its GradScaler is CUDA-only); "
+                        "pass bfloat16 or float32")
     if dtype == "bfloat16" and device_type == "cuda" and not bf16:
-        raise ValueError("--dtype=bfloat16: this GPU has no bf16; pass --dtype=float16")
+        raise UserError("--dtype=bfloat16: this GPU has no bf16; pass --dtype=float16")
     return dtype, "asked for"
 
-def native_bf16(device_type):
-    # CUDA: compute capability 8.0+ (older GPUs only emulate bf16, slowly). CPUs: Linux lists the
-    # features in /proc/cpuinfo; elsewhere assume none
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device_type != "cpu" or not os.path.exists("/proc/cpuinfo"):
-        return False
-    with open("/proc/cpuinfo") as f:
-        flags = f.read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 def setup_precision(device, dtype="auto"):
-    """(dtype, reason, autocast context) for a device such as 'cuda:1': choose_precision's decision
-    with this machine's bf16 support filled in; the context is a no-op in float32."""
+    """(dtype, reason, autocast context) for a device such as 'cuda:1': choose_precision
+    with this machine's bf16 support; the context is a no-op in float32."""
     device_type = device.split(":")[0]
-    dtype, reason = choose_precision(device_type, dtype, native_bf16(device_type))
+    # native bf16: CUDA compute capability 8.0+ (older GPUs only emulate it, slowly), or a
+    # CPU with AVX512-BF16 or AMX, which Linux lists in /proc/cpuinfo
+    bf16 = False
+    if device_type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    elif device_type == "cpu" and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    dtype, reason = choose_precision(device_type, dtype, bf16)
     if dtype == "float32":
         return dtype, reason, contextlib.nullcontext()
     return dtype, reason, torch.autocast(device_type, getattr(torch, dtype))
 
-def download(url, path, sha256=""):
-    """Fetch url to path once: streamed with progress, resumed from path.part after an interruption,
-    checked against sha256 when given, and renamed into place only when complete."""
+# downloads and checkpoints
+
+def download(url, path):
+    """Fetch url to path once: streamed with progress, resumed from path.part after an
+    interruption, and renamed into place only when complete."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     part = path + ".part"
     done = os.path.getsize(part) if os.path.exists(part) else 0
     try:
-        with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={done}-"}) as r:
-            if r.status_code != 416:  # 416: nothing is left to fetch, the .part file is complete
+        with requests.get(url, stream=True, timeout=30,
+                          headers={"Range": f"bytes={done}-"}) as r:
+            if r.status_code != 416:  # 416: nothing is left to fetch, .part is complete
                 r.raise_for_status()
                 if r.status_code != 206:  # 200: the server ignored Range, start over
                     done = 0
@@ -578,25 +547,16 @@ def download(url, path, sha256=""):
                               file=sys.stderr)
                 print(file=sys.stderr)
     except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({type(e).__name__}); fetch it yourself and "
-                           f"save it as {path} (a rerun resumes from {part})") from None
-    if sha256:
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != sha256:
-            os.remove(part)
-            raise RuntimeError(f"{url} arrived corrupted (sha256 {digest.hexdigest()}, expected "
-                               f"{sha256}); retry")
+        raise UserError(f"could not download {url} ({type(e).__name__}); fetch it yourself "
+                        f"and save it as {path} (a rerun resumes from {part})") from None
     os.replace(part, path)  # atomic: path is either absent or complete
     return path
 
 CHECKPOINT_VERSION = 1
 
 def save_checkpoint(path, model, **extra):
-    """Write {version, model_config, model, **extra} atomically: a temp file, then a rename, so a
-    crash mid-save never leaves a half-written checkpoint. Extras: tensors or plain Python types."""
+    """Write {version, model_config, model, **extra} to a temp file, then rename it: a
+    crash mid-save never leaves a half-written checkpoint. Extras: plain types, tensors."""
     ckpt = dict(version=CHECKPOINT_VERSION, model_config=dataclasses.asdict(model.config),
                 model=model.state_dict(), **extra)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -605,49 +565,42 @@ def save_checkpoint(path, model, **extra):
     return path
 
 def save_json(path, obj):
-    """Write obj as indented JSON atomically, as save_checkpoint does (a run's eval.json)."""
+    """Write obj as indented JSON, atomically as save_checkpoint does (a run's eval.json)."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
 
-def describe_checkpoint(path, ckpt):
-    """One line naming what a checkpoint holds: path, step, dataset and val loss."""
-    dataset = ckpt.get("train_config", {}).get("dataset", "?")
-    val_loss = ckpt.get("val_loss", float("nan"))
-    step = ckpt.get("step", "?")
-    return f"checkpoint {path}: step {step}, dataset {dataset}, val loss {val_loss:.4f}"
-
 def load_checkpoint(path, device="cpu", verbose=True):
-    """Read a checkpoint written by save_checkpoint: returns (model, ckpt) with the model on device,
-    and (verbose) prints which checkpoint it loaded."""
+    """A checkpoint from save_checkpoint -> (model on device, ckpt), saying which (verbose)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py` "
-                                f"(it writes out/ckpt.pt)")
+        raise UserError(f"no checkpoint at {path}; train one with `python train.py` "
+                        f"(it writes out/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a bad file raises many kinds here (OSError, KeyError, UnpicklingError)
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e)[:120]}); it may be truncated: retrain with train.py") from None
+    except Exception as e:  # a bad file raises many kinds (OSError, UnpicklingError, ...)
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e)[:120]}); it may be truncated: retrain with train.py") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a buildllm checkpoint (no model_config/model); "
-                         f"write it with train.py")
+        raise UserError(f"{path} is not a buildllm checkpoint (no model_config/model); "
+                        f"write it with train.py")
     if "quantized" in ckpt:  # integer tensors that only quantize.py's layers hold
-        raise ValueError(f"{path} is a quantized checkpoint; load it with "
-                         f"`python quantize.py --load={path}`")
-    if ckpt.get("version") != CHECKPOINT_VERSION:  # a format change says so instead of failing
-        raise ValueError(f"{path} is version {ckpt.get('version')}, not {CHECKPOINT_VERSION}: "
-                         f"retrain with train.py")
+        raise UserError(f"{path} is a quantized checkpoint; load it with "
+                        f"`python quantize.py --load={path}`")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} is version {ckpt.get('version')}, not "
+                        f"{CHECKPOINT_VERSION}: retrain with train.py")
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as e:  # unknown config fields, or tensors that do not fit
-        raise ValueError(f"{path} does not fit this gpt.py ({str(e)[:150]}); "
-                         f"retrain with train.py") from None
+    except (TypeError, RuntimeError) as e:  # unknown config fields, or misfit tensors
+        raise UserError(f"{path} does not fit this gpt.py ({str(e)[:150]}); "
+                        f"retrain with train.py") from None
     if verbose:
-        print(describe_checkpoint(path, ckpt))
+        dataset = ckpt.get("train_config", {}).get("dataset", "?")
+        print(f"checkpoint {path}: step {ckpt.get('step', '?')}, dataset {dataset}, "
+              f"val loss {ckpt.get('val_loss', float('nan')):.4f}")
     return model.to(device), ckpt
 
-# -----------------------------------------------------------------------------
 # OpenAI's GPT-2 weights, from a Hugging Face safetensors file
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -656,123 +609,143 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 def read_safetensors(path):
-    """Read a .safetensors file into {name: tensor}. Format: an 8-byte little-endian header length
-    N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw data."""
+    """Read a .safetensors file into {name: tensor}. Format: an 8-byte little-endian
+    length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then
+    the raw data. Every header entry is checked before a byte is read."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little") if size >= 8 else size
         if n > size - 8:
-            raise ValueError(f"{path}: header length {n} runs past the end of the {size}-byte file "
-                             f"(truncated, or not a .safetensors file?)")
+            raise UserError(f"{path}: header length {n} runs past the end of the "
+                            f"{size}-byte file (truncated, or not a .safetensors file?)")
         try:
             header = json.loads(f.read(n))
-            header.pop("__metadata__", None)  # Attribute/TypeError unless the JSON is an object
+            header.pop("__metadata__", None)  # Attribute/TypeError unless a JSON object
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
-            raise ValueError(f"{path}: the safetensors header is not a valid JSON object "
-                             f"({e})") from None
+            raise UserError(f"{path}: the safetensors header is not a valid JSON object "
+                            f"({e})") from None
         data_size = size - 8 - n
-        spans = []
-        tensors = {}
+        tensors = {}  # each tensor copies its own bytes, so even overlapping spans are safe
         for name, info in header.items():
             try:
                 dtype = SAFETENSORS_DTYPES[info["dtype"]]
                 shape = info["shape"]
                 begin, end = info["data_offsets"]
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: tensor {name} has a malformed header entry or unknown "
-                                 f"dtype: {str(info)[:100]}") from None
-            numbers = [*shape, begin, end] if isinstance(shape, list) else []
-            if not numbers or not all(isinstance(d, int) and d >= 0 for d in numbers):
-                raise ValueError(f"{path}: tensor {name} has a malformed shape {shape} or offsets "
-                                 f"[{begin}, {end}]")
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if end > data_size or end - begin != nbytes:
-                raise ValueError(f"{path}: tensor {name} has offsets [{begin}, {end}] that do not "
-                                 f"fit its shape {shape} inside {data_size} bytes of data")
-            spans.append((begin, end, name))
+                raise UserError(f"{path}: tensor {name} has a malformed header entry or "
+                                f"an unknown dtype: {str(info)[:100]}") from None
+            numbers = [*shape, begin, end] if isinstance(shape, list) else [-1]
+            nbytes = -1  # a shape or offset that is no count of elements or bytes fits nothing
+            if all(isinstance(d, int) and d >= 0 for d in numbers):
+                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if nbytes < 0 or end > data_size or end - begin != nbytes:
+                raise UserError(f"{path}: tensor {name}'s shape {shape} and offsets [{begin}, "
+                                f"{end}] do not fit together in {data_size} bytes of data")
             f.seek(8 + n + begin)
             if nbytes:
                 raw = bytearray(f.read(nbytes))
                 tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
-            else:  # frombuffer cannot take 0 bytes: an empty tensor is made directly
+            else:  # frombuffer cannot take 0 bytes
                 tensors[name] = torch.empty(shape, dtype=dtype)
-        spans.sort()
-        for (_, end1, name1), (begin2, _, name2) in zip(spans, spans[1:]):
-            if begin2 < end1:
-                raise ValueError(f"{path}: tensors {name1} and {name2} overlap in the data section")
     return tensors
 
-def gpt2_head_count(path, n_embd):
-    # shapes tell everything but the number of heads: config.json beside the file has it; without
-    # one, assume GPT-2's 64 channels per head (true of all four sizes)
-    config_json = os.path.join(os.path.dirname(path), "config.json")
-    try:
-        with open(config_json) as f:
-            return int(json.load(f)["n_head"])
-    except FileNotFoundError:
-        return max(1, n_embd // 64)
-    except (ValueError, KeyError, TypeError) as e:  # a JSONDecodeError is a ValueError
-        raise ValueError(f"{config_json} has no usable n_head ({e!r}); fix or delete it") from None
-
 def from_pretrained(name_or_path, data_dir="data"):
-    """GPT-2 with OpenAI's weights: a name in GPT2_NAMES, downloaded once to data/<name>/, or a
-    local model.safetensors file or a directory holding one (plus config.json)."""
+    """GPT-2 with OpenAI's weights: a name in GPT2_NAMES, downloaded once to data/<name>/,
+    or a local model.safetensors file or a folder holding one (plus config.json)."""
     path = name_or_path
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, "model.safetensors")
     if name_or_path in GPT2_NAMES:
         url = f"https://huggingface.co/{name_or_path}/resolve/main/"
         folder = os.path.join(data_dir, name_or_path)
-        new = not os.path.exists(os.path.join(folder, "model.safetensors"))
-        path = download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
-        if new:  # fetched with the weights on first use: config.json has n_head
+        path = os.path.join(folder, "model.safetensors")
+        if not os.path.exists(path):  # config.json (it has n_head) comes with the weights
             download(url + "config.json", os.path.join(folder, "config.json"))
+            download(url + "model.safetensors", path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; pass {', '.join(GPT2_NAMES)} or the path of a "
-                                f"GPT-2 model.safetensors")
+        raise UserError(f"{path} not found; pass {', '.join(GPT2_NAMES)} or the path of a "
+                        f"GPT-2 model.safetensors")
     # checkpoints from the Hub name tensors "h.0.attn..." or "transformer.h.0.attn...";
     # attn.bias and attn.masked_bias are saved causal-mask buffers, not weights
     tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(path).items()
-               if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+               if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    tensors.pop("lm_head.weight", None)  # tied to wte
     if any(k not in tensors or tensors[k].dim() != 2 for k in ("wte.weight", "wpe.weight")):
-        raise ValueError(f"{path} is not a GPT-2 checkpoint: no 2-D wte.weight and wpe.weight")
+        raise UserError(f"{path} is not a GPT-2 checkpoint: no 2-D wte and wpe weights")
     vocab_size, n_embd = tensors["wte.weight"].shape
+    n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
+    # shapes tell all but the head count: config.json beside the file has it (without
+    # one, GPT-2's 64 channels per head, true of all four sizes)
+    config_json = os.path.join(os.path.dirname(path), "config.json")
+    try:
+        with open(config_json) as f:
+            n_head = int(json.load(f)["n_head"])
+    except FileNotFoundError:
+        n_head = max(1, n_embd // 64)
+    except (ValueError, KeyError, TypeError) as e:  # a JSONDecodeError is a ValueError
+        raise UserError(f"{config_json} has no usable n_head ({e!r}); fix or delete it") from None
     config = GPTConfig(vocab_size=vocab_size, block_size=tensors["wpe.weight"].shape[0],
-                       n_layer=len({k.split(".")[1] for k in tensors if k.startswith("h.")}),
-                       n_head=gpt2_head_count(path, n_embd), n_embd=n_embd)
+                       n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     model = GPT(config)
     own = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()
            if k != "lm_head.weight"}
     missing = sorted(own.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - own.keys())
     if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, target in own.items():
-            # GPT-2 stored its Linear layers as "Conv1D", with the weight transposed: (in, out)
+            # GPT-2 stored its Linear layers as "Conv1D": the weight transposed, (in, out)
             t = tensors[name]
             if name.endswith(("attn.weight", "proj.weight", "fc.weight")) and t.dim() == 2:
                 t = t.t()
             if t.shape != target.shape:
-                raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected "
-                                 f"{tuple(target.shape)}")
+                raise UserError(f"{path}: tensor {name} has shape {tuple(t.shape)}, "
+                                f"expected {tuple(target.shape)}")
             target.copy_(t)
     return model
 
-# -----------------------------------------------------------------------------
-# finetuning, shared by finetune.py, lora.py and dpo.py: the starting model, batches of examples,
-# the masked loss, the training loop and greedy answers (bpe.py renders the examples)
+# finetuning plumbing for finetune.py, lora.py and dpo.py (bpe.py renders the examples)
+
+def load_model(ckpt_path, init_from="", data_dir="data", device="cpu"):
+    """A finetuning script's start: GPT-2 if init_from names it, else the checkpoint at
+    ckpt_path -> (model, its tokenizer as saved, for bpe.Tokenizer.from_saved)."""
+    if init_from:
+        return from_pretrained(init_from, data_dir).to(device), "gpt2"
+    model, ckpt = load_checkpoint(ckpt_path, device)
+    return model, ckpt["tokenizer"]
+
+def start_finetuning(cfg):
+    """Device, precision (the dtype goes back into cfg), seed and model of a finetuning
+    script, printed -> (cfg, device, autocast context, model, saved tokenizer)."""
+    device = pick_device(cfg.device)
+    dtype, reason, ctx = setup_precision(device, cfg.dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    print(f"config:\n{format_config(cfg)}\ndevice: {device}; dtype: {dtype} ({reason})")
+    torch.manual_seed(cfg.seed)
+    model, saved_tok = load_model(cfg.ckpt_path, cfg.init_from, cfg.data_dir, device)
+    return cfg, device, ctx, model, saved_tok
+
+def refuse_overwrite(ckpt_path, overwrite):
+    """A run never replaces an earlier run's checkpoint unless asked (--overwrite)."""
+    if os.path.exists(ckpt_path) and not overwrite:
+        raise UserError(f"{ckpt_path} holds an earlier run; pass another --out_dir, or "
+                        f"--overwrite to replace it")
+
+def require_positive(cfg, *names):
+    """One error naming the flags among names whose value is below 1."""
+    if low := [f"--{name}={getattr(cfg, name)}" for name in names if getattr(cfg, name) < 1]:
+        raise UserError(f"{', '.join(low)}: each must be at least 1")
 
 def length_batches(lengths, batch_size, rng):
-    """Indices sorted by length and cut into batches of similar lengths, in shuffled order: little
-    padding, and still a fresh order every epoch."""
+    """Indices cut into batches of similar lengths (little padding), in shuffled order."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
 
 def padding_fraction(lengths, batches):
-    # the share of a batch's (B, T) slots that are padding
+    # the share of the batches' (B, T) slots that are padding
     slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return 1 - sum(lengths) / slots
 
@@ -783,171 +756,53 @@ def collate(rows, pad_id, device):
     y = torch.tensor([y + [-100] * (T - len(y)) for _, y in rows], device=device)
     return x, y
 
-def response_loss(logits, targets):
-    """The mean cross-entropy over the trained tokens: their summed loss / their count. A batch
-    with none would be 0 / 0 = NaN, so it is an error instead."""
-    count = (targets != -100).sum()
-    if count.item() == 0:
-        raise ValueError("a batch has no trained token (all targets are -100); check the chat "
-                         "template and the data")
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                           reduction="sum")
-    return loss / count
-
-
-def fit(cfg, model, params, make_batches, batch_loss, evaluate, on_best):
-    """AdamW with warmup + cosine and clipping: make_batches() -> one epoch's batches in a fresh
-    order, batch_loss(batch) -> (loss, tokens), evaluate() -> the held-out loss every
-    eval_interval steps, on_best(step, loss) saves. Ends with the model at its best weights.
-    cfg carries learning_rate, min_lr, warmup_iters, weight_decay, grad_clip, max_iters, epochs,
-    eval_interval, log_interval and dtype (float16 scales the loss, as train.py does).
-    -> {best_val_loss, best_step, seconds, optimizer_bytes (AdamW's state), step_ms (median)}."""
-    decay = [p for p in params if p.dim() >= 2]  # matrices decay; biases and norm gains do not
-    rest = [p for p in params if p.dim() < 2]
-    fused = params[0].device.type in ("cuda", "cpu")  # one kernel for all tensors (not on MPS)
-    # float16 gradients underflow: scale the loss up, and the gradients back before the update
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
-    per_epoch = len(make_batches())
-    steps = cfg.max_iters if cfg.max_iters > 0 else cfg.epochs * per_epoch
-    print(f"training: {steps} steps ({per_epoch} per epoch), "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
-    best = float("inf")
-    best_step = 0
-    best_state = None
-    batches = []
-    losses = []
-    step_times = []
-    t_start = time.time()
-    for step in range(steps + 1):
-        if step % cfg.eval_interval == 0 or step == steps:
-            held_out = evaluate()
-            recent = losses[-cfg.eval_interval:]
-            train_loss = f"train loss {sum(recent) / len(recent):.4f}, " if recent else ""
-            print(f"step {step}: {train_loss}val loss {held_out:.4f}")
-            if held_out < best:
-                best = held_out
-                best_step = step
-                best_state = copy.deepcopy(model.state_dict())
-                on_best(step, held_out)
-        if step == steps:
-            break
-        if not batches:  # a new epoch
-            batches = make_batches()
-        t0 = time.time()
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        loss, tokens = batch_loss(batches.pop())
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # waits for the device, so the step time is honest
-        dt = time.time() - t0
-        step_times.append(dt)
-        if step % cfg.log_interval == 0:
-            pace = (time.time() - t_start) / (step + 1)
-            print(f"step {step:5d}/{steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
-                  f"{1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s | "
-                  f"{progress_bar(step + 1, steps, pace)}", flush=True)
-    if best_state is None:
-        raise RuntimeError("the held-out loss was never finite: training diverged; lower "
-                           "--learning_rate")
-    model.load_state_dict(best_state)
-    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                      for t in s.values() if torch.is_tensor(t))
-    return dict(best_val_loss=best, best_step=best_step, seconds=time.time() - t_start,
-                optimizer_bytes=state_bytes,
-                step_ms=1000 * sorted(step_times)[len(step_times) // 2] if step_times else 0.0)
-
 @torch.no_grad()
 def heldout_loss(model, examples, batch_size, pad_id, device, ctx):
-    """The response loss over all of examples at once: summed over every trained token, divided
-    by their count (not a mean of batch means, which would weight short responses up)."""
+    """The loss over all of examples' trained tokens (y != -100): their summed loss over
+    their count, not a mean of batch means (which would weight short answers up)."""
     model.eval()
     total = 0.0
     count = 0
     for i in range(0, len(examples), batch_size):
         x, y = collate(examples[i:i + batch_size], pad_id, device)
         with ctx:
-            logits = model(x)[0]
+            loss = model(x, y)[1]  # the mean over the batch's trained tokens
         n = int((y != -100).sum())
-        total += response_loss(logits, y).item() * n
+        total += loss.item() * n
         count += n
     return total / count
 
 @torch.no_grad()
 def respond(model, tok, prompts, max_new_tokens, eot_id, ctx, batch_size=50):
-    """Greedy responses to prompts (token ids), in batches, each cut at eot_id, decoded by tok."""
+    """Greedy answers to prompts (token ids), in batches, each cut at eot_id, decoded."""
     model.eval()
-    responses = []
+    answers = []
     for i in range(0, len(prompts), batch_size):
         with ctx:
-            new = model.generate(prompts[i:i + batch_size], max_new_tokens, temperature=0.0,
-                                 eot_id=eot_id)
-        responses += [tok.decode(ids).strip() for ids in new]
-    return responses
-
-
-def refuse_overwrite(ckpt_path, overwrite):
-    """A run never replaces an earlier run's checkpoint, unless the user asks (--overwrite)."""
-    if os.path.exists(ckpt_path) and not overwrite:
-        raise FileExistsError(f"{ckpt_path} holds an earlier run; pass another --out_dir, or "
-                              f"--overwrite to replace it")
-
-def require_positive(cfg, *names):
-    """One error naming the flags among names whose value is below 1."""
-    if low := [f"--{name}={getattr(cfg, name)}" for name in names if getattr(cfg, name) < 1]:
-        raise ValueError(f"{', '.join(low)}: each must be at least 1")
-
-def start_finetuning(cfg):
-    """The opening of every finetuning script: the device and precision (printed with the config;
-    the dtype goes back into cfg, so fit scales a float16 loss), the seed and the starting model
-    (load_model). -> (cfg, device, autocast context, model, the tokenizer as saved)."""
-    device = pick_device(cfg.device)
-    dtype, reason, ctx = setup_precision(device, cfg.dtype)
-    cfg = dataclasses.replace(cfg, dtype=dtype)
-    print(f"config:\n{format_config(cfg)}\ndevice: {device}; dtype: {dtype} ({reason})")
-    torch.manual_seed(cfg.seed)
-    model, saved_tok = load_model(cfg.ckpt_path, cfg.init_from, cfg.data_dir, device)
-    return cfg, device, ctx, model, saved_tok
-
-def load_model(ckpt_path, init_from="", data_dir="data", device="cpu"):
-    """The model a finetuning script starts from: OpenAI's GPT-2 when init_from names it (or a
-    .safetensors), else the checkpoint at ckpt_path. -> (model, the tokenizer as saved: 'gpt2' or
-    a bpe.py dict; bpe.Tokenizer.from_saved turns it into the tokenizer)."""
-    if init_from:
-        return from_pretrained(init_from, data_dir).to(device), "gpt2"
-    model, ckpt = load_checkpoint(ckpt_path, device)
-    return model, ckpt["tokenizer"]
+            new = model.generate(prompts[i:i + batch_size], max_new_tokens,
+                                 temperature=0.0, eot_id=eot_id)
+        answers += [tok.decode(ids).strip() for ids in new]
+    return answers
 
 # -----------------------------------------------------------------------------
 # demo: a random small model offline, or OpenAI's GPT-2
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Build a small random GPT (or load GPT-2), run one forward pass and sample a few token ids."""
-    init_from: str = ""       # '' = small random model; gpt2, gpt2-medium, ... or .safetensors path
+    """Build a small random GPT (or load GPT-2), run one forward pass, sample a few ids."""
+    init_from: str = ""       # '' = a small random model; gpt2, ... or a .safetensors path
     max_new_tokens: int = 8   # token ids to sample
     seed: int = 1337          # the random weights and the samples
     device: str = "auto"      # auto, cpu, cuda, cuda:N, mps
 
 def main(cfg):
     if cfg.max_new_tokens < 0:
-        raise ValueError(f"--max_new_tokens={cfg.max_new_tokens} must not be negative")
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} must not be negative")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    if cfg.init_from:
-        model = from_pretrained(cfg.init_from).to(device).eval()
-    else:
-        small = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
-        model = GPT(small).to(device)
+    small = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64)
+    model = from_pretrained(cfg.init_from) if cfg.init_from else GPT(small)
+    model = model.to(device).eval()
     config = model.config
     idx = torch.randint(0, config.vocab_size, (2, min(64, config.block_size)), device=device)
     logits, loss = model(idx, idx)
@@ -955,10 +810,10 @@ def main(cfg):
     print(f"parameters: {model.num_params():,}; "
           f"training FLOPs per token: {model.flops_per_token():,}")
     print(f"idx {tuple(idx.shape)} -> logits {tuple(logits.shape)}; loss {loss.item():.3f} "
-          f"on random ids (ln V = {math.log(config.vocab_size):.3f}, expected at initialisation)")
-    prompts = [idx[0, :4].tolist(), idx[1, :7].tolist()]  # two prompts of different lengths
+          f"on random ids (ln V = {math.log(config.vocab_size):.3f} at initialisation)")
+    prompts = [idx[0, :4].tolist(), idx[1, :7].tolist()]  # two prompts, two lengths
     print(f"sampled ids, one batch with a KV cache: {model.generate(prompts, cfg.max_new_tokens)}")
     return {"loss": loss.item()}
 
 if __name__ == "__main__":
-    run_main(main, DemoConfig)
+    run(main, DemoConfig)

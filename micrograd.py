@@ -1,36 +1,32 @@
-"""micrograd: a scalar autograd engine and a tiny neural-net library, trained on two moons.
+"""micrograd: a scalar autograd engine and a tiny neural-net library, fit to two moons.
 
-What you learn: backpropagation is the chain rule run backwards over a graph of scalar operations.
-Each op records its local derivatives; `backward()` walks the graph in reverse topological order and
-*adds* local derivative x output gradient into each input, since dL/dx sums over every use of x.
-An MLP is just Values.
+What you learn: backpropagation is the chain rule run backwards over a graph of scalar
+operations. Each op records its local derivatives; `backward()` walks the graph in
+reverse topological order and *adds* local derivative x output gradient into each input,
+since dL/dx sums over every use of x. An MLP is just Values.
 
-How to run (there is no GPU command: this is Python floats, one operation at a time):
-    python micrograd.py            # train a 2-16-16-1 MLP on two moons, draw the boundary (~10 s)
-    python micrograd.py --check    # compare every gradient with torch autograd in float64
-Depends on: nothing from this repo; numpy makes the data set, torch is imported only by --check.
-References: Rumelhart et al., "Learning representations by back-propagating errors", Nature 1986;
-arXiv:1502.05767
+How to run (no GPU command: this is Python floats, one operation at a time):
+    python micrograd.py          # a 2-16-16-1 MLP on two moons, boundary drawn (~10 s)
+    python micrograd.py --check  # compare every gradient with torch autograd in float64
+Depends on: nothing from this repo; numpy makes the data, only --check imports torch.
+References: Rumelhart et al., "Learning representations by back-propagating errors",
+Nature 1986; arXiv:1502.05767
 """
 import argparse
 import dataclasses
-import difflib
 import gc
 import inspect
-import linecache
 import math
-import os
 import random
 import re
-import sys
 
 import numpy as np
 
 @dataclasses.dataclass
 class MicrogradConfig:
-    """Train a small MLP on a scalar autograd engine, or check the engine against torch autograd."""
+    """Train a small MLP on a scalar autograd engine, or check it against torch."""
     # data
-    n_samples: int = 100  # training points (two moons), half per class; each step uses all
+    n_samples: int = 100  # training points (two moons), half per class
     noise: float = 0.1  # std of the gaussian noise on each point, in moon radii (0-0.3)
     # model
     n_layer: int = 2  # hidden layers
@@ -41,15 +37,15 @@ class MicrogradConfig:
     log_interval: int = 10  # print loss and accuracy every this many steps
     # system
     seed: int = 1337  # seeds the data, the weight init and --check's random graphs
-    check: bool = False  # instead of training, check 200 random graphs' gradients against torch
+    check: bool = False  # instead: check 200 random graphs' gradients against torch
 
 # -----------------------------------------------------------------------------
 # the engine: a scalar that remembers how it was computed
 
 class Value:
-    """A float that remembers how it was made: x = Value(2.0); (x * 3 + 1).backward() sets
-    x.grad = 3.0."""
-    __slots__ = ("data", "grad", "_prev", "_local")  # a step makes ~80k of these: keep them small
+    """A float that remembers how it was made: x = Value(2.0); (x * 3 + 1).backward()
+    sets x.grad = 3.0."""
+    __slots__ = ("data", "grad", "_prev", "_local")  # a step makes ~80k of these: small
 
     def __init__(self, data, _prev=(), _local=()):
         self.data = float(data)
@@ -57,29 +53,28 @@ class Value:
         self._prev = _prev  # the input Values
         self._local = _local  # d(self)/d(input) for each of them
 
-    # each op computes its output and its local derivatives together; backward needs nothing more
-    def __add__(self, other):
+    # each op computes its output and its local derivatives; backward needs nothing more
+    def __add__(self, other):  # d(a+b)/da = d(a+b)/db = 1
         other = other if isinstance(other, Value) else Value(other)
-        return Value(self.data + other.data, (self, other), (1.0, 1.0))  # d(a+b)/da = d(a+b)/db = 1
-    def __mul__(self, other):
+        return Value(self.data + other.data, (self, other), (1.0, 1.0))
+    def __mul__(self, other):  # d(ab)/da = b, d(ab)/db = a
         other = other if isinstance(other, Value) else Value(other)
-        return Value(self.data * other.data, (self, other), (other.data, self.data))  # d(ab)/da = b
-    def __pow__(self, p):
+        return Value(self.data * other.data, (self, other), (other.data, self.data))
+    def __pow__(self, p):  # d(x^p)/dx = p x^(p-1)
         if not isinstance(p, (int, float)):
-            raise TypeError(f"Value ** {type(p).__name__}: the exponent must be "
-                            f"an int or float constant")
+            raise TypeError(f"Value ** {type(p).__name__}: an exponent must be a number")
         if self.data < 0 and p % 1:  # Python would return a complex number
-            raise ValueError(f"{self.data} ** {p}: a negative base needs an integer exponent")
-        if self.data == 0 and p < 1:  # 0 ** -1 divides by zero; 0 ** 0.5 has an infinite slope
-            raise ValueError(f"0 ** {p} has no finite derivative; shift the base first, e.g. "
-                             f"(x + 1e-9) ** {p}")
-        return Value(self.data ** p, (self,), (p * self.data ** (p - 1),))  # d(x^p)/dx = p x^(p-1)
+            raise ValueError(f"{self.data} ** {p}: a negative base needs an int exponent")
+        if self.data == 0 and p < 1:  # 0 ** -1 divides by zero; 0 ** 0.5: infinite slope
+            raise ValueError(f"0 ** {p} has no finite derivative; shift the base first, "
+                             f"e.g. (x + 1e-9) ** {p}")
+        return Value(self.data ** p, (self,), (p * self.data ** (p - 1),))
     def exp(self):  # d(e^x)/dx = e^x
         return Value(math.exp(self.data), (self,), (math.exp(self.data),))
     def log(self):  # d(ln x)/dx = 1/x
         if self.data <= 0:
-            raise ValueError(f"log of a non-positive number ({self.data}); shift it first, e.g. "
-                             f"(x + 1e-9).log()")
+            raise ValueError(f"log of a non-positive number ({self.data}); shift it "
+                             f"first, e.g. (x + 1e-9).log()")
         return Value(math.log(self.data), (self,), (1.0 / self.data,))
     def tanh(self):  # d(tanh x)/dx = 1 - tanh(x)^2
         return Value(math.tanh(self.data), (self,), (1.0 - math.tanh(self.data) ** 2,))
@@ -89,33 +84,32 @@ class Value:
     # everything else is built from the ops above, so it needs no derivative of its own
     def __neg__(self): return self * -1
     def __sub__(self, other): return self + (-other)
-    def __truediv__(self, other): return self * other ** -1  # other may be a number or a Value
+    def __truediv__(self, other): return self * other ** -1  # other: a number or a Value
     def __radd__(self, other): return self + other  # 2 + x
     def __rmul__(self, other): return self * other  # 2 * x
     def __rsub__(self, other): return other + (-self)  # 2 - x
     def __rtruediv__(self, other): return other * self ** -1  # 2 / x
-    def sigmoid(self): return (self * 0.5).tanh() * 0.5 + 0.5  # = 1/(1+e^-x), and never overflows
+    def sigmoid(self): return (self * 0.5).tanh() * 0.5 + 0.5  # 1/(1+e^-x), no overflow
 
     def backward(self):
-        """Set self.grad = 1 and add d(self)/d(node) into .grad of every node of the graph."""
-        # topological order (each node after all its inputs) by an iterative depth-first search,
-        # since a recursive one hits Python's recursion limit on graphs ~1000 deep
+        """Set self.grad = 1 and add d(self)/d(node) into .grad of every graph node."""
+        # topological order (each node after all its inputs) by an iterative depth-first
+        # search: a recursive one hits Python's recursion limit on graphs ~1000 deep
         topo = []
         visited = set()
         stack = [(self, False)]
         while stack:
             node, inputs_done = stack.pop()
             if inputs_done:
-                # an inner node's grad belongs to this pass only, so repeated calls add correctly
+                # an inner node's grad belongs to this pass: repeated calls add correctly
                 if node._prev:
                     node.grad = 0.0
                 topo.append(node)
             elif node not in visited:
                 visited.add(node)
                 stack.append((node, True))
-                stack.extend((child, False) for child in node._prev if child not in visited)
-        # chain rule from the output back; a node's grad is complete (all uses added) before it is
-        # passed on
+                stack += [(child, False) for child in node._prev if child not in visited]
+        # chain rule, output first: each node's grad is complete before it is passed on
         self.grad = 1.0
         for node in reversed(topo):
             for child, local in zip(node._prev, node._local):
@@ -126,12 +120,12 @@ class Value:
 
 class Module:  # subclasses define parameters()
     def zero_grad(self):
-        """Reset every parameter's .grad to 0: backward() adds into .grad, never overwrites it."""
+        """Every parameter's .grad to 0: backward() adds into .grad, never sets it."""
         for p in self.parameters():
             p.grad = 0.0
 
 class Neuron(Module):
-    """act(w . x + b), weights ~ U(-1, 1) / sqrt(n_in) so that w . x starts with a std below 1."""
+    """act(w . x + b), weights ~ U(-1, 1) / sqrt(n_in): w . x starts with std < 1."""
     def __init__(self, n_in, nonlin, rng):
         self.w = [Value(rng.uniform(-1, 1) / math.sqrt(n_in)) for _ in range(n_in)]
         self.b = Value(0.0)
@@ -158,37 +152,37 @@ class MLP(Module):
     def __call__(self, x):
         for layer in self.layers:
             x = layer(x)
-        return x[0] if len(x) == 1 else x  # a single output comes back as a Value, not a list
-    def parameters(self): return [p for layer in self.layers for p in layer.parameters()]
+        return x[0] if len(x) == 1 else x  # a single output is a Value, not a list
+    def parameters(self): return [p for lay in self.layers for p in lay.parameters()]
 
 # -----------------------------------------------------------------------------
 # helpers: data, loss, terminal plot, gradient check
 
 def make_moons(n_samples, noise, seed):
-    """(X, y): n_samples 2-D points on two interleaved half circles, standardised; labels -1/+1."""
+    """(X, y): n_samples points on two interleaved half moons, standardised; y = +-1."""
     rng = np.random.default_rng(seed)
-    n0 = n_samples // 2  # the first n0 points go on the upper moon, the rest on the lower
+    n0 = n_samples // 2  # the first n0 points go on the upper moon, the rest below
     t = rng.uniform(0, math.pi, n_samples)
     upper = np.stack([np.cos(t), np.sin(t)], 1)
     lower = np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1)
     on_upper = (np.arange(n_samples) < n0)[:, None]
     X = np.where(on_upper, upper, lower) + rng.normal(0, noise, (n_samples, 2))
-    X = (X - X.mean(0)) / X.std(0)  # zero mean, unit variance: tanh starts in its linear range
+    X = (X - X.mean(0)) / X.std(0)  # zero mean, unit variance: tanh starts near linear
     return X.tolist(), [-1.0] * n0 + [1.0] * (n_samples - n0)
 
 def loss_and_accuracy(model, X, y):
-    # logistic loss log(1 + e^(-y*score)): near 0 when the score has the label's sign with a margin
+    # logistic loss log(1 + e^(-y*score)): near 0 when sign(score) = y, with a margin
     scores = [model(x) for x in X]
     loss = sum(((-yi * s).exp() + 1).log() for yi, s in zip(y, scores)) / len(X)
     accuracy = sum((s.data > 0) == (yi > 0) for yi, s in zip(y, scores)) / len(X)
     return loss, accuracy
 
 def draw_boundary(model, X, y, width=60, height=24):
-    # '.' where the model says -1, '#' where it says +1, and the training points on top as
-    # o (-1) and x (+1)
+    # '.' where the model says -1, '#' where +1; the training points on top: o -1, x +1
     lo = np.min(X, 0) - 0.3
     hi = np.max(X, 0) + 0.3
-    grid = [["#" if model([a, b]).data > 0 else "." for a in np.linspace(lo[0], hi[0], width)]
+    xs = np.linspace(lo[0], hi[0], width)
+    grid = [["#" if model([a, b]).data > 0 else "." for a in xs]
             for b in np.linspace(hi[1], lo[1], height)]  # row 0 is the top
     for (a, b), label in zip(X, y):
         row = round((hi[1] - b) / (hi[1] - lo[1]) * (height - 1))
@@ -196,23 +190,23 @@ def draw_boundary(model, X, y, width=60, height=24):
         grid[row][col] = "x" if label > 0 else "o"
     return "\n".join("".join(line) for line in grid)
 
-# every operation of the engine; the same lambdas run on Values and on torch tensors (duck typing)
+# every operation of the engine; the same lambdas run on Values and on torch tensors
 OPS = [
-    lambda a, b, p: a + b, lambda a, b, p: a - b, lambda a, b, p: a * b, lambda a, b, p: a / b,
-    lambda a, b, p: a ** p, lambda a, b, p: -a, lambda a, b, p: p + a, lambda a, b, p: p - a,
-    lambda a, b, p: p * a, lambda a, b, p: p / a, lambda a, b, p: a.exp(), lambda a, b, p: a.log(),
+    lambda a, b, p: a + b, lambda a, b, p: a - b, lambda a, b, p: a * b,
+    lambda a, b, p: a / b, lambda a, b, p: a ** p, lambda a, b, p: -a,
+    lambda a, b, p: p + a, lambda a, b, p: p - a, lambda a, b, p: p * a,
+    lambda a, b, p: p / a, lambda a, b, p: a.exp(), lambda a, b, p: a.log(),
     lambda a, b, p: a.tanh(), lambda a, b, p: a.relu(), lambda a, b, p: a.sigmoid(),
 ]
 
 def check_against_torch(seed, n_graphs=200):
-    """Build n_graphs random expressions (every op, reused sub-expressions) from Values and, in
-    lockstep, from float64 torch tensors; return the max |ours - torch| / max(1, |torch|) over all
-    values and grads."""
+    """The max |ours - torch| / max(1, |torch|) over values and grads of n_graphs random
+    expressions (every op, shared sub-expressions) made of Values and float64 tensors."""
     try:  # deliberately optional: only this check needs torch
         import torch
-    except ImportError as e:
-        raise RuntimeError("--check compares with torch autograd, which is not installed: "
-                           "pip install torch") from e
+    except ImportError:
+        raise SystemExit("micrograd.py: error: --check compares with torch autograd, "
+                         "which is not installed: pip install torch") from None
     rng = random.Random(seed)
     worst = 0.0
     for _ in range(n_graphs):
@@ -224,8 +218,8 @@ def check_against_torch(seed, n_graphs=200):
             op = rng.choice(OPS)
             i = rng.randrange(len(ours))
             j = rng.randrange(len(ours))
-            p = rng.choice([2, 3, -1, 0.5, 1.7])  # the exponent, or the constant in 2 + x, 2 * x
-            try:  # skip ops outside their domain (log of x <= 0, 0 ** -1, overflow) and huge values
+            p = rng.choice([2, 3, -1, 0.5, 1.7])  # the power, or the 2 in 2 + x, 2 * x
+            try:  # skip ops outside their domain (log 0, 0 ** -1, overflow), huge values
                 node = op(ours[i], ours[j], p)
             except (ValueError, ZeroDivisionError, OverflowError):
                 continue
@@ -240,83 +234,50 @@ def check_against_torch(seed, n_graphs=200):
                 worst = max(worst, abs(a - b) / max(1.0, abs(b)))
     return worst
 
-# identical to gpt.parse_args; copied so this file stands alone
 def parse_args(config_class, argv=None):
-    """Fill a config dataclass from `--name=value` flags, one flag per field, typed by its default.
-    parse_args(TrainConfig, ["--n_layer=4"]) -> TrainConfig(n_layer=4, ...). -h shows each flag's
-    default and the comment beside its field; a misspelled flag or a value of the wrong type stops
-    with exit code 2, naming the closest flag."""
+    """gpt.parse_args, copied so this file stands alone: a config from --name=value
+    flags, one per field, typed by its default; -h shows each default and comment."""
     def to_bool(text):  # type=bool would turn "False" into True
         if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
             raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
         return text.lower() in ("true", "1", "yes")
-    # the comment beside each field (`n_layer: int = 4  # transformer blocks`) is its help text
-    comments = {}
-    for line in inspect.getsource(config_class).splitlines():
-        if match := re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line):
-            comments[match[1]] = match[2].replace("%", "%%")  # argparse formats help with %
+    source = inspect.getsource(config_class)
+    comments = dict(re.findall(r"\n\s+(\w+): \w+ = .*?  # (.*)", source))
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field in dataclasses.fields(config_class):
         kind = type(field.default)
-        extra = {}
-        if kind is bool:  # a bare boolean flag (`--bench`) means True
-            kind = to_bool
-            extra = dict(nargs="?", const=True)
-        parser.add_argument(f"--{field.name}", type=kind, default=field.default,
-                            metavar=type(field.default).__name__,
-                            help=f"{comments.get(field.name, '')} (default: {field.default!r})",
-                            **extra)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [f"--{field.name}" for field in dataclasses.fields(config_class)]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    return config_class(**vars(args))
-
-# identical to gpt.run_main; copied so this file stands alone
-def run_main(main, config_class, argv=None):
-    """The entry point of every script: parse the flags, then return main(config). A mistake the
-    user can fix, raised on purpose by a `raise` of ours (a bad value, a missing file), prints one
-    line on stderr and exits with code 1; any other exception is a bug and keeps its traceback."""
-    config = parse_args(config_class, argv)
-    try:
-        return main(config)
-    except (ValueError, OSError, RuntimeError) as e:
-        tb = e.__traceback__
-        while tb.tb_next is not None:  # the frame that raised it
-            tb = tb.tb_next
-        path = tb.tb_frame.f_code.co_filename
-        ours = os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(__file__))
-        if not ours or not linecache.getline(path, tb.tb_lineno).strip().startswith("raise "):
-            raise
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        help = comments.get(field.name, "").replace("%", "%%")  # argparse formats help with %
+        extra = dict(type=kind)
+        if kind is bool:  # a bare flag (`--bench`) means True
+            extra = dict(type=to_bool, nargs="?", const=True)
+        parser.add_argument(f"--{field.name}", default=field.default, metavar=kind.__name__,
+                            help=f"{help} (default: {field.default!r})", **extra)
+    return config_class(**vars(parser.parse_args(argv)))
 
 # -----------------------------------------------------------------------------
 # the run
 
 def main(cfg):
     # --- setup: validate the flags before any work
-    too_few = min(cfg.n_layer, cfg.n_hidden, cfg.max_iters, cfg.log_interval) < 1
-    if cfg.n_samples < 2 or too_few or cfg.noise < 0:
-        raise ValueError(f"need --n_samples >= 2, --noise >= 0 and --n_layer, --n_hidden, "
-                         f"--max_iters, --log_interval >= 1: {cfg}")
+    low = dict(n_samples=2, noise=0, n_layer=1, n_hidden=1, max_iters=1, log_interval=1)
+    bad = [f"--{k}={getattr(cfg, k)}" for k, m in low.items() if getattr(cfg, k) < m]
+    if bad:
+        need = ", ".join(f"--{k} >= {m}" for k, m in low.items())
+        raise SystemExit(f"micrograd.py: error: invalid {', '.join(bad)}; need {need}")
     print(dataclasses.asdict(cfg))
     if cfg.check:
         worst = check_against_torch(cfg.seed)
-        print(f"200 random graphs: max relative difference of values and gradients to torch "
-              f"(float64) {worst:.2e}")
+        print(f"200 random graphs: max relative difference to torch {worst:.2e}")
         return {"max_diff": worst}
     # --- data and model
     X, y = make_moons(cfg.n_samples, cfg.noise, cfg.seed)
     model = MLP(2, [cfg.n_hidden] * cfg.n_layer + [1], seed=cfg.seed)
     print(f"{len(X)} points, an MLP with {len(model.parameters())} parameters")
-    # --- loop: full-batch gradient descent. Graphs have no reference cycles, so pausing the cycle
-    # collector (which would rescan every live node again and again) is safe and makes training
-    # ~3x faster
+    # --- loop: full-batch gradient descent. Graphs have no reference cycles, so pausing
+    # the cycle collector (it rescans every live node again and again) is safe: 3x faster
     gc.disable()
     try:
-        for step in range(cfg.max_iters + 1):  # the extra last pass only measures the trained model
+        for step in range(cfg.max_iters + 1):  # the last pass only measures the model
             loss, accuracy = loss_and_accuracy(model, X, y)
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 print(f"step {step:5d}/{cfg.max_iters} | loss {loss.data:.4f} | "
@@ -333,4 +294,4 @@ def main(cfg):
     return {"loss": loss.data, "accuracy": accuracy}
 
 if __name__ == "__main__":
-    run_main(main, MicrogradConfig)
+    main(parse_args(MicrogradConfig))

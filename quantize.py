@@ -1,24 +1,23 @@
 """Quantize: store a GPT's weights in 8 or 4 bits, and measure what that costs and buys.
 
-What you learn here (LLM101n chapter 13): a weight matrix survives being rounded to a few bits if
-each small block of it gets its own scale. Symmetric absmax maps [-max|w|, max|w|] onto the
-integers [-qmax, qmax]; asymmetric min-max maps [min, max] onto [0, 2^bits - 1] with a zero point.
-Either way dequantize(quantize(w)) is within scale / 2 of w, so the error is set by the scale, and
-one outlier in a tensor-wide scale coarsens every other weight (LLM.int8()'s lesson): per output
-channel, or per group of G input columns, keeps scales small. Batch-1 decode reads every weight
-once per token, so 4x and 8x fewer weight bytes can mean more tokens/s, when a kernel reads the
-integers directly instead of rebuilding a float matrix first.
+What you learn here (LLM101n chapter 13): a weight matrix survives rounding to a few bits
+if each small block of it gets its own scale. Symmetric absmax maps [-max|w|, max|w|]
+onto [-qmax, qmax]; asymmetric min-max maps [min, max] onto [0, 2^bits - 1] with a zero
+point. Either way dequantize(quantize(w)) is within scale / 2 of w, so one outlier in a
+tensor-wide scale coarsens every weight (LLM.int8()'s lesson): a scale per output row, or
+per group of G input columns, keeps scales small. Batch-1 decode reads each weight once a
+token, so 4-8x fewer bytes mean more tokens/s when a kernel reads the integers directly.
 How to run:
-    python quantize.py                          # int8 out/ckpt.pt -> out/ckpt-int8.pt, and sample
-    python quantize.py --bits=4 --group_size=64  # int4, a scale per 64 input columns
+    python quantize.py                  # int8: out/ckpt.pt -> out/ckpt-int8.pt, a sample
+    python quantize.py --bits=4 --group_size=64   # int4, a scale per 64 input columns
     python quantize.py --load=out/ckpt-int8.pt --prompt="Once upon a time"
-    python quantize.py --bench                  # size, loss, agreement and tokens/s, side by side
-    python quantize.py --init_from=gpt2 --bits=4  # OpenAI's GPT-2 (its tokenizer in --gpt2_dir)
-Depends on: gpt.py (the model, checkpoints, generate), bpe.py (the tokenizer). Reads any
-checkpoint in the shared format (train.py's, finetune.py's, dpo.py's) and the held-out tokens
-train.py prepared (data/<dataset>/val.bin); writes a quantized checkpoint that only this script
-loads. References: Dettmers et al. 2022, LLM.int8(), arXiv:2208.07339; Frantar et al. 2022, GPTQ,
-arXiv:2210.17323; gpt-fast's int8/int4 weight-only quantization.
+    python quantize.py --bench          # size, loss, agreement and tokens/s per kind
+    python quantize.py --init_from=gpt2 --bits=4  # OpenAI's GPT-2 124M, in int4
+Depends on: gpt.py (the model, checkpoints, generate) and bpe.py (the tokenizer). Reads
+any checkpoint in the shared format and the held-out tokens train.py prepared
+(data/<dataset>/val.bin); writes a quantized checkpoint that only this script loads.
+References: Dettmers et al. 2022, LLM.int8(), arXiv:2208.07339; Frantar et al. 2022,
+GPTQ, arXiv:2210.17323; gpt-fast's int8/int4 weight-only quantization.
 """
 import copy
 import dataclasses
@@ -32,15 +31,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import STOP, Tokenizer
-from gpt import (GPT, GPTConfig, from_pretrained, load_checkpoint, pick_device, refuse_overwrite,
-                 refuse_torchrun, run_main, save_checkpoint, setup_precision)
+from gpt import (GPT, GPTConfig, UserError, from_pretrained, load_checkpoint,
+                 pick_device, refuse_overwrite, refuse_torchrun, require_positive, run,
+                 save_checkpoint, setup_precision)
 
 @dataclasses.dataclass
 class QuantizeConfig:
-    """Quantize a checkpoint's weights to int8 or int4 and sample from it; every field is a flag."""
+    """Quantize a checkpoint's weights to int8 or int4 and sample from it."""
     # I/O
     ckpt_path: str = "out/ckpt.pt"  # any checkpoint in the shared format
-    init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a .safetensors: OpenAI's GPT-2
+    init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a GPT-2 .safetensors
     out_path: str = ""  # '' = beside ckpt_path: ckpt-int8.pt, ckpt-int4-g32.pt
     overwrite: bool = False  # replace a quantized checkpoint already at out_path
     load: str = ""  # a quantized checkpoint to sample from, instead of quantizing
@@ -49,37 +49,37 @@ class QuantizeConfig:
     # quantization
     bits: int = 8  # 8: int8, a scale per output channel; 4: int4, a scale per group
     group_size: int = 32  # int4: input columns that share a scale (32, 64, 128, ...)
-    head: str = "tied"  # tied: the shared embedding/head matrix quantized once for both; float
+    head: str = "tied"  # tied: the shared embedding/head quantized once for both; float
     # sampling
     prompt: str = "Once upon a time"  # continued greedily by the quantized model
     max_new_tokens: int = 100
     # benchmark
-    bench: bool = False  # float32, bfloat16, int8, int4 g32/64/128 side by side, then exit
+    bench: bool = False  # float32, bfloat16, int8, int4 g32/64/128 side by side; exit
     eval_windows: int = 64  # held-out windows of block_size tokens for the loss
     # system
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (the fast int kernels are CPU ones)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps (the int kernels are CPU ones)
     seed: int = 1337
 
 # -----------------------------------------------------------------------------
 # the lesson: quantizing a tensor, symmetric and asymmetric, at three granularities
 
 def bf16_scale(scale):
-    # scales are values that bfloat16 holds exactly (the kernels take bfloat16 scales), nudged up
-    # before rounding, so no stored scale is below the exact one and no weight is clipped
+    # scales are values that bfloat16 holds exactly (the kernels take bfloat16 scales),
+    # nudged up before rounding, so no stored scale is below the exact one: nothing clips
     return (scale * (1 + 2 ** -8)).to(torch.bfloat16).to(scale.dtype)
 
 def quantize_absmax(w, bits, dim=None):
-    """Symmetric: scale = max|w| / qmax over dim (None: the whole tensor), q = round(w / scale)
-    in [-qmax, qmax], qmax = 2^(bits-1) - 1. -> (q int8, scale, broadcastable to w)."""
+    """Symmetric: scale = max|w| / qmax over dim (None: the whole tensor), q = round(w /
+    scale) in [-qmax, qmax], qmax = 2^(bits-1) - 1. -> (q int8, scale, shaped for w)."""
     qmax = 2 ** (bits - 1) - 1
     amax = w.abs().amax() if dim is None else w.abs().amax(dim, keepdim=True)
     scale = bf16_scale(amax.float().clamp(min=1e-8) / qmax)
     return (w.float() / scale).round().clamp(-qmax, qmax).to(torch.int8), scale
 
 def quantize_minmax(w, bits, dim=None):
-    """Asymmetric: the range [min, max] onto 0 .. 2^bits - 1, scale = (max - min) / (2^bits - 1),
-    the zero point is min: q = round((w - min) / scale). A range that is not centred on 0 (after
-    a ReLU, say) wastes no levels. -> (q uint8, scale, zero), scale and zero broadcastable to w."""
+    """Asymmetric: [min, max] onto 0 .. 2^bits - 1, scale = (max - min) / (2^bits - 1),
+    the zero point is min: q = round((w - min) / scale). A range not centred on 0 (after
+    a ReLU, say) wastes no levels. -> (q uint8, scale, zero)."""
     lo = w.amin() if dim is None else w.amin(dim, keepdim=True)
     hi = w.amax() if dim is None else w.amax(dim, keepdim=True)
     scale = ((hi - lo).float() / (2 ** bits - 1)).clamp(min=1e-8)
@@ -92,15 +92,15 @@ def grouped(w, group_size):
     # (out, in) -> (out, in / G, G): each row's columns in groups of G, a scale per group
     out_features, in_features = w.shape
     if in_features % group_size:
-        raise ValueError(f"--group_size={group_size} does not divide the input width "
-                         f"{in_features}; pick a divisor such as 32 or 64")
+        raise UserError(f"--group_size={group_size} does not divide the input width "
+                        f"{in_features}; pick a divisor such as 32 or 64")
     return w.view(out_features, in_features // group_size, group_size)
 
 def outlier_demo(seed=0):
-    """One large weight in a 256 x 256 matrix: its tensor-wide scale coarsens every weight, a
-    per-channel scale only those of its row. Prints and returns the mean errors."""
+    """One large weight in a 256 x 256 matrix: its tensor-wide scale coarsens every
+    weight, a per-channel scale only those of its row. Prints and returns the errors."""
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(seed)) * 0.02
-    w[3, 7] = 2.0  # an outlier 100x the typical weight, as LLM.int8() found in large models
+    w[3, 7] = 2.0  # 100x the typical weight, as LLM.int8() found in large models
     errors = {}
     for name, dim in [("per tensor", None), ("per channel", 1)]:
         q, scale = quantize_absmax(w, 8, dim)
@@ -114,95 +114,95 @@ def outlier_demo(seed=0):
 # quantized layers: int8 per channel, int4 per group, each with a plain-torch reference
 
 def pack_int4(u):
-    """(N, K) integers in 0..15 -> (N, K / 2) uint8: column 2j in the low nibble, 2j+1 high."""
+    """(N, K) integers in 0..15 -> (N, K / 2) uint8: column 2j in the low nibble."""
     return (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
 
 def unpack_int4(packed):
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # (..., K) uint8
 
-def fast_kernels(x):
-    # torch's weight-only int kernels for CPUs, which want bfloat16 activations
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
-
 class Int8Linear(nn.Module):
-    """A Linear whose weight is int8 with a scale per output channel: W ~ q * scale[:, None], so
-    x W^T = (x q^T) * scale. 1 byte a weight instead of 4."""
+    """A Linear whose weight is int8 with a scale per output channel: W ~ q * scale[:,
+    None], so x W^T = (x q^T) * scale. 1 byte a weight instead of 4."""
     def __init__(self, weight, bias=None):
         super().__init__()
         q, scale = quantize_absmax(weight.detach(), 8, dim=1)
-        self.register_buffer("weight", q)                             # (out, in) int8
-        self.register_buffer("scale", scale.flatten())                # (out,) float
+        self.register_buffer("weight", q)               # (out, in) int8
+        self.register_buffer("scale", scale.flatten())  # (out,) float
         self.bias = bias
-        self.use_kernel = True  # False: always the reference below (the tests compare the two)
+        self.use_kernel = True  # False: always the reference (the tests compare the two)
 
-    def rows(self, idx, dtype):  # dequantized rows idx: the embedding lookup of a tied head
+    def rows(self, idx, dtype):  # dequantized rows: the embedding lookup of a tied head
         return self.weight[idx].to(dtype) * self.scale[idx, None].to(dtype)
 
     def forward(self, x):
-        if self.use_kernel and fast_kernels(x):
+        # torch's weight-only int kernels are for CPUs, and take bfloat16 activations
+        if self.use_kernel and x.device.type == "cpu" and x.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight,
-                                          self.scale.to(x.dtype)).view(*x.shape[:-1], -1)
+                                          self.scale.to(x.dtype))
+            y = y.view(*x.shape[:-1], -1)
         else:  # the reference: the integer matrix in x's dtype, scaled after the matmul
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 class Int4Linear(nn.Module):
-    """A Linear whose weight is symmetric int4 (q in [-7, 7], stored as q + 8 in a nibble, two a
-    byte) with a scale per group of group_size input columns: half a byte a weight, plus a scale
-    a group. The reference rebuilds the bfloat16 matrix at every call; the CPU kernel reads the
-    nibbles directly (after a one-time repacking into its tiled layout)."""
+    """A Linear whose weight is symmetric int4 (q in [-7, 7], stored as q + 8, two to a
+    byte) with a scale per group of group_size input columns. The reference rebuilds the
+    float matrix at every call; the CPU kernel reads the nibbles directly, once tiled."""
     def __init__(self, weight, bias=None, group_size=32):
         super().__init__()
         q, scale = quantize_absmax(grouped(weight.detach(), group_size), 4, dim=-1)
         self.group_size = group_size
-        self.register_buffer("weight", pack_int4((q.flatten(1) + 8).to(torch.uint8)))  # (N, K/2)
-        self.register_buffer("scale", scale.squeeze(-1))                     # (N, K / G)
+        u = (q.flatten(1) + 8).to(torch.uint8)
+        self.register_buffer("weight", pack_int4(u))         # (N, K / 2) uint8
+        self.register_buffer("scale", scale.squeeze(-1))     # (N, K / G)
         self.bias = bias
         self.use_kernel = True
         self.tiled = None  # the kernel's layout, made on first use (not saved)
 
     def rows(self, idx, dtype):
-        q = unpack_int4(self.weight[idx]).float() - 8                  # (..., K)
+        q = unpack_int4(self.weight[idx]).float() - 8  # (..., K)
         scale = self.scale[idx].float().repeat_interleave(self.group_size, -1)
         return (q * scale).to(dtype)
 
     def kernel(self, x):
         N = self.weight.size(0)
         if self.tiled is None:
-            # the kernel tiles the output by 16 rows: pad N (a vocabulary of 50257, say) with zeros
+            # the kernel tiles the output by 16 rows: pad N (a vocabulary of 50257, say)
             pad = -N % 16
-            u = F.pad(unpack_int4(self.weight).int(), (0, 0, 0, pad), value=8)       # (N', K)
-            scale = F.pad(self.scale, (0, 0, 0, pad))
-            self.tiled = (torch._convert_weight_to_int4pack_for_cpu(u, 2),
-                          # (K / G, N', 2): scale and zero, the kernel computes (u - 8) * s + z
-                          torch.stack([scale.t(), torch.zeros_like(scale.t())], -1).contiguous())
+            u = F.pad(unpack_int4(self.weight).int(), (0, 0, 0, pad), value=8)  # (N', K)
+            scale = F.pad(self.scale, (0, 0, 0, pad)).t()  # (K / G, N')
+            # (K / G, N', 2): scale and zero, the kernel computes (u - 8) * s + z
+            scale_zero = torch.stack([scale, torch.zeros_like(scale)], -1).contiguous()
+            self.tiled = (torch._convert_weight_to_int4pack_for_cpu(u, 2), scale_zero)
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.size(-1)), self.tiled[0],
                                               self.group_size, self.tiled[1].to(x.dtype))
         return y[:, :N].view(*x.shape[:-1], N)
 
     def forward(self, x):
-        if self.use_kernel and fast_kernels(x):
+        if self.use_kernel and x.device.type == "cpu" and x.dtype == torch.bfloat16:
             y = self.kernel(x)
         else:
             y = F.linear(x, self.rows(slice(None), x.dtype))
         return y if self.bias is None else y + self.bias
 
 class QuantEmbedding(nn.Module):
-    """A lookup into a quantized matrix, the picked rows dequantized: the head's (a tied model's
-    token embedding reads the very tensor the head does), or its own (the learned positions)."""
+    """A lookup into a quantized matrix, the picked rows dequantized: the head's (a tied
+    model's token embedding reads the tensor the head does), or its own (positions)."""
     def __init__(self, table):
         super().__init__()
         self.table = table
 
-    def forward(self, idx):  # the scales are cast with the model, so they carry its dtype
+    def forward(self, idx):  # the scales were cast with the model: they carry its dtype
         return self.table.rows(idx, self.table.scale.dtype)
 
 def quantize_model(model, bits, group_size=32, head="tied"):
-    """Swap every Linear in the blocks (attention, MLP) and the learned positions for quantized
-    versions, in place, by named_children + setattr. head='tied' quantizes the shared embedding/head
-    matrix once for both; 'float' keeps it exact. Norms and biases stay float: a few thousand numbers."""
+    """Swap every Linear in the blocks (attention, MLP) and the learned positions for
+    quantized versions, in place. head='tied' quantizes the shared embedding/head matrix
+    once for both; 'float' keeps it exact. Norms and biases stay float."""
     def make(weight, bias=None):
-        return Int8Linear(weight, bias) if bits == 8 else Int4Linear(weight, bias, group_size)
+        if bits == 8:
+            return Int8Linear(weight, bias)
+        return Int4Linear(weight, bias, group_size)
 
     def swap(module):
         for name, child in module.named_children():
@@ -219,44 +219,41 @@ def quantize_model(model, bits, group_size=32, head="tied"):
     return model
 
 # -----------------------------------------------------------------------------
-# quantized checkpoints: integer tensors and scales, in the shared format plus a 'quantized' key
+# quantized checkpoints: the shared format plus a 'quantized' entry
 
 def tensor_bytes(model):
-    # the bytes of the model's tensors, each storage once (the tied head and embedding share one)
+    # the bytes of the model's tensors, each storage once (the tied head counts once)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in model.state_dict().values()}
     return sum(storages.values())
 
 def save_quantized(path, model, bits, group_size, head, **extra):
     # save_checkpoint writes a temp file and renames it: never a half-written checkpoint
-    return save_checkpoint(path, model, quantized=dict(bits=bits, group_size=group_size,
-                                                       head=head), **extra)
+    quantized = dict(bits=bits, group_size=group_size, head=head)
+    return save_checkpoint(path, model, quantized=quantized, **extra)
 
 def load_quantized(path, device="cpu"):
-    """A checkpoint written by save_quantized -> (model, ckpt). A float checkpoint is an error
+    """A checkpoint written by save_quantized -> (model, ckpt). A float one is an error
     that says how to quantize it (and gpt.load_checkpoint refuses a quantized one)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no quantized checkpoint at {path}; make one with `python quantize.py`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a bad file raises many kinds here (OSError, UnpicklingError, ...)
-        raise ValueError(f"{path} is not a readable quantized checkpoint ({type(e).__name__}); "
-                         f"make one with `python quantize.py`") from None
+    except Exception as e:  # FileNotFoundError, or a bad file's UnpicklingError, ...
+        raise UserError(f"no readable quantized checkpoint at {path} ({type(e).__name__})"
+                        f"; make one with `python quantize.py`") from None
     q = ckpt.get("quantized") if isinstance(ckpt, dict) else None
     if not isinstance(q, dict) or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a quantized checkpoint; quantize it with "
-                         f"`python quantize.py --ckpt_path={path}`")
+        raise UserError(f"{path} is not a quantized checkpoint; quantize it with "
+                        f"`python quantize.py --ckpt_path={path}`")
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    quantize_model(model, q["bits"], q["group_size"], q["head"])  # the shapes, then the values
+    quantize_model(model, q["bits"], q["group_size"], q["head"])  # shapes, then values
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
 # -----------------------------------------------------------------------------
-# measurements: held-out loss, greedy agreement, decode speed
+# measurements: held-out loss, agreement with float32, decode speed
 
 def heldout_windows(ckpt, data_dir, block_size, n):
-    """n windows of block_size + 1 tokens, evenly spaced through train.py's data_dir/<dataset>/val.bin
-    (its dtype in meta.json); None when there is none (GPT-2, or data not prepared here)."""
+    # n windows of block_size + 1 tokens spread evenly over train.py's val.bin, or None
     dataset = ckpt.get("train_config", {}).get("dataset", "?")
     folder = os.path.join(data_dir, os.path.splitext(os.path.basename(dataset))[0])
     meta_path = os.path.join(folder, "meta.json")
@@ -266,12 +263,13 @@ def heldout_windows(ckpt, data_dir, block_size, n):
         meta = json.load(f)
     data = np.memmap(os.path.join(folder, "val.bin"), dtype=meta["dtype"], mode="r")
     starts = np.linspace(0, len(data) - block_size - 1, n).astype(np.int64)
-    return torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64))
+    windows = np.stack([data[s:s + block_size + 1] for s in starts])
+    return torch.from_numpy(windows.astype(np.int64))
 
 @torch.no_grad()
-def heldout_loss(model, windows, batch_size=8):
-    """The mean next-token loss over the windows, and the model's top choice at every position
-    (to compare with float32's: teacher-forced agreement, unlike greedy text, survives a tie)."""
+def loss_and_top1(model, windows, batch_size=8):
+    """The mean next-token loss over the windows, and the model's top choice at every
+    position (compared with float32's: teacher-forced agreement survives a tie)."""
     model.eval()
     device = model.lm_head.weight.device
     losses = []
@@ -284,15 +282,15 @@ def heldout_loss(model, windows, batch_size=8):
     return torch.stack(losses).mean().item(), torch.cat(choices)
 
 def decode_speed(model, prompt, new_tokens, eot_id=-1):
-    # batch-1 greedy decode with the cache -> (the new ids, tokens/s after the first token)
-    stamps = []  # when each token came out (a last one may be the stop token, not returned)
+    # batch-1 greedy decode with the cache -> (the new ids, tokens/s after the first)
+    stamps = []  # when each token came out (the last may be a stop token, not returned)
     new = model.generate([prompt], new_tokens, temperature=0.0, eot_id=eot_id,
                          on_token=lambda *_: stamps.append(time.perf_counter()))[0]
     seconds = stamps[len(new) - 1] - stamps[0] if len(new) > 1 else float("nan")
     return new, (len(new) - 1) / seconds
 
 def head_speed(model, reps=20):
-    # one batch-1 product through the head, the largest matrix: the kernel alone, in GB/s of weights
+    # one batch-1 product through the head, the largest matrix: the kernel alone, in GB/s
     norm = model.transformer.ln_f.weight  # the activations' dtype and device
     x = torch.randn(1, model.config.n_embd, dtype=norm.dtype, device=norm.device)
     model.lm_head(x)
@@ -303,59 +301,64 @@ def head_speed(model, reps=20):
     return tensor_bytes(model.lm_head) * reps / (time.perf_counter() - start) / 1e9
 
 def variant(model, kind, head="tied"):
-    """A copy of the float32 model as kind: float32, bfloat16, int8, or int4-g32 (-g64, ...).
-    The int kinds run with bfloat16 activations: the CPU kernels need them."""
+    """A copy of the float32 model as kind: float32, bfloat16, int8, or int4-g32 (-g64,
+    ...). The int kinds run with bfloat16 activations: the CPU kernels need them."""
     m = copy.deepcopy(model)
     if kind.startswith("int"):
         bits, _, group = kind[3:].partition("-g")
         quantize_model(m, int(bits), int(group or 0), head)
     return m.to(torch.float32 if kind == "float32" else torch.bfloat16).eval()
 
+COLUMNS = ["kind", "head", "MB", "x smaller", "held-out loss", "change",
+           "top-1 as float32", "greedy tokens as float32", "decode tok/s", "x float32",
+           "head GB/s"]
+
 @torch.no_grad()
 def bench(cfg, model, ckpt):
-    """The table for the model and for the GPT-2 124M shape (random weights: no held-out loss):
-    bytes, held-out loss, greedy agreement with float32 and batch-1 decode tokens/s per kind."""
+    """The table for the model and for the GPT-2 124M shape (random weights: no loss):
+    bytes, held-out loss, agreement with float32 and batch-1 decode tokens/s per kind."""
     outlier_demo()
-    kinds = [(k, "tied") for k in ("float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128")]
-    shapes = [(cfg.init_from or cfg.ckpt_path, model, ckpt, kinds + [("int8", "float")])]
+    kinds = ["float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128"]
+    runs = [(kind, "tied") for kind in kinds]
+    shapes = [(cfg.init_from or cfg.ckpt_path, model, ckpt, runs + [("int8", "float")])]
     if model.config.n_embd != 768:
         torch.manual_seed(cfg.seed)
-        shapes.append(("gpt2-124M shape, random", GPT(GPTConfig()).to(model.lm_head.weight.device),
-                       {}, kinds))
+        gpt2_shape = GPT(GPTConfig()).to(model.lm_head.weight.device)
+        shapes.append(("gpt2-124M shape, random", gpt2_shape, {}, runs))
     rows = []
     for name, base, meta, runs in shapes:
-        windows = heldout_windows(meta, cfg.data_dir, base.config.block_size, cfg.eval_windows)
-        prompt = windows[0, :16].tolist() if windows is not None else [0] * 16
+        windows = heldout_windows(meta, cfg.data_dir, base.config.block_size,
+                                  cfg.eval_windows)
+        prompt = [0] * 16 if windows is None else windows[0, :16].tolist()
         reference = base.generate([prompt], 64, temperature=0.0)[0]
-        print(f"\n{name}\n| kind | head | MB | x smaller | held-out loss | change | top-1 as "
-              f"float32 | greedy tokens as float32 | decode tok/s | x float32 | head GB/s |\n|"
-              + "---|" * 11)
+        print(f"\n{name}\n| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
         first = None
         for kind, head in runs:
             m = variant(base, kind, head)
-            loss, top = heldout_loss(m, windows) if windows is not None else (None, None)
+            loss, top = (None, None) if windows is None else loss_and_top1(m, windows)
             greedy = m.generate([prompt], 64, temperature=0.0)[0]
-            agree = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b),
-                         min(len(greedy), len(reference)))
+            # how many of float32's greedy tokens come out the same, up to the first
+            same = [a == b for a, b in zip(greedy, reference)] + [False]
+            agree = same.index(False)
             m.generate([prompt], 8)  # warm up (and build the int4 kernel's layout)
-            row = dict(shape=name, kind=kind, head=head, bytes=tensor_bytes(m), loss=loss,
-                       top=top, agree=agree, speed=decode_speed(m, prompt, 64)[1],
-                       head_gbs=head_speed(m))
+            row = dict(shape=name, kind=kind, head=head, bytes=tensor_bytes(m),
+                       loss=loss, top=top, agree=agree,
+                       speed=decode_speed(m, prompt, 64)[1], head_gbs=head_speed(m))
             rows.append(row)
             first = first or row
-            losses = "- | - | -"
+            losses = ["-", "-", "-"]
             if loss is not None:
-                same = (top == first["top"]).float().mean().item()
-                losses = f"{loss:.4f} | {loss / first['loss'] - 1:+.3%} | {same:.1%}"
-            print(f"| {kind} | {head} | {row['bytes'] / 1e6:,.2f} | "
-                  f"{first['bytes'] / row['bytes']:.2f} | {losses} | {agree}/64 | "
-                  f"{row['speed']:,.1f} | {row['speed'] / first['speed']:.2f} | "
-                  f"{row['head_gbs']:.1f} |", flush=True)
-    print("MB: the tensors (the tied embedding/head once; a file adds a small header); top-1: the "
-          "held-out positions where the top next token is float32's; greedy: float32's first 64 "
-          "tokens from a held-out prompt, matched up to the first difference; head GB/s: the head's "
-          "weight bytes read per second in one batch-1 product, the kernel alone; the int kinds run "
-          "bfloat16 activations through torch's CPU int8/int4 kernels")
+                top1 = (top == first["top"]).float().mean().item()
+                change = loss / first["loss"] - 1
+                losses = [f"{loss:.4f}", f"{change:+.3%}", f"{top1:.1%}"]
+            cells = [kind, head, f"{row['bytes'] / 1e6:,.2f}",
+                     f"{first['bytes'] / row['bytes']:.2f}", *losses, f"{agree}/64",
+                     f"{row['speed']:,.1f}", f"{row['speed'] / first['speed']:.2f}",
+                     f"{row['head_gbs']:.1f}"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+    print("top-1: held-out positions whose top next token is float32's; greedy: "
+          "float32's first 64 tokens, up to the first difference; head GB/s: the head's "
+          "weight bytes read per second by the kernel; int kinds: bf16 activations")
     return rows
 
 # -----------------------------------------------------------------------------
@@ -363,20 +366,21 @@ def bench(cfg, model, ckpt):
 
 def check_config(cfg):
     if cfg.bits not in (4, 8):
-        raise ValueError(f"--bits={cfg.bits}: pass 8 (int8 per channel) or 4 (int4 per group)")
+        raise UserError(f"--bits={cfg.bits}: pass 8 (int8 per channel) or 4 (per group)")
     if cfg.head not in ("tied", "float"):
-        raise ValueError(f"--head={cfg.head!r} is unknown; use tied or float")
-    if cfg.group_size < 1 or cfg.eval_windows < 1 or cfg.max_new_tokens < 0:
-        raise ValueError("--group_size and --eval_windows must be at least 1, and --max_new_tokens at least 0")
+        raise UserError(f"--head={cfg.head!r} is unknown; use tied or float")
+    require_positive(cfg, "group_size", "eval_windows")
+    if cfg.max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} must not be negative")
 
 def main(cfg):
     refuse_torchrun("quantize.py")
     check_config(cfg)
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     if cfg.load:
         model, ckpt = load_quantized(cfg.load, device)
-        print(f"loaded {cfg.load}: int{ckpt['quantized']['bits']}, {tensor_bytes(model):,} bytes")
+        bits = ckpt["quantized"]["bits"]
+        print(f"loaded {cfg.load}: int{bits}, {tensor_bytes(model):,} bytes")
     else:
         if cfg.init_from:
             model = from_pretrained(cfg.init_from, cfg.data_dir).to(device)
@@ -387,24 +391,30 @@ def main(cfg):
         if cfg.bench:
             return bench(cfg, model, ckpt)
         kind = "int8" if cfg.bits == 8 else f"int4-g{cfg.group_size}"
-        stem = os.path.splitext(cfg.ckpt_path)[0] if not cfg.init_from else f"out/{cfg.init_from}"
-        out_path = cfg.out_path or f"{stem}-{kind}.pt"
+        source = f"out/{cfg.init_from}" if cfg.init_from else cfg.ckpt_path
+        out_path = cfg.out_path or f"{os.path.splitext(source)[0]}-{kind}.pt"
         refuse_overwrite(out_path, cfg.overwrite)
         float_bytes = tensor_bytes(model)
         quantize_model(model, cfg.bits, cfg.group_size, cfg.head)
-        extra = {k: ckpt[k] for k in ("tokenizer", "chat_template", "train_config") if k in ckpt}
+        keep = ("tokenizer", "chat_template", "train_config")
+        extra = {k: ckpt[k] for k in keep if k in ckpt}
         save_quantized(out_path, model, cfg.bits, cfg.group_size, cfg.head, **extra)
-        print(f"saved {out_path}: {kind}, head {cfg.head}: {os.path.getsize(out_path):,} bytes "
-              f"on disk, {float_bytes / tensor_bytes(model):.2f}x smaller than float32")
+        print(f"saved {out_path}: {kind}, head {cfg.head}: "
+              f"{os.path.getsize(out_path):,} bytes on disk, "
+              f"{float_bytes / tensor_bytes(model):.2f}x smaller than float32")
         ckpt = dict(extra, quantized=True)
-    if cfg.max_new_tokens:  # a greedy sample; on a CPU with bfloat16 activations (the kernels)
-        dtype = torch.bfloat16 if device == "cpu" else getattr(torch, setup_precision(device)[0])
+    if cfg.max_new_tokens:  # a greedy sample; on a CPU in bfloat16 (the kernels' dtype)
+        dtype = torch.bfloat16
+        if device != "cpu":
+            dtype = getattr(torch, setup_precision(device)[0])
         model = model.to(dtype)
         tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
-        prompt = tok.encode(cfg.prompt, allowed_special="none") or [tok.special_tokens[STOP]]
-        new, speed = decode_speed(model, prompt, cfg.max_new_tokens, tok.special_tokens[STOP])
-        print(f"{cfg.prompt}{tok.decode(new)}\n{len(new)} tokens, {speed:,.1f} tok/s after the first")
+        stop = tok.special_tokens[STOP]
+        prompt = tok.encode(cfg.prompt, allowed_special="none") or [stop]
+        new, speed = decode_speed(model, prompt, cfg.max_new_tokens, stop)
+        print(f"{cfg.prompt}{tok.decode(new)}\n"
+              f"{len(new)} tokens, {speed:,.1f} tok/s after the first")
     return dict(model=model, ckpt=ckpt)
 
 if __name__ == "__main__":
-    run_main(main, QuantizeConfig)
+    run(main, QuantizeConfig)

@@ -129,14 +129,32 @@ def test_bigram_sampling_reproducible():
     assert all(set(w) <= set(chars[1:]) for w in first)
 
 def test_bigram_bad_data_raises():
-    raises(FileNotFoundError, bigram.load_words, "/no/such/words.txt", match="--data")
-    raises(ValueError, bigram.main, bigram.BigramConfig(data="/no/such/words.txt", val_frac=1.5, max_iters=0),
+    # a user's mistake ends the run with one line: SystemExit("bigram.py: error: ...")
+    raises(SystemExit, bigram.load_words, "/no/such/words.txt", match="bigram.py: error: --data")
+    raises(SystemExit, bigram.main, bigram.BigramConfig(data="/no/such/words.txt", val_frac=1.5, max_iters=0),
            match="invalid --val_frac=1.5, --max_iters=0:")  # only the bad flags are named
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "dots.txt")
         with open(path, "w") as f:
             f.write("a.b\ncd\n")
-        raises(ValueError, bigram.load_words, path, match="'.'")
+        raises(SystemExit, bigram.load_words, path, match="'.'")
+
+def _standalone_flags(module, config_class, argv):
+    # a standalone script's own parse_args: (config or exit code, stdout + stderr)
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):
+        try:
+            return module.parse_args(config_class, argv), out.getvalue()
+        except SystemExit as e:
+            return e.code, out.getvalue()
+
+def test_bigram_flags():
+    cfg, _ = _standalone_flags(bigram, bigram.BigramConfig, ["--max_iters=5", "--smoothing", "0.5"])
+    assert (cfg.max_iters, cfg.smoothing, cfg.data) == (5, 0.5, "names"), cfg
+    for bad in (["--max_iter=5"], ["--max_iters=5.5"], ["--max=5"]):  # misspelled, mistyped, abbreviated
+        assert _standalone_flags(bigram, bigram.BigramConfig, bad)[0] == 2, bad
+    code, text = _standalone_flags(bigram, bigram.BigramConfig, ["-h"])
+    text = " ".join(text.split())  # argparse wraps lines
+    assert code == 0 and "--n_hidden int MLP hidden tanh units (default: 64)" in text, text
 
 def test_bigram_offline_falls_back_to_built_in_names():
     saved = bigram.NAMES_URL, bigram.NAMES_PATH
@@ -147,6 +165,13 @@ def test_bigram_offline_falls_back_to_built_in_names():
             bigram.NAMES_PATH = os.path.join(tmp, "names.txt")
             with offline:
                 assert bigram.load_words("names") == bigram.NAMES
+            # online: streamed into names.txt.part, then renamed; the next call reads the cache
+            response = mock.MagicMock()
+            response.__enter__.return_value.iter_content.return_value = [b"ann\nbo", b"b\n"]
+            with mock.patch.object(bigram.requests, "get", return_value=response), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                assert bigram.load_words("names") == ["ann", "bob"]
+            assert os.listdir(tmp) == ["names.txt"] and bigram.load_words("names") == ["ann", "bob"]
         finally:
             bigram.NAMES_URL, bigram.NAMES_PATH = saved
 
@@ -231,7 +256,19 @@ def test_micrograd_invalid_ops_raise():
     assert_close((micrograd.Value(-2.0) ** 3).data, -8.0, 0, "integer power of a negative base")
     for p in (0.5, -1, 0):  # at 0: an infinite slope, a division by zero, an undefined slope
         raises(ValueError, lambda: micrograd.Value(0.0) ** p, match="no finite derivative")
-    raises(ValueError, micrograd.main, micrograd.MicrogradConfig(noise=-1.0), match="--noise >= 0")
+    raises(SystemExit, micrograd.main, micrograd.MicrogradConfig(noise=-1.0),
+           match="micrograd.py: error: invalid --noise=-1.0; need --n_samples >= 2, --noise >= 0")
+
+def test_micrograd_flags():
+    """Booleans go through a converter (type=bool would read "False" as True); bare --check is True."""
+    for argv, check in (([], False), (["--check"], True), (["--check=False"], False), (["--check", "yes"], True),
+                        (["--check=0"], False)):
+        cfg, _ = _standalone_flags(micrograd, micrograd.MicrogradConfig, argv + ["--n_hidden=4"])
+        assert (cfg.check, cfg.n_hidden) == (check, 4), (argv, cfg)
+    code, text = _standalone_flags(micrograd, micrograd.MicrogradConfig, ["--check=maybe"])
+    assert code == 2 and "expected True or False, got 'maybe'" in text, text
+    code, text = _standalone_flags(micrograd, micrograd.MicrogradConfig, ["-h"])
+    assert code == 0 and "(default: False)" in text and "--noise float" in text, text
 
 def test_micrograd_trains_to_full_accuracy():
     result = micrograd.main(micrograd.MicrogradConfig(n_samples=50, n_hidden=8, max_iters=100, log_interval=100))
@@ -347,14 +384,32 @@ def test_bpe_bad_inputs():
     raises(ValueError, tok.decode, [72, 999], match="999")
 
 def test_bpe_bad_train_files():
+    # bpe.py's main turns what a user can get wrong into one line: SystemExit("bpe.py: error: ...")
     with tempfile.TemporaryDirectory() as tmp:
-        raises(FileNotFoundError, bpe.main, bpe.BpeConfig(train=os.path.join(tmp, "nope.txt")), match="no such file")
+        raises(SystemExit, bpe.main, bpe.BpeConfig(train=os.path.join(tmp, "nope.txt")), match="no such file")
         for name, content in (("latin1.txt", "café\n".encode("latin-1")), ("empty.txt", b"")):
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(content)
             for bench in (False, True):
-                raises(ValueError, bpe.main, bpe.BpeConfig(train=os.path.join(tmp, name), bench=bench),
+                raises(SystemExit, bpe.main, bpe.BpeConfig(train=os.path.join(tmp, name), bench=bench),
                        match="not UTF-8" if content else "empty")
+        tiny = os.path.join(tmp, "tiny.txt")
+        open(tiny, "w").write("ab ab\n")
+        with contextlib.redirect_stdout(io.StringIO()):
+            for flags, expected in ((dict(vocab_size=5000), "too large"), (dict(vocab_size=100), "vocab_size>=257"),
+                                    (dict(pattern="gpt3"), "use one of")):
+                for bench in (False, True):
+                    raises(SystemExit, bpe.main, bpe.BpeConfig(train=tiny, bench=bench, **flags), match=expected)
+            raises(SystemExit, bpe.main, bpe.BpeConfig(tokenizer=os.path.join(tmp, "none.json")), match="--train=FILE")
+            with mock.patch.object(bpe.requests, "get", side_effect=requests.ConnectionError("offline")):
+                raises(SystemExit, bpe.main, bpe.BpeConfig(tokenizer="gpt2", gpt2_dir=tmp), match="--gpt2_dir")
+
+def test_bpe_flags():
+    cfg, _ = _standalone_flags(bpe, bpe.BpeConfig, ["--bench", "--vocab_size=300", "--text=a=b c"])
+    assert (cfg.bench, cfg.vocab_size, cfg.text) == (True, 300, "a=b c"), cfg
+    assert _standalone_flags(bpe, bpe.BpeConfig, ["--vocab=300"])[0] == 2  # no abbreviations
+    code, text = _standalone_flags(bpe, bpe.BpeConfig, ["-h"])
+    assert code == 0 and "(default: 'tok.json')" in text and "(default: 1024)" in text, text
 
 def test_bpe_corrupt_tokenizer_files():
     with tempfile.TemporaryDirectory() as tmp:
@@ -583,7 +638,7 @@ def test_gpt_from_pretrained_safetensors_round_trip():
     with tempfile.TemporaryDirectory() as d, mock.patch.object(gpt, "download", fake_download):
         loaded = gpt.from_pretrained("gpt2-medium", data_dir=d).eval()
     hub = "https://huggingface.co/gpt2-medium/resolve/main/"
-    assert fetched == [hub + "model.safetensors", hub + "config.json"], fetched
+    assert fetched == [hub + "config.json", hub + "model.safetensors"], fetched
     assert loaded.config.n_head == 4 and torch.equal(loaded(idx)[0], model4(idx)[0]), loaded.config
 
 def test_gpt_safetensors_rejects_corrupt_files():
@@ -591,8 +646,7 @@ def test_gpt_safetensors_rejects_corrupt_files():
     cases = [
         (lambda h: h["wte.weight"].update(data_offsets=[0, 10**9]), "offsets"),
         (lambda h: h["wpe.weight"].update(dtype="F12"), "unknown dtype"),
-        (lambda h: h["wpe.weight"].update(shape=4), "malformed shape"),
-        (lambda h: h["h.0.ln_1.bias"].update(data_offsets=h["h.0.ln_1.weight"]["data_offsets"]), "overlap"),
+        (lambda h: h["wpe.weight"].update(shape=4), "shape 4 and offsets"),
         (lambda h: h.pop("ln_f.weight"), "missing tensors ['ln_f.weight']"),
         (lambda h: h.update({"h.0.extra": h.pop("ln_f.bias")}), "unexpected"),
     ]
@@ -645,7 +699,7 @@ def test_gpt_bad_checkpoints_are_clear_errors():
         raises(ValueError, gpt.load_checkpoint, path, match="does not fit this gpt.py")
         torch.save({"version": 0, "model_config": {}, "model": {}}, path)
         raises(ValueError, gpt.load_checkpoint, path, match="version 0")
-        raises(FileNotFoundError, gpt.load_checkpoint, os.path.join(d, "nope.pt"), match="train.py")
+        raises(gpt.UserError, gpt.load_checkpoint, os.path.join(d, "nope.pt"), match="train.py")
 
 class FakeResponse:
     # stands in for requests.get(...): serves data[start:] for a "Range: bytes=start-" header
@@ -662,10 +716,9 @@ class FakeResponse:
     def iter_content(self, size):
         return [self.body[i:i + 7] for i in range(0, len(self.body), 7)]
 
-def test_gpt_download_resumes_and_checks_sha256():
+def test_gpt_download_resumes_an_interrupted_file():
     # one feature: a download that arrives complete and intact, or not at all
     data = bytes(range(256)) * 4
-    good = __import__("hashlib").sha256(data).hexdigest()
     fake = lambda url, stream, timeout, headers: FakeResponse(data, headers)
     with tempfile.TemporaryDirectory() as d, mock.patch.object(gpt.requests, "get", side_effect=fake), \
             contextlib.redirect_stderr(io.StringIO()):
@@ -673,13 +726,11 @@ def test_gpt_download_resumes_and_checks_sha256():
         os.makedirs(os.path.dirname(path))
         with open(path + ".part", "wb") as f:
             f.write(data[:100])  # an interrupted earlier download
-        assert open(gpt.download("http://x/file.bin", path, good), "rb").read() == data
+        assert open(gpt.download("http://x/file.bin", path), "rb").read() == data
         assert not os.path.exists(path + ".part")
-        raises(RuntimeError, gpt.download, "http://x/other.bin", path + "2", "0" * 64, match="corrupted")
-        assert not os.path.exists(path + "2") and not os.path.exists(path + "2.part")
     with tempfile.TemporaryDirectory() as d, \
             mock.patch.object(gpt.requests, "get", side_effect=requests.ConnectionError("offline")):
-        msg = raises(RuntimeError, gpt.download, "http://x/f.bin", os.path.join(d, "f.bin"), match="http://x/f.bin")
+        msg = raises(gpt.UserError, gpt.download, "http://x/f.bin", os.path.join(d, "f.bin"), match="http://x/f.bin")
         assert os.path.join(d, "f.bin") in msg
 
 def test_gpt_parse_args_flags():
@@ -705,8 +756,8 @@ def test_gpt_pick_device():
         raises(ValueError, gpt.pick_device, "cuda:", match="not available")
     # emulated bf16 (pre-Ampere GPUs) does not count as native: auto then picks float16 + GradScaler
     with mock.patch.object(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation):
-        assert gpt.native_bf16("cuda") is False
-    assert gpt.native_bf16("mps") is False
+        assert gpt.setup_precision("cuda")[0] == "float16"
+    assert gpt.setup_precision("mps")[0] == "float32"
 
 def test_gpt_precision_choice():
     assert gpt.choose_precision("cpu", "auto", bf16=True)[0] == "bfloat16"
@@ -739,31 +790,33 @@ def _help_text(config_class):
 def test_gpt_parse_args_help_shows_defaults_and_comments():
     text = " ".join(_help_text(train.TrainConfig).split())  # argparse wraps lines
     assert "--n_layer int transformer blocks (default: 4)" in text, text[:1000]
-    assert "--dataset str stories (synthetic, offline)" in text and "(default: 'stories')" in text
+    assert "--dataset str stories (offline)" in text and "(default: 'stories')" in text
 
-def test_gpt_parse_args_suggests_the_closest_flag():
+def test_gpt_parse_args_rejects_a_misspelled_flag():
     with contextlib.redirect_stderr(io.StringIO()) as err:
         try:
             gpt.parse_args(train.TrainConfig, ["--max_iter=3"])
             raise AssertionError("--max_iter was accepted")
         except SystemExit as e:
             assert e.code == 2
-    assert "unrecognized arguments: --max_iter=3 (did you mean --max_iters?)" in err.getvalue(), err.getvalue()
+    assert "unrecognized arguments: --max_iter=3" in err.getvalue(), err.getvalue()
+    assert gpt.parse_args(train.TrainConfig, ["--compile"]).compile is True  # a bare bool flag
 
-def test_gpt_run_main_turns_our_errors_into_one_line():
+def test_gpt_run_turns_a_user_error_into_one_line():
     def bad_value(cfg):
-        raise ValueError("--max_new_tokens=-1 must not be negative")
-    with contextlib.redirect_stderr(io.StringIO()):
+        raise gpt.UserError("--max_new_tokens=-1 must not be negative")
+    with mock.patch.object(sys, "argv", ["gpt.py"]):
         try:
-            gpt.run_main(bad_value, gpt.DemoConfig, [])
+            gpt.run(bad_value, gpt.DemoConfig)
             raise AssertionError("no exit")
         except SystemExit as e:
-            assert "error: --max_new_tokens=-1 must not be negative" in str(e.code), e.code
+            assert e.code == "gpt.py: error: --max_new_tokens=-1 must not be negative", e.code
 
-def test_gpt_run_main_keeps_the_traceback_of_a_bug():
-    # a ValueError that no `raise` of ours made (here int() of a bad string) is a bug: it propagates
-    raises(ValueError, gpt.run_main, lambda cfg: int("x"), gpt.DemoConfig, [], match="invalid literal")
-    raises(ZeroDivisionError, gpt.run_main, lambda cfg: 1 / 0, gpt.DemoConfig, [])
+def test_gpt_run_keeps_the_traceback_of_a_bug():
+    # any other exception, a plain ValueError included, is a bug: it propagates with its traceback
+    with mock.patch.object(sys, "argv", ["gpt.py"]):
+        raises(ValueError, gpt.run, lambda cfg: int("x"), gpt.DemoConfig, match="invalid literal")
+        raises(ZeroDivisionError, gpt.run, lambda cfg: 1 / 0, gpt.DemoConfig)
 
 def test_gpt_format_config_is_readable():
     text = gpt.format_config(train.TrainConfig())
@@ -779,7 +832,7 @@ def test_gpt_load_checkpoint_says_what_it_loaded():
 
 def test_gpt_refuse_torchrun():
     with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
-        raises(RuntimeError, gpt.refuse_torchrun, "dpo.py", match="dpo.py runs in one process")
+        raises(gpt.UserError, gpt.refuse_torchrun, "dpo.py", match="dpo.py runs in one process")
     gpt.refuse_torchrun("dpo.py")
 
 def _tiny_models():
@@ -935,7 +988,7 @@ def test_train_stories_instruct_format():
         # plus the fields a checker needs and the label finetune.py --task=classify learns
         record = instruct_record(story, summary, words, kind)
         assert set(record) == {"instruction", "input", "output", "words", "summary", "kind"}, record
-        assert kind in {arc[0] for arc in train.ARCS}, kind
+        assert kind in {arc[0] for arc in train.COMPILED_ARCS}, kind
         assert record["output"] == story and record["input"] == summary == record["summary"]
         assert record["words"] == words and all(f" {w}" in record["instruction"] for w in words)
 
@@ -957,7 +1010,7 @@ def test_train_stories_plans_precede_their_stories():
             words, summary = head.removeprefix("Words: ").split("\nSummary: ")
             record = by_story[story]
             assert words.split(", ") == record[2] and summary == record[1], doc
-        raises(ValueError, train.check_config, train.TrainConfig(plans=1.5), "bpe", 1, False, "cpu",
+        raises(gpt.UserError, train.check_config, train.TrainConfig(plans=1.5), "bpe", 1, False,
                match="--plans=1.5")
 
 def tiny(tmp, **kw):
@@ -1010,17 +1063,18 @@ def test_train_resume_reproduces_uninterrupted_run():
                 raise KeyboardInterrupt
             return real(data, batch_size, block_size, key, device)
         with mock.patch.object(train, "get_batch", interrupt):
-            stopped = train.main(tiny(tmp, out_dir=os.path.join(tmp, "c"), **kw))
-        assert stopped["interrupted"] and stopped["step"] == 5, stopped
+            raises(SystemExit, train.main, tiny(tmp, out_dir=os.path.join(tmp, "c"), **kw))
+        saved = torch.load(os.path.join(tmp, "c", "ckpt.pt"), weights_only=True)
+        assert saved["step"] == 5, saved["step"]
         # resume takes the data, its order and the batches from the checkpoint, not from these flags
         other = dict(kw, grad_accum=4, num_stories=300, seed=99, vocab_size=400, batch_size=2, block_size=16)
         rest = train.main(tiny(tmp, init_from="resume", out_dir=os.path.join(tmp, "c"), **other))["losses"]
-        assert stopped["losses"] + rest == full, f"{stopped['losses']} + {rest} != {full}"
+        assert rest == full[5:], f"{rest} != {full[5:]}"
 
 def test_train_refuses_to_replace_another_run():
     with tempfile.TemporaryDirectory() as tmp:
         train.main(tiny(tmp, max_iters=2, eval_interval=2))
-        raises(FileExistsError, train.main, tiny(tmp, max_iters=2), match="--out_dir=")
+        raises(gpt.UserError, train.main, tiny(tmp, max_iters=2), match="--out_dir")
         assert train.main(tiny(tmp, max_iters=2, overwrite=True))["step"] == 2
         assert train.main(tiny(tmp, max_iters=3, init_from="resume"))["step"] == 3
 
@@ -1042,7 +1096,7 @@ def test_train_ctrl_c_prints_the_full_resume_command():
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as out:
         cfg = tiny(tmp)
         with mock.patch.object(train, "get_batch", interrupt):
-            assert train.main(cfg)["interrupted"]
+            assert raises(SystemExit, train.main, cfg) == "130", "Ctrl-C exits 130, as a shell expects"
         command = out.getvalue().split("continue with:\n")[1].split("\n")[0].split()
         assert command[:4] == ["python", "train.py", "--init_from=resume", f"--out_dir={cfg.out_dir}"], command
         resumed = gpt.parse_args(train.TrainConfig, command[2:])
@@ -1050,7 +1104,7 @@ def test_train_ctrl_c_prints_the_full_resume_command():
             if field.name not in (*train.RESUMED_FIELDS, "init_from", "overwrite"):
                 assert getattr(resumed, field.name) == getattr(cfg, field.name), field.name
         train.main(resumed)
-    assert "resuming from step 2" in out.getvalue(), out.getvalue()[-500:]
+    assert "ckpt.pt: step 2," in out.getvalue(), out.getvalue()[-500:]  # load_checkpoint's line
 
 def test_train_checkpoint_keeps_the_loss_scale():
     # float16 (CUDA) runs keep their loss scale across a resume; on a CPU the scaler is off: a stub records it
@@ -1123,7 +1177,7 @@ def test_train_interrupted_rebuild_leaves_no_meta():
         train.prepare_data(cfg, "bpe")
         real_encode = train.encode_split
         def fails_on_val(*args, **kwargs):
-            if args[5].endswith("val.bin"):
+            if args[4].endswith("val.bin"):
                 raise RuntimeError("stopped")
             return real_encode(*args, **kwargs)
         with mock.patch.object(train, "encode_split", fails_on_val):
@@ -1132,43 +1186,42 @@ def test_train_interrupted_rebuild_leaves_no_meta():
         assert bpe.Tokenizer.load(os.path.join(folder, "tokenizer.json")).vocab_size == meta["vocab_size"] == 280
 
 def test_train_plain_text_is_encoded_in_line_parts():
-    # plain text (no <|endoftext|>) is encoded in parts of whole lines, at most a piece each
+    # plain text (no <|endoftext|>) is encoded in parts of whole lines, about a piece each
     byte_tok, longest = bpe.Tokenizer().train("", 257), []
     class Spy:  # the tiktoken encoder, noting the longest text it is given
         def __init__(self, enc):
             self.enc = enc
-        def encode_ordinary(self, text):
-            longest.append(len(text))
-            return self.enc.encode_ordinary(text)
-        def encode_ordinary_batch(self, texts):
+        def encode_batch(self, texts, **kwargs):
             longest.extend(map(len, texts))
-            return self.enc.encode_ordinary_batch(texts)
+            return self.enc.encode_batch(texts, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         text = "".join(f"line {i}: the quick brown fox\n" for i in range(300))
         plain = os.path.join(tmp, "plain.txt")
         out = os.path.join(tmp, "plain.bin")
         with open(plain, "w") as f:
             f.write(text)
-        n_tokens, _ = train.encode_split(Spy(byte_tok.to_tiktoken()), 256, plain, 0, len(text), out, "uint16",
+        n_tokens, _ = train.encode_split(Spy(byte_tok.to_tiktoken()), plain, 0, len(text), out, "uint16",
                                          piece=100)
         ids = np.fromfile(out, dtype=np.uint16).tolist()
     assert byte_tok.decode(ids) == text.strip() + "<|endoftext|>" and n_tokens == len(ids) == len(text)
-    assert 50 < max(longest) <= 100, f"longest text encoded at once: {max(longest)} characters"
+    # a part: what was left (at most a piece) and a piece read (to a line's end), less its last line
+    assert 100 < max(longest) <= 2 * 100 + 31, f"longest text encoded at once: {max(longest)} characters"
 
 def test_train_flushed_document_keeps_its_eot():
-    # a document written in parts keeps its <|endoftext|> when only whitespace follows, at once or later
+    # a document written in parts keeps its <|endoftext|> when only whitespace follows, at once or later,
+    # whether its text ends where a piece ends or not
     byte_tok = bpe.Tokenizer().train("", 257)
-    first = "".join(f"{i:04d} {'x' * 14}\n" for i in range(10))  # 200 characters: two pieces of 100
     with tempfile.TemporaryDirectory() as tmp:
         plain = os.path.join(tmp, "plain.txt")
         out = os.path.join(tmp, "plain.bin")
-        for gap in ("", " " * 100):
+        for lines, gap in ((10, ""), (10, " " * 100), (6, ""), (6, "\n" * 150)):
+            first = "".join(f"{i:04d} {'x' * 14}\n" for i in range(lines))  # 20 characters a line
             with open(plain, "w") as f:
                 f.write(first + gap + "<|endoftext|>\nsecond\n<|endoftext|>\n")
-            train.encode_split(byte_tok.to_tiktoken(), 256, plain, 0, os.path.getsize(plain), out, "uint16",
+            train.encode_split(byte_tok.to_tiktoken(), plain, 0, os.path.getsize(plain), out, "uint16",
                                piece=100)
             decoded = byte_tok.decode(np.fromfile(out, dtype=np.uint16).tolist())
-            assert decoded == first.rstrip() + "<|endoftext|>second<|endoftext|>", repr(decoded)
+            assert decoded == first.rstrip() + "<|endoftext|>second<|endoftext|>", (lines, repr(decoded))
 
 def test_train_non_utf8_text_is_a_clear_error():
     with tempfile.TemporaryDirectory() as tmp:
@@ -1188,7 +1241,10 @@ def test_train_bad_values_fail_before_any_data_work():
         raises(ValueError, train.main, tiny(tmp, dataset="nope.txt"), match="existing")
         raises(ValueError, train.main, tiny(tmp, seed=-1), match="--seed=-1")
         raises(ValueError, train.main, tiny(tmp, init_from="gpt3"), match="safetensors")
-        raises(FileNotFoundError, train.main, tiny(tmp, init_from="resume"), match="no checkpoint")
+        raises(gpt.UserError, train.main, tiny(tmp, init_from="resume"), match="no checkpoint")
+        # GPT-2 brings its tokenizer and its 1024-token context: nothing else fits it
+        raises(gpt.UserError, train.main, tiny(tmp, init_from="gpt2", block_size=2048), match="--block_size=2048")
+        raises(gpt.UserError, train.main, tiny(tmp, init_from="gpt2", tokenizer="byte"), match="--tokenizer='byte'")
         assert not os.path.exists(os.path.join(tmp, "data")), "data was prepared before the checks"
 
 def test_train_bad_optimizer_values_are_named():
@@ -1196,7 +1252,7 @@ def test_train_bad_optimizer_values_are_named():
         raises(ValueError, train.main, tiny(tmp, min_lr=-1.0), match="--min_lr=-1.0")
         raises(ValueError, train.main, tiny(tmp, learning_rate=1e-4, min_lr=2e-4), match="to --learning_rate=0.0001")
         for name, bad in (("beta1", 1.5), ("beta2", -0.1), ("weight_decay", -0.1), ("grad_clip", -1.0)):
-            raises(ValueError, train.main, tiny(tmp, **{name: bad}), match=f"--{name}={bad} is invalid")
+            raises(gpt.UserError, train.main, tiny(tmp, **{name: bad}), match=f"--{name}={bad}: it must")
 
 def test_train_bench_refused_under_torchrun():
     with tempfile.TemporaryDirectory() as tmp:
@@ -1218,11 +1274,12 @@ def test_train_compile_failure_is_a_clear_error():
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in cpp_extension")
         return call
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(torch, "compile", broken_compile):
-        raises(RuntimeError, train.main, tiny(tmp, compile=True), match="drop --compile")
+        raises(gpt.UserError, train.main, tiny(tmp, compile=True), match="drop --compile")
 
 def test_train_nan_loss_stops_and_keeps_last_checkpoint():
     with tempfile.TemporaryDirectory() as tmp:
-        raises(RuntimeError, train.main, tiny(tmp, learning_rate=1e9, min_lr=0.0, grad_clip=0.0), match="diverged")
+        raises(gpt.UserError, train.main, tiny(tmp, learning_rate=1e9, min_lr=0.0, grad_clip=0.0),
+               match="diverged")
         _, ckpt = gpt.load_checkpoint(os.path.join(tmp, "out", "ckpt.pt"))
         assert ckpt["step"] in (0, 4) and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
@@ -1230,32 +1287,7 @@ def test_train_nan_loss_stops_and_keeps_last_checkpoint():
 # kvcache.py
 
 import kvcache  # noqa: E402
-from kvcache import KVCacheConfig, MatVecLinear, TextStream, use_matvec  # noqa: E402
-
-def test_kvcache_matvec_linear():
-    """MatVecLinear (one row through torch.mv) = nn.Linear with and without bias, float32 and bfloat16;
-    several rows take the ordinary path."""
-    torch.manual_seed(0)
-    for bias in (True, False):
-        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-            plain = torch.nn.Linear(48, 40, bias=bias).to(dtype)
-            fast = use_matvec(torch.nn.Sequential(copy.deepcopy(plain)))[0]
-            assert type(fast) is MatVecLinear
-            for shape in ((1, 48), (1, 1, 48), (3, 2, 48)):
-                x = torch.randn(shape, dtype=dtype)
-                assert_close(fast(x), plain(x), tol, f"bias={bias} {dtype} input {shape}")
-
-def test_kvcache_matvec_model_keeps_tied_weights_and_tokens():
-    for model in _tiny_models():
-        prompt, seen, fast_seen = torch.randint(0, 97, (6,)).tolist(), [], []
-        reference = model.generate([prompt], 12, temperature=0,
-                                   on_token=lambda step, ids, logits: seen.append(logits[0].clone()))
-        fast = use_matvec(copy.deepcopy(model))
-        assert fast.lm_head.weight is fast.transformer.wte.weight and type(fast.lm_head) is MatVecLinear
-        out = fast.generate([prompt], 12, temperature=0,
-                            on_token=lambda step, ids, logits: fast_seen.append(logits[0].clone()))
-        assert out == reference, f"matvec {out} != {reference}"
-        assert_close(torch.stack(fast_seen), torch.stack(seen), 1e-5, "matvec logits")
+from kvcache import KVCacheConfig, TextStream  # noqa: E402
 
 def _kvcache_checkpoint(tmp):
     torch.manual_seed(0)
@@ -1277,7 +1309,7 @@ def test_kvcache_main_streams_batches_and_loops():
     speeds = re.findall(r"tok/s \(prefill included\), ([\d,.]+|nan) after each row's first", printed.getvalue())
     assert len(speeds) == 3 and float(speeds[1].replace(",", "")) > 0, printed.getvalue()[-300:]
     assert f"checkpoint {path}: step ?" in printed.getvalue(), printed.getvalue()[:500]
-    assert "grouped-query" not in printed.getvalue(), "a GQA saving is reported with GQA off"
+    assert "(2 of 2 heads kept)" in printed.getvalue(), printed.getvalue()[:500]
 
 def test_kvcache_says_when_a_row_stopped_at_eot():
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -1291,12 +1323,12 @@ def test_kvcache_says_when_a_row_stopped_at_eot():
 
 def test_kvcache_refuses_a_missing_checkpoint():
     with tempfile.TemporaryDirectory() as tmp:
-        raises(FileNotFoundError, kvcache.main, KVCacheConfig(ckpt_path=os.path.join(tmp, "ckpt.pt")),
+        raises(gpt.UserError, kvcache.main, KVCacheConfig(ckpt_path=os.path.join(tmp, "ckpt.pt")),
                match="python train.py")
 
 def test_kvcache_refuses_torchrun():
     with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):  # started by torchrun: one process only
-        raises(RuntimeError, kvcache.main, KVCacheConfig(), match="not torchrun")
+        raises(gpt.UserError, kvcache.main, KVCacheConfig(), match="not torchrun")
 
 def test_kvcache_bench_row_runs_on_a_tiny_model():
     # the benchmark's measuring code on a tiny model (its speed is measured by --bench, not here)
@@ -1484,6 +1516,12 @@ def test_kvcache_server_bad_input_answers_and_keeps_serving():
         big.settimeout(5)
         assert big.recv(20).startswith(b"HTTP/1.0 413"), "a body over 1 MB was not refused"
         big.close()
+        # no Content-Length: an empty body, answered at once (not read until the timeout)
+        bare = socket.create_connection(server.server_address[:2])
+        bare.sendall(b"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer sekret\r\n\r\n")
+        bare.settimeout(5)
+        assert bare.recv(20).startswith(b"HTTP/1.0 400"), "a body without a length was not refused"
+        bare.close()
         assert requests.get(url + "/v1/nothing", timeout=10).status_code == 404
         wrong = requests.get(url + "/v1/completions", headers=auth, timeout=10)
         assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
@@ -1531,7 +1569,7 @@ PAGE_HARNESS = """
 // events and UTF-8 characters are split across reads
 const elements = {};
 const element = (id) => elements[id] ||= {value: "", textContent: "", children: [],
-                                          append(child) { this.children.push(child); }};
+  appendChild(child) { this.children.push(child); return child; }};
 globalThis.document = {getElementById: element, createElement: () => element(Math.random())};
 const realFetch = fetch;
 globalThis.fetch = async (path, options) => {
@@ -1544,8 +1582,6 @@ globalThis.fetch = async (path, options) => {
 };
 SCRIPT
 element("input").value = "Tell me a story";
-element("temperature").value = "0";
-element("max_tokens").value = "100";
 send({preventDefault() {}}).then(() => console.log(JSON.stringify(messages)));
 """
 
@@ -1571,8 +1607,7 @@ def test_kvcache_page_script_assembles_a_split_stream():
 
 def test_kvcache_serve_from_the_command_line_then_ctrl_c():
     """`python kvcache.py --serve` on a tiny checkpoint prints its URL, answers a completion, and stops
-    cleanly on Ctrl-C (SIGINT) with exit code 0; --bench_serve drives such a server with 1, 4 and
-    16 streaming clients and reports each one's aggregate tokens/s."""
+    cleanly on Ctrl-C (SIGINT) with exit code 0."""
     with tempfile.TemporaryDirectory() as tmp:
         path = _kvcache_checkpoint(tmp)
         flags = [f"--ckpt_path={path}", "--device=cpu", "--dtype=float32"]
@@ -1589,11 +1624,6 @@ def test_kvcache_serve_from_the_command_line_then_ctrl_c():
         finally:
             server.kill()
         assert server.returncode == 0 and "stopped" in out and "Traceback" not in err, (out, err)
-        with contextlib.redirect_stdout(io.StringIO()) as printed:
-            rows = kvcache.main(KVCacheConfig(ckpt_path=path, bench_serve=True, max_new_tokens=8,
-                                              device="cpu", dtype="float32"))
-        assert sorted(rows) == [1, 4, 16] and min(rows.values()) > 0, (rows, printed.getvalue())
-        assert "| 16 |" in printed.getvalue(), printed.getvalue()
 
 # -----------------------------------------------------------------------------
 # finetune.py (and the chat template and story checker in bpe.py)
@@ -1635,27 +1665,40 @@ def test_bpe_chat_mask_marks_exactly_the_assistant_tokens_and_stop():
     (x, y), = bpe.make_examples(tok, [chat], "alpaca", 512, mask_prompt=False)[0]
     assert y == ids[1:], "--mask_prompt=False trains on every token"
 
+def test_finetune_examples_mask_the_prompt_and_the_padding():
+    tok = _chat_tokenizer()
+    records = [{"instruction": "Name a cat.", "output": "Tom"}, {"instruction": "Again?", "output": "Tom again"}]
+    (x, y), long_one = finetune.chat_examples(tok, records, "alpaca", 512)[0]
+    ids, mask = bpe.render_conversation(tok, bpe.record_messages(records[0]), "alpaca")
+    assert x == ids[:-1] and y == [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+    assert tok.decode([t for t in y if t != -100]) == "Tom<|endoftext|>", "the response and its stop token"
+    assert finetune.chat_examples(tok, records, "alpaca", 512, mask_prompt=False)[0][0][1] == ids[1:]
+    xb, yb = finetune.pad_batch([(x, y), long_one], 0, "cpu")
+    pad = len(long_one[0]) - len(x)
+    assert xb[0, len(x):].tolist() == [0] * pad and yb[0, len(y):].tolist() == [-100] * pad, "padding: no loss"
+    assert torch.equal(yb[1], torch.tensor(long_one[1])) and xb.shape == yb.shape == (2, len(long_one[0]))
+
 def test_finetune_long_examples_cut_the_response_never_the_prompt():
     tok = _chat_tokenizer()
-    prompt = [{"role": "user", "content": "cat " * 10}]
-    n_prompt = len(bpe.render_conversation(tok, prompt, "phi3")[0])
-    long = prompt + [{"role": "assistant", "content": "Tom " * 40}]
-    examples, dropped, cut = bpe.make_examples(tok, [long], "phi3", n_prompt + 5)
+    record = {"instruction": "cat " * 10, "output": "Tom " * 40}
+    prompt = bpe.render_conversation(tok, bpe.record_messages(record)[:-1], "phi3")[0]
+    examples, dropped, cut = finetune.chat_examples(tok, [record], "phi3", len(prompt) + 5)
     (x, y), = examples
-    assert (dropped, cut) == (0, 1) and len(x) == n_prompt + 5
-    assert x[:n_prompt] == bpe.render_conversation(tok, prompt, "phi3")[0], "the prompt is kept whole"
+    assert (dropped, cut) == (0, 1) and len(x) == len(prompt) + 5
+    assert x[:len(prompt)] == prompt, "the prompt is kept whole"
     assert tok.special_tokens["<|endoftext|>"] not in y, "a cut response has no stop token"
-    examples, dropped, cut = bpe.make_examples(tok, [long], "phi3", n_prompt - 3)
+    examples, dropped, cut = finetune.chat_examples(tok, [record], "phi3", len(prompt) - 3)
     assert (examples, dropped) == ([], 1), "a prompt that fills the window is dropped, not cut"
 
 def test_finetune_loss_is_sum_over_trained_tokens_over_their_count():
     torch.manual_seed(0)
-    logits = torch.randn(2, 3, 5)
-    targets = torch.tensor([[1, -100, 2], [-100, -100, 4]])
+    model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    x = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    y = torch.tensor([[1, -100, 2], [-100, -100, 4]])
+    logits, loss = model(x, y)  # the loop's loss: the model's own, on the masked targets
     logp = logits.log_softmax(-1)
     expected = -(logp[0, 0, 1] + logp[0, 2, 2] + logp[1, 2, 4]) / 3
-    assert_close(gpt.response_loss(logits, targets), expected, 1e-6, "masked loss")
-    raises(ValueError, gpt.response_loss, logits, torch.full((2, 3), -100), match="no trained token")
+    assert_close(loss, expected, 1e-6, "masked loss")
 
 def test_finetune_length_batches_cut_padding():
     lengths = [random.Random(k).randint(10, 200) for k in range(256)]
@@ -1696,18 +1739,16 @@ def test_finetune_overfits_four_examples():
         ckpt, _, tok = _tiny_finetune_setup(tmp, FOUR)
         model, _ = gpt.load_checkpoint(ckpt, verbose=False)
         chats = [bpe.record_messages(r) for r in FOUR]
-        examples = bpe.make_examples(tok, chats, "phi3", 96)[0]
+        examples = finetune.chat_examples(tok, FOUR, "phi3", 96)[0]
         cfg = finetune.FinetuneConfig(max_iters=150, batch_size=4, learning_rate=1e-2, min_lr=1e-3,
-                                      warmup_iters=5, eval_interval=50, log_interval=1000, weight_decay=0.0)
+                                      warmup_iters=5, eval_interval=50, log_interval=1000, weight_decay=0.0,
+                                      dtype="float32")
         pad = tok.special_tokens["<|endoftext|>"]
-        batch_loss = lambda batch: (gpt.response_loss(model(gpt.collate(
-            [examples[i] for i in batch], pad, "cpu")[0])[0], gpt.collate([examples[i] for i in batch], pad, "cpu")[1]), 1)
-        evaluate = lambda: gpt.heldout_loss(model, examples, 4, pad, "cpu", contextlib.nullcontext())
-        run = gpt.fit(cfg, model, list(model.parameters()), lambda: [[0, 1, 2, 3]], batch_loss,
-                      evaluate, lambda step, loss: None)
-        assert run["best_val_loss"] < 0.05, run
-        n_tensors = len(list(model.parameters()))  # AdamW: two float32 moments per weight, a step count per tensor
-        assert 8 * model.num_params() <= run["optimizer_bytes"] <= 8 * model.num_params() + 8 * n_tensors, run
+        result = finetune.train(cfg, model, list(model.parameters()), examples, examples, pad, "cpu",
+                                contextlib.nullcontext())
+        assert result["best_val_loss"] < 0.05 and result["best_step"] in (100, 150), result
+        assert_close(gpt.heldout_loss(model, examples, 4, pad, "cpu", contextlib.nullcontext()),
+                     result["best_val_loss"], 1e-6, "the model ends at its best weights")
         prompts = [bpe.render_conversation(tok, chat[:-1], "phi3")[0] for chat in chats]
         responses = gpt.respond(model, tok, prompts, 20, pad, contextlib.nullcontext())
         assert responses == [r["output"] for r in FOUR], responses
@@ -1717,17 +1758,17 @@ def test_finetune_train_layers_changes_only_the_last_block_and_norm():
         ckpt, _, tok = _tiny_finetune_setup(tmp, FOUR, n_layer=3)
         model, _ = gpt.load_checkpoint(ckpt, verbose=False)
         clf = finetune.Classifier(model, ["a", "b"])
-        params = finetune.freeze(clf, model, 1)
+        params = finetune.freeze(model, 1) + list(clf.head.parameters())  # as classify() trains it
         before = {k: v.clone() for k, v in clf.state_dict().items()}
         optimizer = torch.optim.AdamW(params, lr=0.1)
-        x = torch.tensor([tok.encode("Name the cat. Tom")])
-        torch.nn.functional.cross_entropy(clf(x, torch.tensor([x.size(1)])), torch.tensor([1])).backward()
+        x, y = finetune.pad_batch([finetune.text_example(tok, "Name the cat. Tom", 1, 96)], 0, "cpu")
+        clf(x, y)[1].backward()
         optimizer.step()
         changed = {k for k, v in clf.state_dict().items() if not torch.equal(v, before[k])}
         expected = {k for k in before if k.startswith(("gpt.transformer.h.2.", "gpt.transformer.ln_f", "head."))}
         assert changed == expected, sorted(changed ^ expected)
-        assert len(finetune.freeze(clf, model, -1)) == len(list(clf.parameters())), "-1 trains all"
-        raises(ValueError, finetune.freeze, clf, model, 4, match="3 blocks")
+        assert len(finetune.freeze(model, -1)) == len(list(model.parameters())), "-1 trains all"
+        raises(ValueError, finetune.freeze, model, 4, match="3 blocks")
 
 def test_finetune_main_writes_checkpoint_with_template_and_table():
     records = [dict(r, words=[r["output"].split()[0]], summary=r["output"].split()[0] + " is here.")
@@ -1774,8 +1815,10 @@ def test_finetune_bad_data_is_a_clear_error():
                out_dir=f"{tmp}/few", device="cpu"), match="at least 10 texts of each label")
         os.makedirs(f"{tmp}/done")
         shutil.copy(ckpt, f"{tmp}/done/ckpt.pt")
-        raises(FileExistsError, finetune.main, finetune.FinetuneConfig(ckpt_path=ckpt, out_dir=f"{tmp}/done"),
+        raises(gpt.UserError, finetune.main, finetune.FinetuneConfig(ckpt_path=ckpt, out_dir=f"{tmp}/done"),
                match="--overwrite")
+        raises(gpt.UserError, finetune.main, finetune.FinetuneConfig(ckpt_path=ckpt, out_dir=f"{tmp}/no",
+               data_dir=f"{tmp}/nodata", device="cpu"), match="python train.py")
         raises(ValueError, bpe.split_records, list(range(10)), 5, 5, 0, match="none to train")
         raises(ValueError, finetune.check_config, finetune.FinetuneConfig(template="chatml"), match="alpaca")
         raises(ValueError, finetune.check_config, finetune.FinetuneConfig(task="chat"), match="instruct or classify")
@@ -1799,10 +1842,11 @@ def test_finetune_classifier_pools_the_last_real_token():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
     clf = finetune.Classifier(model, ["a", "b", "c"]).eval()
-    rows = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
-    alone = torch.cat([clf(torch.tensor([r]), torch.tensor([len(r)])) for r in rows])
-    x = gpt.collate([(r, r) for r in rows], 0, "cpu")[0]
-    assert_close(clf(x, torch.tensor([3, 6])), alone, 1e-6, "padded vs alone")
+    rows = [([5, 6, 7], [-100, -100, 2]), ([8, 9, 10, 11, 12, 13], [-100] * 5 + [0])]
+    alone = torch.cat([clf(torch.tensor([x]), torch.tensor([y]))[0] for x, y in rows])
+    logits, loss = clf(*finetune.pad_batch(rows, 0, "cpu"))
+    assert_close(logits, alone, 1e-6, "padded vs alone")
+    assert_close(loss, torch.nn.functional.cross_entropy(alone, torch.tensor([2, 0])), 1e-6, "the labels' loss")
 
 def test_finetune_classifier_overfits_and_round_trips():
     pairs = [(f"{w} {w} {w}", "spam" if w in ("win", "cash", "free") else "ham")
@@ -1817,7 +1861,7 @@ def test_finetune_classifier_overfits_and_round_trips():
                                       device="cpu", dtype="float32")
         result = finetune.main(cfg)
         assert result["train"] == 1.0 and result["test"] == 1.0 and result["naive_bayes_test"] == 1.0, result
-        assert sum(map(sum, result["confusion"])) == 36 - 25 - 3, "18 + 18 texts: 25 train, 3 val, 8 test"
+        assert torch.load(result["ckpt_path"], weights_only=True)["classifier"]["labels"] == ["ham", "spam"]
         for text, label in pairs[:6]:  # the saved head and labels give the same predictions
             assert finetune.main(dataclasses.replace(cfg, classify_text=text))["label"] == label
         os.makedirs(f"{tmp}/lm")
@@ -1844,14 +1888,15 @@ def test_finetune_judge_scores_through_a_local_stand_in_server():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
-        scores = finetune.judge(url, "llama3", [("Name the cat.", "Tom", "Tom"), ("Name the dog.", "Rex", "Max")])
-        assert scores == [85, None], scores
+        records = [{"instruction": "Name the cat.", "output": "Tom"}, {"instruction": "Name the dog.", "output": "Rex"}]
+        assert finetune.judge(url, "llama3", records, ["Tom", "Max"]) == 85, "a reply without a number is left out"
+        assert finetune.judge(url, "llama3", records[1:], ["Max"]) is None
         assert asked[0]["model"] == "llama3" and asked[0]["messages"][0]["role"] == "user"
         assert "Name the cat." in asked[0]["messages"][0]["content"], "the prompt reaches the judge"
     finally:
         server.shutdown()
         server.server_close()
-    raises(RuntimeError, finetune.judge, url, "llama3", [("a", "b", "c")], match="drop --judge_url")
+    raises(gpt.UserError, finetune.judge, url, "llama3", records, ["c"], match="drop --judge_url")
 
 def test_finetune_raschka_records_render_with_gpt2s_tokenizer():
     records = bpe.read_records(shared_file("instruct", "instruction-data.json"))
@@ -1967,7 +2012,7 @@ def test_lora_main_trains_merges_and_ships_the_adapter():
     with tempfile.TemporaryDirectory() as tmp:
         records = [dict(r, words=[r["output"].split()[0]], summary=r["output"].split()[0] + " is here.")
                    for r in FOUR * 3]
-        ckpt, path, _ = _tiny_finetune_setup(tmp, records)
+        ckpt, path, tok = _tiny_finetune_setup(tmp, records)
         cfg = lora.LoraConfig(ckpt_path=ckpt, dataset=path, out_dir=f"{tmp}/lora", val_size=2, test_size=2,
                               max_iters=6, batch_size=4, eval_interval=3, max_new_tokens=5, device="cpu",
                               dtype="float32", targets="all", rank=2)
@@ -1977,14 +2022,18 @@ def test_lora_main_trains_merges_and_ships_the_adapter():
         assert result["trainable"] < result["params"] and result["file_bytes"] < result["ckpt_bytes"]
         shipped = lora.main(dataclasses.replace(cfg, adapter=f"{tmp}/lora/adapter.pt"))
         assert_close(shipped["response_loss"], result["response_loss"], 1e-5, "adapter.pt onto its base = merged")
-        raises(FileExistsError, lora.main, cfg, match="--overwrite")
+        raises(gpt.UserError, lora.main, cfg, match="--overwrite")
+        val = bpe.split_records(records, 2, 2, cfg.seed)[1]
+        val_ex = bpe.make_examples(tok, [bpe.record_messages(r) for r in val], "phi3", 96)[0]
+        val_loss = gpt.heldout_loss(merged, val_ex, 4, 0, "cpu", contextlib.nullcontext())
+        assert saved["step"] in (0, 3, 6) and abs(val_loss - saved["val_loss"]) < 1e-4, "the best adapter is kept"
+        state = result["optimizer_bytes"] - 8 * result["trainable"]
+        assert 0 <= state < 1000, "AdamW keeps two float32 numbers for each adapter weight (and a step count)"
         half = lora.main(dataclasses.replace(cfg, bf16_base=True, out_dir=f"{tmp}/half"))
         merged_half = gpt.load_checkpoint(half["ckpt_path"], verbose=False)[0]
         base_model = gpt.load_checkpoint(ckpt, verbose=False)[0]
         assert torch.equal(merged_half.transformer.wte.weight, base_model.transformer.wte.weight), \
             "--bf16_base merges into the float32 base, not its rounding"
-        times = lora.step_times(cfg, [0, 2], rounds=1, steps=1)  # the --compare step benchmark
-        assert set(times) == {0, 2} and all(ms > 0 for ms in times.values()), times
 
 # -----------------------------------------------------------------------------
 # dpo.py
@@ -2058,9 +2107,10 @@ def test_dpo_onpolicy_pairs_rank_the_models_own_samples():
     tok = bpe.Tokenizer().train(" ".join(r["instruction"] + r["output"] for r in records), 350)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
     # an untrained model's samples all earn 0 from story_reward; a stand-in reward ranks them instead
+    prompts = [bpe.render_conversation(tok, bpe.record_messages(r)[:-1], "phi3")[0] for r in records]
     with mock.patch.object(dpo, "story_reward", lambda story, record: len(story)):
-        pairs = dpo.onpolicy_pairs(model, tok, records, "phi3", 3, 30, contextlib.nullcontext(), 0)
-        again = dpo.onpolicy_pairs(model, tok, records, "phi3", 3, 30, contextlib.nullcontext(), 0)
+        pairs = dpo.onpolicy_pairs(model, tok, records, prompts, 3, 30, contextlib.nullcontext(), 0)
+        again = dpo.onpolicy_pairs(model, tok, records, prompts, 3, 30, contextlib.nullcontext(), 0)
     assert len(pairs) >= 6 and pairs == again, "seeded: the same pairs twice"
     prompts = [json.dumps(bpe.record_messages(r)[:-1]) for r in records]
     for prompt, chosen, rejected in pairs:
@@ -2083,7 +2133,7 @@ def test_dpo_bad_input_is_a_clear_error():
     raises(ValueError, dpo.check_config, dpo.DpoConfig(beta=0.0), match="--beta=0.0")
     raises(ValueError, dpo.check_config, dpo.DpoConfig(loss="kto"), match="use one of dpo")
     raises(ValueError, dpo.check_config, dpo.DpoConfig(samples=1), match="--samples=1")
-    raises(ValueError, dpo.check_config, dpo.DpoConfig(pairs="mixed"), match="use offline, onpolicy or both")
+    raises(gpt.UserError, dpo.check_config, dpo.DpoConfig(pairs="mixed"), match="use one of offline, onpolicy, both")
 
 def test_dpo_learning_rate_is_per_method_unless_given():
     for method, lr in [("dpo", 1e-4), ("grpo", 3e-4)]:
@@ -2121,10 +2171,12 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
                             max_iters=6, batch_size=4, eval_interval=3, learning_rate=1e-2, max_new_tokens=8,
                             prompts=20, device="cpu", dtype="float32")
         sampler = mock.patch.object(dpo, "onpolicy_pairs", wraps=dpo.onpolicy_pairs)
-        with mock.patch.object(dpo.copy, "deepcopy", spy), sampler as sampled:
+        renders = mock.patch.object(dpo, "render_conversation", wraps=dpo.render_conversation)
+        with mock.patch.object(dpo.copy, "deepcopy", spy), sampler as sampled, renders as rendered:
             result = dpo.main(cfg)
         (_, _, prompts, *_), _ = sampled.call_args  # --pairs=both: the model's own pairs beside the offline
         assert sampled.call_count == 1 and prompts == dpo.split_records(records, 5, 5, cfg.seed)[0][:20]
+        assert rendered.call_count == 20 + 5 + 5, "each prompt rendered once: train, val, test"
         (ref, weights), = copies
         assert all(torch.equal(v, weights[k]) for k, v in ref.state_dict().items()), "the reference changed"
         assert not ref.training and not any(p.requires_grad for p in ref.parameters())
@@ -2132,9 +2184,9 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
             assert set(result[row]) >= {"accuracy", "margin", "kl", "constraints", "chosen_loss", "response_tokens"}
         assert_close(result["before"]["loss"], math.log(2), 1e-5, "the held-out DPO loss at the start")
         assert gpt.load_checkpoint(result["ckpt_path"], verbose=False)[1]["chat_template"] == "phi3"
-        raises(FileExistsError, dpo.main, cfg, match="--overwrite")
-        # on the stories the val prompts' mean reward picks the checkpoint (evaluations at steps 0, 3, 6)
-        with mock.patch.object(dpo, "prompt_reward", side_effect=[0.1, 0.5, 0.2]):
+        raises(gpt.UserError, dpo.main, cfg, match="--overwrite")
+        # on the stories minus the val prompts' mean reward picks the checkpoint (evaluations at steps 0, 3, 6)
+        with mock.patch.object(dpo, "evaluate", side_effect=[-0.1, -0.5, -0.2]):
             picked = dpo.main(dataclasses.replace(cfg, out_dir=f"{tmp}/dpo-picked"))
         assert gpt.load_checkpoint(picked["ckpt_path"], verbose=False)[1]["step"] == 3, "not the best reward"
         grpo = dataclasses.replace(cfg, method="grpo", out_dir=f"{tmp}/grpo", group_size=2, prompts_per_step=2,
@@ -2142,9 +2194,6 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
         result = dpo.main(grpo)
         assert set(result["after"]) >= {"constraints", "reward", "chosen_loss", "kl"}
         assert gpt.load_checkpoint(result["ckpt_path"], verbose=False)[1]["train_config"]["method"] == "grpo"
-        speed = dpo.main(dataclasses.replace(grpo, bench=True))
-        assert min(speed.values()) > 0 and len(speed) == 3, "tokens/s: cache, fused, no cache"
-        assert gpt.DECODE_BY_HAND, "the bench puts the rule back"
 
 def test_grpo_reward_pays_for_stories_not_for_word_lists():
     for r in _story_records(20, seed=11):
@@ -2209,7 +2258,7 @@ def test_grpo_teaches_a_tiny_model_to_emit_the_rewarded_token():
         r = dpo.rollout(model, ref, [[1, 2], [3]], 8, 6, lambda k, ids: ids.count(7) / len(ids), -1,
                         contextlib.nullcontext(), generator)
         rewards.append(r["reward"] + 0.5)  # never stops (no stop id): every sample pays 0.5
-        assert r["tokens"] == 16 * 6 and r["x"].shape == (16, 7)
+        assert r["length"] == 6 and r["x"].shape == (16, 7)
         model.train()
         for inner in range(2):
             logp = dpo.token_logprobs(model(r["x"])[0], r["y"])
@@ -2245,7 +2294,7 @@ def test_quantize_rounding_error_is_at_most_half_a_scale():
             assert ((quantize.dequantize(q, scale, zero) - view).abs() <= scale / 2 * (1 + 1e-5)).all()
     errors = quantize.outlier_demo()
     assert errors["per tensor"] > 10 * errors["per channel"], errors
-    raises(ValueError, quantize.grouped, w, 48, match="--group_size=48 does not divide the input width 128")
+    raises(gpt.UserError, quantize.grouped, w, 48, match="--group_size=48 does not divide the input width 128")
 
 def test_quantize_int4_packing_round_trips():
     u = torch.randint(0, 16, (6, 10), dtype=torch.uint8)
@@ -2322,8 +2371,8 @@ def test_quantize_checkpoint_round_trip_and_size():
             raises(ValueError, gpt.load_checkpoint, path, match="quantize.py --load=")
         float_bytes = quantize.tensor_bytes(model)
         assert float_bytes / quantize.tensor_bytes(quantize.quantize_model(copy.deepcopy(model), 8)) > 3.5
-        raises(ValueError, quantize.load_quantized, float_path, match="is not a quantized checkpoint")
-        raises(FileNotFoundError, quantize.load_quantized, f"{tmp}/missing.pt", match="python quantize.py")
+        raises(gpt.UserError, quantize.load_quantized, float_path, match="is not a quantized checkpoint")
+        raises(gpt.UserError, quantize.load_quantized, f"{tmp}/missing.pt", match="python quantize.py")
 
 def test_quantize_reads_the_held_out_tokens_train_py_prepared():
     with tempfile.TemporaryDirectory() as tmp:
@@ -2345,14 +2394,15 @@ def test_quantize_main_writes_loads_and_samples():
         cfg = quantize.QuantizeConfig(ckpt_path=ckpt, bits=4, group_size=32, max_new_tokens=5, device="cpu")
         result = quantize.main(cfg)
         assert os.path.exists(f"{tmp}/ckpt-int4-g32.pt") and result["model"].lm_head.weight.dtype == torch.uint8
-        raises(FileExistsError, quantize.main, cfg, match="--overwrite")
+        raises(gpt.UserError, quantize.main, cfg, match="--overwrite")
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             loaded = quantize.main(quantize.QuantizeConfig(load=f"{tmp}/ckpt-int4-g32.pt", max_new_tokens=5, device="cpu"))
         assert re.search(r"\n\d+ tokens, [\d,.]+ tok/s after the first\n$", printed.getvalue())
         assert torch.equal(loaded["model"].lm_head.weight, result["model"].lm_head.weight)
-        raises(ValueError, quantize.main, dataclasses.replace(cfg, group_size=24, overwrite=True), match="does not divide")
-    raises(ValueError, quantize.check_config, quantize.QuantizeConfig(bits=3), match="--bits=3")
+        raises(gpt.UserError, quantize.main, dataclasses.replace(cfg, group_size=24, overwrite=True), match="does not divide")
+    raises(gpt.UserError, quantize.check_config, quantize.QuantizeConfig(bits=3), match="--bits=3")
+    raises(gpt.UserError, quantize.check_config, quantize.QuantizeConfig(group_size=0), match="--group_size=0")
 
 # -----------------------------------------------------------------------------
 # ddp.py
@@ -2444,16 +2494,17 @@ def test_ddp_without_torchrun_explains_how_to_start_it():
 def test_ddp_bad_flags_fail_before_any_process_group():
     # as rank 0 of 2: every check comes before init_process_group, so nothing waits for rank 1
     with mock.patch.dict(os.environ, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}):
-        message = raises(ValueError, ddp.main, ddp.DDPConfig(batch_size=7, device="cpu"),
+        message = raises(gpt.UserError, ddp.main, ddp.DDPConfig(batch_size=7, device="cpu"),
                          match="--batch_size=7 does not split into 2 processes")
         assert "e.g. --batch_size=8" in message, message
-        raises(ValueError, ddp.main, ddp.DDPConfig(batch_size=8, grad_accum=3, device="cpu"),
+        raises(gpt.UserError, ddp.main, ddp.DDPConfig(batch_size=8, grad_accum=3, device="cpu"),
                match="pass a multiple of 6")
-        raises(ValueError, ddp.main, ddp.DDPConfig(mode="fsdp", device="cpu"), match="--mode='fsdp'")
-        raises(ValueError, ddp.main, ddp.DDPConfig(device="tpu"), match="--device=tpu")
-        raises(ValueError, ddp.main, ddp.DDPConfig(n_embd=30, n_head=4, device="cpu"), match="divisible")
-        raises(FileNotFoundError, ddp.main, ddp.DDPConfig(data="missing/train.bin", device="cpu"),
+        raises(gpt.UserError, ddp.main, ddp.DDPConfig(mode="fsdp", device="cpu"), match="--mode='fsdp'")
+        raises(gpt.UserError, ddp.main, ddp.DDPConfig(device="tpu"), match="--device=tpu")
+        raises(gpt.UserError, ddp.main, ddp.DDPConfig(n_embd=30, n_head=4, device="cpu"), match="divisible")
+        raises(gpt.UserError, ddp.main, ddp.DDPConfig(data="missing/train.bin", device="cpu"),
                match="python train.py")
+        raises(gpt.UserError, ddp.main, ddp.DDPConfig(max_iters=0, device="cpu"), match="--max_iters=0")
     assert not torch.distributed.is_initialized()
 
 # -----------------------------------------------------------------------------
@@ -2494,19 +2545,16 @@ def test_journey_from_nothing_to_a_served_chat_on_default_paths():
 
 SCRIPTS = ["bigram.py", "micrograd.py", "bpe.py", "gpt.py", "train.py", "finetune.py", "lora.py", "dpo.py",
            "kvcache.py", "quantize.py", "ddp.py"]
-# the one budget table: caps in lines (wc -l). The issue that set them (#11) asked for bigram.py and
-# micrograd.py 300, bpe.py 420, gpt.py 600, train.py 650; with its density rule (test_repo_density)
-# and the shared helpers they grew past those, so the caps here are the measured sizes plus a little
-# room, until that budget is decided again. bpe.py also holds the chat template, the story checker
-# and the instruction data (#13), and gpt.py the finetuning loop and its helpers, which finetune.py,
-# lora.py and dpo.py share and may import from nowhere else; lora.py (#14 asked for about 300) also
-# runs its side-by-side comparison; dpo.py (#16 asked for about 500 with GRPO) holds both methods;
-# kvcache.py (#19 asked for at most 450 with the server) holds OpenAI's API with every limit it
-# checks, continuous batching, the chat page (86 lines) and the serving benchmark.
-# test_all.py has no cap: a section per script instead
-LINE_CAPS = {"bigram.py": 360, "micrograd.py": 340, "bpe.py": 690, "gpt.py": 965, "train.py": 840,
-             "kvcache.py": 860, "finetune.py": 450, "lora.py": 410, "dpo.py": 600, "quantize.py": 410,
-             "ddp.py": 380}
+# the one budget table: caps in lines (wc -l), from the lesson-first issue (#32): each file's
+# lesson plus the plumbing it cannot share. Five are 5% above that issue's caps, as it allows
+# once its cuts are done: gpt.py 819 (780; it also reads GPT-2's safetensors defensively and
+# hosts the finetuning plumbing three scripts share), bpe.py 630 (600; its own short fetch and
+# flag parser, as a standalone file), kvcache.py 714 (680; the server keeps every OpenAI route
+# and limit its README promises), finetune.py 504 (480) and dpo.py 567 (540): their training
+# loops moved in from gpt.py. test_all.py has no cap: a section per script instead
+LINE_CAPS = {"bigram.py": 290, "micrograd.py": 300, "bpe.py": 630, "gpt.py": 819, "train.py": 780,
+             "kvcache.py": 714, "finetune.py": 504, "lora.py": 360, "dpo.py": 567, "quantize.py": 420,
+             "ddp.py": 400}
 
 def present(files):
     return [f for f in files if os.path.exists(os.path.join(HERE, f))]
@@ -2525,15 +2573,31 @@ def test_repo_import_policy():
         foreign = mods - ours - allowed - ({"regex"} if f == "bpe.py" else set())
         assert not foreign, f"{f} imports {foreign}: not a project dependency"
 
-def test_repo_copied_helpers_identical():
-    # standalone files carry verbatim copies of gpt.py's plumbing; they must not drift apart
-    copies = {"bigram.py": ["parse_args", "download"], "micrograd.py": ["parse_args"],
-              "bpe.py": ["parse_args", "download"]}
-    for f in present(list(copies)):
-        module = __import__(f[:-3])
-        for name in copies[f]:
-            assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(gpt, name)), \
-                f"{f}: {name} drifted from gpt.{name}"
+def _code_lines(path):
+    # (line number, text) of a file's code, without blank lines, comments, imports and the
+    # flag parser (the standalone files' one allowed copy)
+    source = open(path, encoding="utf-8").read()
+    parser = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name == "parse_args":
+            parser |= set(range(node.lineno, node.end_lineno + 1))
+    rows = []
+    for i, line in enumerate(source.splitlines(), 1):
+        text = " ".join(line.split())
+        if text and not text.startswith(("#", "import ", "from ")) and i not in parser:
+            rows.append((i, text))
+    return rows
+
+def test_repo_no_block_copied_between_scripts():
+    """No run of 6 code lines stands in two scripts: shared plumbing lives in gpt.py or bpe.py.
+    The one exception is the flag parser's short copy in each standalone file."""
+    seen = {}
+    for f in present(SCRIPTS):
+        rows = _code_lines(os.path.join(HERE, f))
+        for j in range(len(rows) - 5):
+            seen.setdefault(tuple(text for _, text in rows[j:j + 6]), []).append((f, rows[j][0]))
+    for run, places in seen.items():
+        assert len({f for f, _ in places}) < 2, f"the same 6 lines in {places}: {run[0]!r} ..."
 
 def test_repo_line_budgets():
     for f in present(list(LINE_CAPS)):
@@ -2562,13 +2626,15 @@ def _density_problems(source):
     return problems
 
 def test_repo_density():
-    """At most 5% of a script's lines over 100 characters, no backslash continuations, and none of
-    the squeezed constructs _density_problems looks for."""
+    """At most 5% of a script's lines over 100 characters and 12% at 90 or more (lines filled to
+    the margin read badly), no backslash continuations, none of the squeezed constructs below."""
     for f in present(SCRIPTS):
         source = open(os.path.join(HERE, f), encoding="utf-8").read()
         lines = source.splitlines()
         long = [i + 1 for i, line in enumerate(lines) if len(line) > 100]
         assert len(long) <= 0.05 * len(lines), f"{f}: {len(long)} of {len(lines)} lines over 100: {long[:10]}"
+        wide = [i + 1 for i, line in enumerate(lines) if len(line) >= 90]
+        assert len(wide) <= 0.12 * len(lines), f"{f}: {len(wide)} of {len(lines)} lines at 90+: {wide[:10]}"
         backslashes = [i + 1 for i, line in enumerate(lines) if line.rstrip().endswith("\\")]
         assert not backslashes, f"{f}: backslash continuations on lines {backslashes}"
         problems = _density_problems(source)

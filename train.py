@@ -1,20 +1,21 @@
-"""Train a GPT from scratch (or GPT-2) on synthetic stories, TinyStories, Shakespeare or any text.
+"""Train a GPT, from scratch or from GPT-2, on stories, TinyStories, Shakespeare or text.
 
-What you learn here (LLM101n chapters 07-11): data tokenized once into a flat file read through
-numpy.memmap, AdamW with warmup and cosine decay, gradient accumulation and clipping, bfloat16
-autocast, torch.compile, DistributedDataParallel, checkpoints that resume exactly. The key idea: a
-step uses the mean gradient of grad_accum micro-batches, whether one process makes them one after
-another or many make them at once.
+What you learn here (LLM101n chapters 07-11): text tokenized once into a flat file of ids
+read through numpy.memmap; AdamW with warmup and cosine decay; gradient accumulation and
+clipping; bfloat16 autocast and torch.compile (--bench: their tokens/s and MFU); DDP;
+checkpoints that resume exactly. The key idea: a step uses the mean gradient of
+grad_accum micro-batches, made one after another by one process or at once by many.
 
 How to run:
-    python train.py                     # 4-9 min on a 2-core CPU: planned synthetic stories
-    python train.py --dataset=tinystories --vocab_size=4096 --n_layer=8 --n_embd=512 --compile
-    torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --grad_accum=8
-Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt, and the prepared data in
-data/<dataset>/ (for the stories also instruct.json, held-out records for finetune.py and dpo.py);
---bench times float32/bfloat16, eager/compiled.
-References (arXiv): AdamW 1711.05101; SGDR 1608.03983; mixed precision 1710.03740; PyTorch DDP
-2006.15704; TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311.
+  python train.py               # 4-9 min on a 2-core CPU: planned synthetic stories
+  python train.py --bench       # tokens/s and MFU: float32/bfloat16, eager/compiled
+  python train.py --dataset=tinystories --vocab_size=4096 --n_embd=512 --compile
+  torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --grad_accum=8
+Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt, and the data in
+data/<dataset>/ (for the stories also instruct.json, held-out records for finetune.py and
+dpo.py). The story generator is an appendix at the end.
+References (arXiv): AdamW 1711.05101; SGDR 1608.03983; mixed precision 1710.03740;
+PyTorch DDP 2006.15704; TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311.
 """
 import contextlib
 import dataclasses
@@ -33,31 +34,32 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bpe import Tokenizer
-from gpt import (GPT, GPT2_NAMES, GPTConfig, download, format_config, from_pretrained, get_lr,
-                 load_checkpoint, pick_device, progress_bar, run_main, save_checkpoint,
+from gpt import (GPT, GPT2_NAMES, GPTConfig, UserError, download, format_config,
+                 from_pretrained, get_lr, load_checkpoint, pick_device, progress_bar,
+                 refuse_overwrite, require_positive, run, save_checkpoint, save_json,
                  setup_precision)
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Train a GPT on text; every field is a flag: python train.py --n_layer=4 --max_iters=500"""
+    """Train a GPT on text; each field is a flag: python train.py --n_layer=4"""
     # I/O
-    out_dir: str = "out"         # ckpt.pt (latest state, resumable) and best.pt (lowest val loss)
-    overwrite: bool = False      # replace a checkpoint already in out_dir (else that is an error)
+    out_dir: str = "out"         # ckpt.pt (latest, resumable), best.pt (lowest val loss)
+    overwrite: bool = False      # replace the checkpoint of an earlier run in out_dir
     data_dir: str = "data"       # downloads and prepared token files are cached here
-    init_from: str = "scratch"   # scratch, resume, gpt2, gpt2-medium, ... or a .safetensors path
+    init_from: str = "scratch"   # scratch, resume, gpt2, gpt2-medium, ..., .safetensors
     eval_interval: int = 200     # steps between evaluations, checkpoints and samples
     eval_iters: int = 10         # fixed batches per split in each evaluation
     log_interval: int = 50       # steps between log lines
-    sample_tokens: int = 200     # length of the story sampled at each evaluation and at the end
-    bench: bool = False          # only measure tokens/s and MFU: float32, bfloat16, eager, compiled
+    sample_tokens: int = 200     # length of the story sampled at each evaluation
+    bench: bool = False          # only measure tokens/s and MFU (precision x compile)
     # data
-    dataset: str = "stories"     # stories (synthetic, offline), tinystories, shakespeare_char, .txt
-    num_stories: int = 20000     # stories to generate: 90% train, 10% val, +50% for instruct.json
-    plans: float = 1.0           # share of them after their plan (words, summary): see with_plan
+    dataset: str = "stories"     # stories (offline), tinystories, shakespeare_char, .txt
+    num_stories: int = 20000     # stories: 90% train, 10% val, +50% for instruct.json
+    plans: float = 1.0           # share of stories after their plan (words, summary)
     # --tokenizer='' picks byte for shakespeare_char, gpt2 when starting from GPT-2, else bpe
-    tokenizer: str = ""          # bpe, gpt2, byte or a bpe.py tok.json; '' = per dataset/init_from
-    vocab_size: int = 1024       # bpe: 256 bytes + merges + <|endoftext|> (stories allow <= 1223)
-    gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer (encoder.json, vocab.bpe), fetched if missing
+    tokenizer: str = ""          # bpe, gpt2, byte or a tok.json from bpe.py; '' = as above
+    vocab_size: int = 1024       # bpe: 256 bytes + merges + <|endoftext|>
+    gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer files, fetched if missing
     # model (ignored when resuming or starting from GPT-2)
     n_layer: int = 4             # transformer blocks
     n_head: int = 4              # attention heads
@@ -67,243 +69,151 @@ class TrainConfig:
     bias: bool = False           # biases in Linear and LayerNorm (GPT-2 has them)
     # optimizer
     batch_size: int = 16         # sequences per micro-batch, in each process
-    grad_accum: int = 1          # micro-batches per optimizer step, summed over all processes
+    grad_accum: int = 1          # micro-batches per step, summed over all processes
     max_iters: int = 1000        # optimizer steps
     learning_rate: float = 2e-3  # peak learning rate, after warmup
     min_lr: float = 2e-4         # the cosine decays to this (about learning_rate / 10)
     warmup_iters: int = 50       # linear warmup steps
-    lr_decay_iters: int = -1     # the cosine reaches min_lr at this step; -1 = max_iters
+    lr_decay_iters: int = -1     # the cosine reaches min_lr here; -1 = max_iters
     weight_decay: float = 0.1    # AdamW decay of matrices and embeddings
     beta1: float = 0.9           # AdamW betas
     beta2: float = 0.99          # (0.95 for large models)
     grad_clip: float = 1.0       # clip the global gradient norm to this; 0 = off
     # system
-    device: str = "auto"         # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    dtype: str = "auto"          # auto, float32, bfloat16, float16 (float16 = CUDA + GradScaler)
-    compile: bool = False        # torch.compile the model (slow first steps, faster after)
-    peak_flops: float = 0.0      # device peak FLOP/s for MFU; 0 = an A100's on CUDA, none on a CPU
+    device: str = "auto"         # auto (cuda, mps, then cpu), cpu, cuda, cuda:N, mps
+    dtype: str = "auto"          # auto, float32, bfloat16, float16 (CUDA + GradScaler)
+    compile: bool = False        # torch.compile the model (slow first steps, then fast)
+    peak_flops: float = 0.0      # peak FLOP/s for MFU; 0: an A100's on CUDA, none on CPU
     seed: int = 1337             # model init, batch order, dropout, stories
 
 # -----------------------------------------------------------------------------
-# datasets: text files on disk, tokenized once into flat files of ids
+# data: text -> a tokenizer -> one flat file of token ids per split, cached
 
 EOT = "<|endoftext|>"
-SEP = f"\n{EOT}\n"  # between documents, as in the TinyStories files
-STORIES_VERSION = 3  # bump to rebuild cached data after changing the story generator
-PREP_VERSION = 1     # ... or the way text becomes token files
-BPE_TRAIN_BYTES = 8 << 20  # bpe learns its merges from (at most) the first 8 MB of the train split
-TS = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-"
-SHAKESPEARE = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-               "tinyshakespeare/input.txt")
+BPE_TRAIN_BYTES = 8 << 20  # bpe learns its merges from the train split's first 8 MB
 DATASETS = {  # name -> urls: [train, val], or [one file that is split 90/10]
-    "tinystories": [TS + "train.txt", TS + "valid.txt"],
-    "shakespeare_char": [SHAKESPEARE]}
-# --init_from=resume takes these from the checkpoint (the data, its order, the batches), the rest
-# from the flags
-RESUMED_FIELDS = ("dataset", "num_stories", "plans", "tokenizer", "vocab_size", "seed",
-                  "block_size", "batch_size", "grad_accum")
+    "tinystories": ["https://huggingface.co/datasets/roneneldan/TinyStories/resolve/"
+                    f"main/TinyStoriesV2-GPT4-{s}.txt" for s in ("train", "valid")],
+    "shakespeare_char": ["https://raw.githubusercontent.com/karpathy/char-rnn/master/"
+                         "data/tinyshakespeare/input.txt"]}
 
-def write_text(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves half a file
+def read_documents(path, lo, hi, piece):
+    """Yield the documents in bytes [lo, hi) of a UTF-8 file, a list per `piece` bytes
+    read: the text before each <|endoftext|> marker (or hi), stripped, then the marker;
+    one unfinished after `piece` characters (plain text has no markers) comes in parts."""
+    with open(path, "rb") as f:
+        f.seek(lo)
+        rest = ""  # the text after the last marker
+        while f.tell() < hi:
+            chunk = f.read(min(piece, hi - f.tell()))
+            chunk += f.readline(hi - f.tell())  # to the line's end: no character cut
+            *texts, rest = (rest + chunk.decode("utf-8")).split(EOT)
+            part = []
+            if f.tell() == hi:  # the last document ends at hi
+                texts.append(rest)
+            elif len(rest) > piece:  # a long document: its lines but the last, no marker
+                cut = rest.rstrip().rfind("\n") + 1
+                part = [rest[:cut]]
+                rest = rest[cut:]
+            yield [text.strip() + EOT for text in texts if text.strip()] + part
 
-def instruct_record(story, summary, words, kind):
-    """A held-out story as an instruction-data record: the fields of the Alpaca-style
-    instruction-data.json (instruction, input, output), what a program needs to check a story
-    written for it (words, summary) and the kind of story (a label to classify)."""
-    # bare words, each after a space: the tokens they are in the story, so a model can copy them
-    listed = ", ".join(words[:-1]) + f" and {words[-1]}"
-    return {"instruction": f"Write a short story for children that uses the words {listed}, "
-                           f"and follows this summary.",
-            "input": summary, "output": story, "words": list(words), "summary": summary,
-            "kind": kind}
-
-def with_plan(story, summary, words):
-    """A story after its plan, as TinyStories-Instruct writes its documents: the words it uses and
-    its summary come first, so the model learns to write to a plan while it learns to write (the
-    finetuned model then keeps more of the plan, and LoRA gets closer to full finetuning; README)."""
-    return f"Words: {', '.join(words)}\nSummary: {summary}\nStory:\n{story}"
-
-def write_stories(folder, n, seed, plans):
-    # train and val stories (a share `plans` of them after their plan), and held-out ones as
-    # instruction records for finetune.py and dpo.py; the generator is in the appendix at the end
-    records = generate_stories(n + n // 2, seed)
-    planned = random.Random(seed).choices([True, False], [plans, 1 - plans], k=n)
-    docs = [with_plan(*r[:3]) if plan else r[0] for r, plan in zip(records, planned)]
-    n_train = n - n // 10
-    write_text(os.path.join(folder, "train.txt"), "".join(d + SEP for d in docs[:n_train]))
-    write_text(os.path.join(folder, "val.txt"), "".join(d + SEP for d in docs[n_train:]))
-    held_out = [instruct_record(*r) for r in records[n:]]
-    write_text(os.path.join(folder, "instruct.json"), json.dumps(held_out, indent=1))
-
-def read_documents(f, lo, hi, piece):
-    """Yield (text, ends) for bytes [lo, hi) of the binary file f, read line by line: the text up to
-    each <|endoftext|> marker, and at hi, with ends=True; a document longer than `piece` characters
-    (plain text has no markers) also comes out in parts of whole lines, at most `piece` characters
-    each unless one line is longer, with ends=False."""
-    f.seek(lo)
-    lines = []
-    size = 0
-    while f.tell() < hi:
-        *finished, rest = f.readline().decode("utf-8").split(EOT)
-        for text in finished:
-            yield "".join(lines) + text, True
-            lines = []
-            size = 0
-        if lines and size + len(rest) > piece:  # the lines so far, keeping this one for later
-            yield "".join(lines), False
-            lines = []
-            size = 0
-        lines.append(rest)
-        size += len(rest)
-    yield "".join(lines), True
-
-def write_ids(out, enc, docs, eot, dtype, part=""):
-    # encode the finished documents (tiktoken's Rust encoder, on several threads), each followed by
-    # <|endoftext|>, then the part of an unfinished one; append the ids to out
-    ids = [t for doc in enc.encode_ordinary_batch(docs) for t in doc + [eot]]
-    if part:
-        ids += enc.encode_ordinary(part)
-    np.array(ids, dtype).tofile(out)
-    return len(ids)
-
-def encode_split(enc, eot, path, lo, hi, out_path, dtype, piece=1 << 24):
-    """Tokenize the documents in bytes [lo, hi) of a UTF-8 file into out_path, a flat file of ids,
-    each document stripped of outer whitespace and followed by <|endoftext|>. About `piece`
-    characters are encoded at a time, so a 2 GB corpus never sits in memory.
+def encode_split(enc, path, lo, hi, out_path, dtype, piece=1 << 24):
+    """Tokenize bytes [lo, hi) of a UTF-8 file into out_path, a flat file of ids, `piece`
+    bytes at a time (tiktoken, on several threads): a 2 GB corpus never sits in memory.
     Returns (tokens, bytes of text) written."""
-    batch = []        # finished documents, encoded together once they hold `piece` characters
-    held = 0
-    started = False   # part of the current document is written already
     n_tokens = 0
     n_bytes = 0
-    with open(path, "rb") as f, open(out_path + ".tmp", "wb") as out:
-        for text, ends in read_documents(f, lo, hi, piece):
-            if not started:
-                text = text.lstrip()
-            if ends:
-                text = text.rstrip()
-            n_bytes += len(text.encode("utf-8"))
-            if not ends:  # a part of a long document: the documents before it go first
-                n_tokens += write_ids(out, enc, batch, eot, dtype, part=text)
-                batch = []
-                held = 0
-                started = started or bool(text)
-                continue
-            if text or started:  # an empty document is dropped, unless it is partly written
-                batch.append(text)
-                held += len(text)
-            started = False
-            if held >= piece:
-                n_tokens += write_ids(out, enc, batch, eot, dtype)
-                batch = []
-                held = 0
-        n_tokens += write_ids(out, enc, batch, eot, dtype)
-    os.replace(out_path + ".tmp", out_path)  # atomic, like write_text
+    with open(out_path + ".tmp", "wb") as out:
+        for docs in read_documents(path, lo, hi, piece):
+            # <|endoftext|> becomes its id; any other text is ordinary text
+            encoded = enc.encode_batch(docs, allowed_special={EOT}, disallowed_special=())
+            ids = [t for doc_ids in encoded for t in doc_ids]
+            np.array(ids, dtype).tofile(out)
+            n_tokens += len(ids)
+            n_bytes += len("".join(docs).replace(EOT, "").encode("utf-8"))
+    os.replace(out_path + ".tmp", out_path)  # atomic: no half-written file after a crash
     return n_tokens, n_bytes
 
-def load_tokenizer(cfg, kind, text_path, max_bytes):
-    # GPT-2's files, a bpe.py tok.json, or merges learned now from the start of the train split
-    # ("byte" is BPE with no merges: 256 bytes + <|endoftext|>)
-    if kind == "gpt2":
-        return Tokenizer.gpt2(cfg.gpt2_dir)
-    if kind not in ("bpe", "byte"):
-        return Tokenizer.load(kind)
-    text = ""
-    if kind == "bpe":
-        with open(text_path, "rb") as f:
-            text = f.read(min(max_bytes, BPE_TRAIN_BYTES)).decode("utf-8", "ignore")
-    return Tokenizer().train(text, cfg.vocab_size if kind == "bpe" else 257)
-
-def dataset_files(cfg, folder, kind):
-    # the text files behind a dataset: downloaded, generated, or the user's own
-    if cfg.dataset == "stories":
-        return [os.path.join(folder, "train.txt"), os.path.join(folder, "val.txt")]
-    if cfg.dataset not in DATASETS:
-        return [os.path.abspath(cfg.dataset)]
-    paths = []
-    for url in DATASETS[cfg.dataset]:
-        path = os.path.join(folder, url.rsplit("/", 1)[1])
-        try:
-            download(url, path)  # streamed, resumable, cached
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}. Or train on a local copy: --dataset=path/to/"
-                               f"{os.path.basename(path)} --tokenizer={kind}") from None
-        paths.append(path)
-    return paths
-
 def prepare_data(cfg, kind):
-    """Text -> tokenizer -> train.bin, val.bin (uint16 ids; uint32 beyond 65536 ids) in the
-    dataset's folder, cached: redone only when the text, the tokenizer or vocab_size change.
+    """Text -> tokenizer -> train.bin, val.bin (uint16 ids; uint32 past 65536 ids) in the
+    dataset's folder, cached: redone only when the text or the tokenizer changes.
     Returns (folder, meta)."""
-    name = cfg.dataset
-    if cfg.dataset not in ("stories", *DATASETS):
-        name = os.path.splitext(os.path.basename(cfg.dataset))[0]
+    stories = cfg.dataset == "stories"
+    name = os.path.splitext(os.path.basename(cfg.dataset))[0]  # stories, ..., a file's
     folder = os.path.join(cfg.data_dir, name)
     os.makedirs(folder, exist_ok=True)
-    paths = dataset_files(cfg, folder, kind)
-    # the cache key holds everything the prepared files depend on
-    files = paths if cfg.dataset != "stories" else []
+    paths = [os.path.abspath(cfg.dataset)]
+    if stories:  # written below, by the generator in the appendix
+        paths = [os.path.join(folder, "train.txt"), os.path.join(folder, "val.txt")]
+    elif cfg.dataset in DATASETS:  # downloaded once (streamed, resumable)
+        urls = DATASETS[cfg.dataset]
+        paths = [os.path.join(folder, url.rsplit("/", 1)[1]) for url in urls]
+        for url, path in zip(urls, paths):
+            download(url, path)
+    # the cache key: what the token files depend on (for the stories: the flags)
+    sources = [] if stories else paths
     if kind not in ("bpe", "byte", "gpt2"):
-        files = files + [kind]  # a tok.json: retraining it rebuilds the data
-    source = [[p, os.path.getsize(p), os.path.getmtime(p)] for p in files]
-    if cfg.dataset == "stories":
-        source += [cfg.num_stories, cfg.seed, cfg.plans, STORIES_VERSION]
-    key = dict(source=source, tokenizer=kind, vocab_size=cfg.vocab_size * (kind == "bpe"),
-               version=PREP_VERSION)
+        sources = sources + [kind]  # a tok.json: retraining it redoes the data
+    key = dict(files=[[p, os.path.getsize(p), os.path.getmtime(p)] for p in sources],
+               tokenizer=kind, vocab_size=cfg.vocab_size if kind == "bpe" else 0,
+               stories=[cfg.num_stories, cfg.seed, cfg.plans] if stories else None)
     meta_path = os.path.join(folder, "meta.json")
+    bins = [os.path.join(folder, f"{split}.bin") for split in ("train", "val")]
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
-        bins = [os.path.join(folder, f"{split}.bin") for split in ("train", "val")]
         if meta["key"] == key and all(map(os.path.exists, bins)):
-            print(f"data: reusing {folder}, prepared earlier for this dataset and tokenizer")
+            print(f"data: reusing {folder}, prepared for this data and tokenizer")
             return folder, meta
-        os.remove(meta_path)  # stale: a half-done rebuild must not leave it vouching for new files
-    if cfg.dataset == "stories":
+        os.remove(meta_path)  # stale: a half-done rebuild must not leave it vouching
+    if stories:
         write_stories(folder, cfg.num_stories, cfg.seed, cfg.plans)
-    ranges = [(p, 0, os.path.getsize(p)) for p in paths]  # byte ranges [lo, hi) of train and val
-    if len(paths) == 1:  # one file: the first 90% (up to a line break) trains, the rest validates
+    ranges = [(p, 0, os.path.getsize(p)) for p in paths]  # bytes [lo, hi): train, val
+    if len(paths) == 1:  # one file: 90% (to a line's end) trains, the rest validates
         with open(paths[0], "rb") as f:
             f.seek(int(0.9 * ranges[0][2]))
             f.readline()
-            cut = f.tell()
-        ranges = [(paths[0], 0, cut), (paths[0], cut, ranges[0][2])]
-    tok = load_tokenizer(cfg, kind, paths[0], ranges[0][2])
+            ranges = [(paths[0], 0, f.tell()), (paths[0], f.tell(), ranges[0][2])]
+    if kind == "gpt2":
+        tok = Tokenizer.gpt2(cfg.gpt2_dir)
+    elif kind == "byte":  # BPE with no merges: 256 bytes + <|endoftext|>
+        tok = Tokenizer().train("", 257)
+    elif kind == "bpe":  # merges learned now, from the start of the train split
+        with open(paths[0], "rb") as f:
+            text = f.read(min(ranges[0][2], BPE_TRAIN_BYTES)).decode("utf-8", "ignore")
+        tok = Tokenizer().train(text, cfg.vocab_size)
+    else:  # a tok.json from bpe.py
+        tok = Tokenizer.load(kind)
     tok.save(os.path.join(folder, "tokenizer.json"))
     enc = tok.to_tiktoken()
-    eot_id = tok.special_tokens[EOT]
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     meta = dict(key=key, dtype=dtype, vocab_size=tok.vocab_size)
-    for split, (path, lo, hi) in zip(("train", "val"), ranges):
-        out_path = os.path.join(folder, f"{split}.bin")
+    for split, (path, lo, hi), bin_path in zip(("train", "val"), ranges, bins):
         try:
-            n_tokens, n_bytes = encode_split(enc, eot_id, path, lo, hi, out_path, dtype)
+            n_tokens, n_bytes = encode_split(enc, path, lo, hi, bin_path, dtype)
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert it: "
-                             f"iconv -f latin1 -t utf-8") from None
+            raise UserError(f"{path} is not UTF-8 ({e.reason}); convert it, e.g. "
+                            f"iconv -f latin1 -t utf-8") from None
         meta[f"{split}_tokens"] = n_tokens
         meta[f"{split}_bytes"] = n_bytes
-    write_text(meta_path, json.dumps(meta))  # written last: its presence vouches for the .bin files
-    print(f"data: prepared {folder}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
-          f"val tokens")
+    save_json(meta_path, meta)  # written last: it vouches for the files above
+    print(f"data: prepared {folder}: {meta['train_tokens']:,} train and "
+          f"{meta['val_tokens']:,} val tokens")
     return folder, meta
 
 # -----------------------------------------------------------------------------
-# batches, learning rate, evaluation, sampling, MFU
+# batches, evaluation and samples (the learning rate schedule is gpt.get_lr)
 
 def get_batch(data, batch_size, block_size, key, device):
-    """Windows x and next tokens y, (B, T) each, a pure function of key: resumed or DDP runs draw
-    the same batches."""
+    """Windows x and next tokens y, (B, T) each: a pure function of key (resume, DDP)."""
     ix = np.random.default_rng(key).integers(0, len(data) - block_size, size=batch_size)
     windows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
     xy = torch.from_numpy(windows)                                 # (B, T + 1)
-    return xy[:, :-1].to(device), xy[:, 1:].to(device)  # x (B, T); y (B, T), the token after each
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)  # x, y (B, T): y is x shifted
 
 @torch.no_grad()
 def estimate_loss(model, splits, batch_size, block_size, eval_iters, device, ctx):
-    # the mean loss on the same batches every time (keys (1, split, i)), so evaluations compare
+    # the mean loss on the same batches every time (keys (1, split, i)): comparable
     model.eval()
     out = {}
     for k, (name, data) in enumerate(splits.items()):
@@ -318,8 +228,8 @@ def estimate_loss(model, splits, batch_size, block_size, eval_iters, device, ctx
 
 @torch.no_grad()
 def sample_story(model, tok, max_new_tokens, device, ctx, seed):
-    # a document starts after <|endoftext|> and ends at the next one
-    torch.manual_seed(seed)  # the same seed every time: successive samples show progress, not luck
+    # a document after <|endoftext|>, always the same seed: progress shows, not luck
+    torch.manual_seed(seed)
     model.eval()
     eot = tok.special_tokens[EOT]
     with ctx:
@@ -327,9 +237,11 @@ def sample_story(model, tok, max_new_tokens, device, ctx, seed):
     model.train()
     return tok.decode(ids).strip()
 
+# -----------------------------------------------------------------------------
+# --bench: tokens/s and MFU of one model in each precision, eager and compiled
+
 def measure_matmul_flops(device, dtype):
-    # a CPU has no simple datasheet peak, so the bench times a big matmul in each dtype: this
-    # machine's practical peak (the fastest of 8; the first warms up, .item() waits for a GPU)
+    # this machine's practical peak (a CPU has no datasheet one): a big matmul, best of 8
     a = torch.randn(2048, 2048, device=device, dtype=getattr(torch, dtype))
     best = float("inf")
     for _ in range(8):
@@ -339,105 +251,107 @@ def measure_matmul_flops(device, dtype):
     return 2 * 2048 ** 3 / best
 
 def bench(cfg, device, low_dtype):
-    # a fixed GPT (6 layers, 384 wide, 256 tokens) trains on random ids in each mode, side by side
-    print("| 6 layers, 384 wide, 8 x 256 tokens | tokens/s | MFU | peak TFLOP/s | speedup |\n"
-          "|---|---|---|---|---|")
+    # a fixed GPT (6 layers, 384 wide, 256 tokens) trains on random ids in each mode
+    print("| 6 layers, 384 wide, 8 x 256 tokens | tokens/s | MFU | peak TFLOP/s | "
+          "speedup |\n|---|---|---|---|---|")
     rows = {}
     kind = device.split(":")[0]
     x = torch.randint(0, 2048, (8, 256), device=device)
-    dtypes = list(dict.fromkeys(("float32", low_dtype)))
-    config = GPTConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=False)
+    config = GPTConfig(vocab_size=2048, block_size=256, n_layer=6, n_head=6, n_embd=384,
+                       bias=False)
     for compiled in (False, True):
-        for dtype in dtypes:
+        for dtype in dict.fromkeys(("float32", low_dtype)):
             name = f"{dtype} {'+ compile' if compiled else 'eager'}"
             model = GPT(config).to(device)
             opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), kind)
             step_model = torch.compile(model) if compiled else model
             times = []
             try:
-                for _ in range(8):  # 2 warmup steps (where compiling happens), then the best of 6
+                for _ in range(8):  # 2 warmup steps (compiling happens there), then 6
                     t0 = time.time()
-                    with torch.autocast(kind, getattr(torch, dtype), enabled=dtype != "float32"):
+                    low = dtype != "float32"
+                    with torch.autocast(kind, getattr(torch, dtype), enabled=low):
                         loss = step_model(x, x)[1]
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     loss.item()  # waits for a GPU
                     times.append(time.time() - t0)
-            except Exception as e:  # compile fails in many ways (no C++ compiler, unsupported ops)
+            except Exception as e:  # compile fails in many ways (no C++ compiler, ...)
                 print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
                 continue
-            dt = min(times[2:])  # the fastest step: least disturbed by other work on the machine
+            dt = min(times[2:])  # the fastest step: least disturbed by other work
             rows[name] = 8 * 256 / dt
             peak = cfg.peak_flops or measure_matmul_flops(device, dtype)
             mfu = 100 * model.estimate_mfu(8 * 256, dt, peak)
-            print(f"| {name} | {rows[name]:,.0f} | {mfu:.1f}% | "
-                  f"{peak / 1e12:.2f} | {rows[name] / rows['float32 eager']:.2f}x |", flush=True)
+            print(f"| {name} | {rows[name]:,.0f} | {mfu:.1f}% | {peak / 1e12:.2f} | "
+                  f"{rows[name] / rows['float32 eager']:.2f}x |", flush=True)
     return rows
 
 # -----------------------------------------------------------------------------
-# the run: the flags checked first, then setup, data, model, optimizer, the loop
+# helpers of main: the checks of the flags, the model's flags, the resume command
 
-def check_config(cfg, kind, world, ddp, device_type):
-    """Every check of the flags, before any data or model work: one ValueError naming the flag."""
-    rules = []
-    for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum",
-                 "num_stories"):
-        rules.append((name, getattr(cfg, name) >= 1, "1 or more"))
-    for name in ("max_iters", "warmup_iters", "learning_rate", "weight_decay", "grad_clip", "seed"):
-        rules.append((name, getattr(cfg, name) >= 0, "0 or more"))
-    for name in ("beta1", "beta2"):
-        rules.append((name, 0 <= getattr(cfg, name) < 1, "in [0, 1)"))
-    rules.append(("plans", 0 <= cfg.plans <= 1, "in [0, 1]"))
-    tokenizers = ["gpt2"] if cfg.init_from in GPT2_NAMES else ["bpe", "gpt2", "byte"]
-    init_ok = cfg.init_from in ("scratch", "resume", *GPT2_NAMES) or os.path.exists(cfg.init_from)
+# what --init_from=resume takes from the checkpoint (the data, its order, the batches)
+RESUMED_FIELDS = ("dataset", "num_stories", "plans", "tokenizer", "vocab_size", "seed",
+                  "block_size", "batch_size", "grad_accum")
+
+def check_config(cfg, kind, world, ddp):
+    """Every check of the flags, before any data or model work: one UserError."""
+    require_positive(cfg, "eval_interval", "eval_iters", "log_interval", "batch_size",
+                     "grad_accum", "num_stories")
+    own = cfg.init_from in ("scratch", "resume")  # else GPT-2: its tokenizer and context
+    tok_json = kind.endswith(".json") and os.path.isfile(kind)
+    rules = [(name, getattr(cfg, name) >= 0, "0 or more") for name in ("max_iters",
+             "warmup_iters", "learning_rate", "weight_decay", "grad_clip", "seed")]
     rules += [
-        ("grad_accum", cfg.grad_accum % world == 0,
-         f"a multiple of the {world} processes (resumed: as saved)"),
+        ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+        ("plans", 0 <= cfg.plans <= 1, "in [0, 1]"),
+        ("block_size", own or cfg.block_size <= 1024, "at most GPT-2's 1024"),
         ("min_lr", 0 <= cfg.min_lr <= cfg.learning_rate,
          f"0 to --learning_rate={cfg.learning_rate}, e.g. a tenth"),
-        ("bench", not (ddp and cfg.bench), "False under torchrun: run the benchmark with python"),
-        ("device", not (ddp and device_type == "mps"),
-         "cpu or cuda under torchrun (DDP has no backend for mps)"),
-        ("tokenizer", kind in tokenizers or (kind.endswith(".json") and os.path.isfile(kind)),
-         f"one of {', '.join(tokenizers)} or an existing tok.json from bpe.py"),
+        ("grad_accum", cfg.grad_accum % world == 0, f"a multiple of {world} processes"),
+        ("bench", not (ddp and cfg.bench), "False under torchrun: run it with python"),
+        ("tokenizer", kind == "gpt2" or (own and (kind in ("bpe", "byte") or tok_json)),
+         "bpe, gpt2, byte or a tok.json from bpe.py (from GPT-2: gpt2)"),
         ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17,
          "257 (bytes + <|endoftext|>) to 131072"),
-        ("init_from", init_ok,
+        ("init_from", own or cfg.init_from in GPT2_NAMES or os.path.isfile(cfg.init_from),
          "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
         ("dataset", cfg.dataset in ("stories", *DATASETS) or os.path.isfile(cfg.dataset),
-         "stories, tinystories, shakespeare_char or the path of an existing UTF-8 text file")]
+         "stories, tinystories, shakespeare_char or an existing UTF-8 text file")]
     for name, ok, need in rules:
         if not ok:
-            raise ValueError(f"--{name}={getattr(cfg, name)!r} is invalid: it must be {need}")
-    if cfg.init_from in ("scratch", "resume"):  # the model's shape, e.g. n_embd divisible by n_head
+            raise UserError(f"--{name}={getattr(cfg, name)!r}: it must be {need}")
+    try:  # the model's shape, e.g. n_embd divisible by n_head
         GPTConfig(**model_args(cfg))
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if (cfg.init_from != "resume" and not cfg.bench and not cfg.overwrite
-            and os.path.exists(ckpt_path)):
-        raise FileExistsError(f"{ckpt_path} holds an earlier run; pass --out_dir=NEW_DIR for a new "
-                              f"run, --init_from=resume to continue, or --overwrite to replace it")
+    except ValueError as e:
+        raise UserError(e) from None
+    if cfg.init_from != "resume" and not cfg.bench:
+        refuse_overwrite(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.overwrite)
 
 def model_args(cfg):
-    # the GPTConfig fields that train.py has flags for (vocab_size comes from the tokenizer)
+    # the GPTConfig fields that train.py has flags for (vocab_size: the tokenizer's)
     names = [f.name for f in dataclasses.fields(GPTConfig) if hasattr(cfg, f.name)]
     return {name: getattr(cfg, name) for name in names}
 
 def resume_command(cfg, world):
-    # what to type to continue this run: data flags come from the checkpoint, the rest must match
+    # what to type to continue this run: its flags that are not defaults (quoted: a path
+    # may hold spaces), except those the checkpoint keeps
     launcher = "python train.py"
     if world > 1:
         launcher = f"torchrun --standalone --nproc_per_node={world} train.py"
-    defaults = TrainConfig()
-    flags = [shlex.quote(f"--{k}={v}") for k, v in dataclasses.asdict(cfg).items()
-             if k not in (*RESUMED_FIELDS, "init_from", "out_dir", "overwrite")
-             and v != getattr(defaults, k)]
-    out_dir = shlex.quote(f"--out_dir={cfg.out_dir}")  # quoted: a path may hold spaces
-    return " ".join([launcher, "--init_from=resume", out_dir, *flags])
+    skip = (*RESUMED_FIELDS, "init_from", "out_dir", "overwrite")
+    flags = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+             if k not in skip and v != getattr(TrainConfig, k)]
+    flags = ["--init_from=resume", f"--out_dir={cfg.out_dir}", *flags]
+    return " ".join([launcher, *map(shlex.quote, flags)])
+
+# -----------------------------------------------------------------------------
+# the run: setup, data, model, optimizer, the loop, cleanup
 
 def main(cfg):
-    # --- setup: processes (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python does not),
-    # the device, the precision, and every check, before any data or model work
+    # --- setup: processes (torchrun sets RANK...), device, precision, and every check
     ddp = "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -446,18 +360,16 @@ def main(cfg):
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    resumed = None
-    if cfg.init_from == "resume":  # data and its order are the run's own, whatever the flags say
-        resumed = load_checkpoint(ckpt_path, verbose=master)  # (model, ckpt) on the cpu
-        saved = resumed[1]["train_config"]
-        # (a checkpoint from before --plans existed has none: its stories came without plans)
-        cfg = dataclasses.replace(cfg, **{k: saved.get(k, 0.0) for k in RESUMED_FIELDS})
+    best_path = os.path.join(cfg.out_dir, "best.pt")
+    if cfg.init_from == "resume":  # the data and its order are the run's own
+        raw_model, ckpt = load_checkpoint(ckpt_path, verbose=master)  # on the cpu
+        cfg = dataclasses.replace(cfg, **{k: ckpt["train_config"][k] for k in RESUMED_FIELDS})
     kind = cfg.tokenizer
     if not kind:
         kind = "byte" if cfg.dataset == "shakespeare_char" else "bpe"
         if cfg.init_from not in ("scratch", "resume"):
             kind = "gpt2"
-    check_config(cfg, kind, world, ddp, device_type)
+    check_config(cfg, kind, world, ddp)
     dtype, reason, ctx = setup_precision(device, cfg.dtype)
     if ddp:
         if device_type == "cuda":
@@ -465,26 +377,25 @@ def main(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if master:
-        print(f"config:\n{format_config(cfg)}")
-        print(f"device: {device} x {world} process(es); dtype: {dtype} ({reason})")
+        print(f"config:\n{format_config(cfg)}\ndevice: {device} x {world} process(es); "
+              f"dtype: {dtype} ({reason})")
     if cfg.bench:
         return bench(cfg, device, dtype if dtype != "float32" else "bfloat16")
-    # TF32 matmuls on CUDA: training does not need full float32 accuracy (a no-op elsewhere)
+    # TF32 matmuls on CUDA: training needs no full float32 accuracy (a no-op elsewhere)
     torch.backends.cuda.matmul.allow_tf32 = device_type == "cuda"
     torch.backends.cudnn.allow_tf32 = device_type == "cuda"
 
-    # --- data: rank 0 prepares it (or finds it cached) and tells the other ranks where it is; it
-    # also downloads GPT-2's weights, once, while they wait
-    gpt2 = cfg.init_from not in ("scratch", "resume")
-    pretrained = from_pretrained(cfg.init_from, cfg.data_dir) if master and gpt2 else None
+    # --- data: rank 0 prepares it (and fetches GPT-2) while the other ranks wait
+    gpt2 = master and cfg.init_from not in ("scratch", "resume")
+    pretrained = from_pretrained(cfg.init_from, cfg.data_dir) if gpt2 else None
     shared = [prepare_data(cfg, kind) if master else None]
     if ddp:
         dist.broadcast_object_list(shared)
     folder, meta = shared[0]
     if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
-        raise ValueError(f"--block_size={cfg.block_size} needs more data than "
-                         f"{meta['train_tokens']} train and {meta['val_tokens']} val tokens: "
-                         f"a larger dataset or a smaller --block_size")
+        raise UserError(f"--block_size={cfg.block_size} needs more data than "
+                        f"{meta['train_tokens']} train and {meta['val_tokens']} val "
+                        f"tokens: a larger dataset or a smaller --block_size")
     data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r")
             for s in ("train", "val")}
     tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
@@ -492,61 +403,53 @@ def main(cfg):
     common = dict(tokenizer=tok.to_dict(), train_config=saved_config)
 
     # --- model: from scratch, from our last checkpoint, or from OpenAI's GPT-2
-    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP copies rank 0's weights anyway)
+    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP copies rank 0's)
     start = 0
     best_val = float("inf")
     val_loss = float("nan")
-    best_path = os.path.join(cfg.out_dir, "best.pt")
     if cfg.init_from == "resume":
-        raw_model, ckpt = resumed
-        raw_model = raw_model.to(device)
         start = ckpt["step"]
         best_val = ckpt["best_val_loss"]
-        if master:
-            print(f"resuming from step {start} of {ckpt_path}")
     elif cfg.init_from == "scratch":
-        raw_model = GPT(GPTConfig(**{**model_args(cfg), "vocab_size": tok.vocab_size})).to(device)
+        raw_model = GPT(GPTConfig(**{**model_args(cfg), "vocab_size": tok.vocab_size}))
     else:
-        raw_model = (pretrained or from_pretrained(cfg.init_from, cfg.data_dir)).to(device)
-    model_config = raw_model.config
-    if model_config.vocab_size != tok.vocab_size or cfg.block_size > model_config.block_size:
-        raise ValueError(f"the model ({model_config}) does not fit --block_size={cfg.block_size} "
-                         f"or the {tok.vocab_size} token ids of the data; use the data and "
-                         f"tokenizer it was trained on")
+        raw_model = pretrained or from_pretrained(cfg.init_from, cfg.data_dir)
+    raw_model = raw_model.to(device)
 
     # --- optimizer, loss scaling, compile, DDP
-    betas = (cfg.beta1, cfg.beta2)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas,
-                                               device_type)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")  # float16 gradients underflow
-    if cfg.init_from == "resume":  # (the scaler's state is empty unless the run used float16)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                               (cfg.beta1, cfg.beta2), device_type)
+    # float16 gradients underflow: scale the loss up, then the gradients back down
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+    if cfg.init_from == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt.get("scaler") or scaler.state_dict())
+        # the scale, if both runs use float16 (a disabled scaler saves {})
+        scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())
     model = raw_model
-    if cfg.compile:  # compiling fails at the first call (no C++ compiler, an unsupported device)
+    if cfg.compile:  # compiling fails at the first call (no C++ compiler, ...)
         model = torch.compile(raw_model)
+        x, y = get_batch(data["val"], cfg.batch_size, cfg.block_size, (2,), device)
         try:
             with ctx:
-                model(*get_batch(data["val"], cfg.batch_size, cfg.block_size, (2,), device))
+                model(x, y)
         except Exception as e:
-            raise RuntimeError(f"--compile failed on {device}: {repr(e)[:200]}; "
-                               f"drop --compile") from None
-    if ddp:  # averages the gradients across processes in backward; we save and evaluate raw_model
+            raise UserError(f"--compile failed on {device}: {repr(e)[:200]}; "
+                            f"drop --compile") from None
+    if ddp:  # averages the gradients across processes in backward; raw_model is saved
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     accum = cfg.grad_accum // world
     decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters >= 0 else cfg.max_iters
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    # MFU needs the device's peak FLOP/s: an A100's in bf16 on CUDA (--peak_flops for other GPUs);
-    # a CPU has no datasheet number, so there the log shows achieved TFLOP/s instead
+    # MFU against an A100's bf16 peak on CUDA (--peak_flops for other GPUs); a CPU has no
+    # datasheet peak, so there the log shows TFLOP/s
     peak = cfg.peak_flops or (312e12 if device_type == "cuda" else 0.0)
     if master:
-        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens "
-              f"per step = {cfg.batch_size} sequences x {cfg.block_size} tokens x {accum} "
-              f"micro-steps x {world} process(es)")
-        if peak:
-            print(f"MFU against {peak / 1e12:.0f} TFLOP/s per device")
+        mfu = f"; MFU against {peak / 1e12:.0f} TFLOP/s per device" if peak else ""
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters; "
+              f"{tokens_per_step:,} tokens per step = {cfg.batch_size} sequences x "
+              f"{cfg.block_size} tokens x {accum} micro-steps x {world} processes{mfu}")
 
-    # --- the loop: evaluate and save every eval_interval steps, log every log_interval steps
+    # --- the loop: evaluate and save every eval_interval steps, log every log_interval
     losses = []
     step = start
     t_start = time.time()
@@ -554,71 +457,77 @@ def main(cfg):
         while True:
             last = step >= cfg.max_iters  # >=: resuming a finished run just evaluates
             if master and (step % cfg.eval_interval == 0 or last):
-                ev = estimate_loss(raw_model, data, cfg.batch_size, cfg.block_size, cfg.eval_iters,
-                                   device, ctx)
-                # bits per byte = bits per token x tokens per byte: comparable across tokenizers
+                ev = estimate_loss(raw_model, data, cfg.batch_size, cfg.block_size,
+                                   cfg.eval_iters, device, ctx)
+                # bits per byte = bits per token x tokens per byte: any tokenizer's
                 bpb = {s: ev[s] / math.log(2) * meta[f"{s}_tokens"] / meta[f"{s}_bytes"]
                        for s in ev}
-                print(f"step {step}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f} "
-                      f"(bits per byte: train {bpb['train']:.3f}, val {bpb['val']:.3f})")
-                story = sample_story(raw_model, tok, cfg.sample_tokens, device, ctx, cfg.seed)
+                print(f"step {step}: train loss {ev['train']:.4f}, val loss "
+                      f"{ev['val']:.4f} (bits per byte: train {bpb['train']:.3f}, "
+                      f"val {bpb['val']:.3f})")
+                story = sample_story(raw_model, tok, cfg.sample_tokens, device, ctx,
+                                     cfg.seed)
                 val_loss = ev["val"]
                 if not last:
                     print(f"sample: {story}\n")
                 if val_loss < best_val:
                     best_val = val_loss
-                    save_checkpoint(best_path, raw_model, step=step, val_loss=val_loss, **common)
+                    save_checkpoint(best_path, raw_model, step=step, val_loss=val_loss,
+                                    **common)
                 save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss,
                                 best_val_loss=best_val, optimizer=optimizer.state_dict(),
                                 scaler=scaler.state_dict(), **common)
             if last:
                 break
             t0 = time.time()
-            lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, decay_iters)
+            lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters,
+                        decay_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # dropout too is a pure function of (seed, step, rank): resuming needs no RNG state
+            # dropout is a function of (seed, step, rank) too: a resume needs no RNG state
             torch.manual_seed(cfg.seed + 1_000_003 * step + rank)
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                # rank r's micro-step m is micro-batch m * world + r: the same global batch for any
-                # number of processes
+                # micro-batch m * world + r: the same global batch for any world size
                 key = (0, cfg.seed, step, micro * world + rank)
-                x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, key, device)
-                # no_sync: only the last micro-step all-reduces the gradients; the others accumulate
+                x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, key,
+                                 device)
+                # no_sync: only the last micro-step all-reduces the gradients
                 sync = contextlib.nullcontext()
                 if ddp and micro < accum - 1:
                     sync = model.no_sync()
                 with sync:
                     with ctx:
-                        loss = model(x, y)[1] / accum  # the mean over micro-batches, not the sum
+                        loss = model(x, y)[1] / accum  # the mean over micro-batches
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            if ddp:  # log the mean over the global batch (gloo has no AVG: SUM, then divide)
+            if ddp:  # log the mean over the global batch (gloo has no AVG: SUM, divide)
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
-            loss_value = loss_sum.item()  # waits for the device, so the timing below is honest
+            loss_value = loss_sum.item()  # waits for the device: honest timings below
             if not math.isfinite(loss_value):
-                raise RuntimeError(f"the loss is {loss_value} at step {step}: training diverged. "
-                                   f"{ckpt_path} keeps the last good state; lower --learning_rate "
-                                   f"and continue with --init_from=resume")
+                raise UserError(f"the loss is {loss_value} at step {step}: training "
+                                f"diverged; {ckpt_path} keeps the last good state: "
+                                f"lower --learning_rate, continue with --init_from=resume")
             if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                scaler.unscale_(optimizer)  # clip the true gradients, not scaled ones
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
-            step += 1  # at once: from here on, a Ctrl-C saves these weights with this count
+            step += 1  # at once: from here on, a Ctrl-C saves these weights as `step`
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss_value)
             if master and (step - 1) % cfg.log_interval == 0:
                 dt = time.time() - t0
-                # the ETA at the average pace so far (evaluations included), not the last step's
+                # the ETA at the average pace so far (evaluations included)
                 pace = (time.time() - t_start) / (step - start)  # seconds per step
                 flops = raw_model.flops_per_token() * tokens_per_step / dt
-                speed = (f"mfu {100 * flops / (peak * world):.1f}%" if peak
-                         else f"{flops / 1e12:.2f} TFLOP/s")
-                print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                      f"{1000 * dt:.0f} ms | {tokens_per_step / dt:,.0f} tok/s | {speed} | "
+                speed = f"{flops / 1e12:.2f} TFLOP/s"
+                if peak:
+                    speed = f"mfu {100 * flops / (peak * world):.1f}%"
+                print(f"step {step - 1:5d}/{cfg.max_iters} | loss {loss_value:.4f} | "
+                      f"lr {lr:.2e} | {1000 * dt:.0f} ms | "
+                      f"{tokens_per_step / dt:,.0f} tok/s | {speed} | "
                       f"{progress_bar(step, cfg.max_iters, pace)}", flush=True)
         if ddp:  # no rank tears the group down while another still talks to it
             dist.barrier()
@@ -629,23 +538,52 @@ def main(cfg):
                             scaler=scaler.state_dict(), **common)
             print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with:\n"
                   f"  {resume_command(cfg, world)}")
-        return dict(losses=losses, step=step, ckpt_path=ckpt_path, interrupted=True)
+        raise SystemExit(130)  # a shell's `&&` must not go on to the next step
     finally:
-        if ddp:  # free the DDP wrapper (a reference cycle, so gc) first: it holds the process group
+        if ddp:  # free the DDP wrapper (a reference cycle: gc) first: it holds the group
             del model
             gc.collect()
             dist.destroy_process_group()
     if master:
         print(f"done: {step - start} steps in {time.time() - t_start:.0f} s; val loss "
-              f"{val_loss:.4f} (best {best_val:.4f}); saved {ckpt_path} and {best_path}\n\n{story}")
+              f"{val_loss:.4f} (best {best_val:.4f}); saved {ckpt_path} and "
+              f"{best_path}\n\n{story}")
     return dict(losses=losses, val_loss=val_loss, best_val_loss=best_val, step=step,
                 ckpt_path=ckpt_path)
 
 # -----------------------------------------------------------------------------
-# appendix: the synthetic children's-story generator behind --dataset=stories (the offline default)
+# appendix: the synthetic children's stories of --dataset=stories (the offline default)
 
-# small closed word banks keep the language learnable by a tiny GPT in minutes, while the product
-# of all the choices below (far beyond 10^9) leaves room for as many distinct stories as we need
+def instruct_record(story, summary, words, kind):
+    """A held-out story as a record of Alpaca's instruction-data.json (instruction,
+    input, output), plus what checks a story (words, summary) and its kind (a label)."""
+    # bare words, each after a space: the tokens they are in the story, easy to copy
+    listed = ", ".join(words[:-1]) + f" and {words[-1]}"
+    return {"instruction": f"Write a short story for children that uses the words {listed}, "
+                           f"and follows this summary.",
+            "input": summary, "output": story, "words": list(words), "summary": summary,
+            "kind": kind}
+
+def with_plan(story, summary, words):
+    """A story after its plan (its words and summary), as in TinyStories-Instruct: the
+    model learns to write to a plan while it learns to write."""
+    return f"Words: {', '.join(words)}\nSummary: {summary}\nStory:\n{story}"
+
+def write_stories(folder, n, seed, plans):
+    # train.txt and val.txt: n stories (90/10), a share `plans` of them after their plan;
+    # instruct.json: n // 2 more, held out, for finetune.py and dpo.py
+    records = generate_stories(n + n // 2, seed)
+    planned = random.Random(seed).choices([True, False], [plans, 1 - plans], k=n)
+    docs = [with_plan(*r[:3]) if plan else r[0] for r, plan in zip(records, planned)]
+    n_train = n - n // 10
+    for name, split in (("train.txt", docs[:n_train]), ("val.txt", docs[n_train:])):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write("".join(f"{doc}\n{EOT}\n" for doc in split))  # as TinyStories does
+    held_out = [instruct_record(*r) for r in records[n:]]
+    save_json(os.path.join(folder, "instruct.json"), held_out)
+
+# small closed word banks keep the language learnable by a tiny GPT in minutes, while all
+# the choices below (far beyond 10^9) leave room for as many distinct stories as we need
 GIRLS = "Lily Mia Sue Anna Emma Zoe Lucy Amy Ella Rose Kim Ava Sara Lena Nina Molly Ruby".split()
 BOYS = "Tom Ben Max Sam Tim Leo Jack Finn Jake Luke Noah Joe Dan Bob Ted Eli Owen Milo".split()
 ANIMALS = "cat dog bunny bear bird fox duck frog mouse puppy kitten lamb pig squirrel".split()
@@ -692,11 +630,11 @@ OPENING = ["Once upon a time, there was a {trait} {kind} named {name}.",
            "There once was a {trait} {kind} called {name}.",
            "Once upon a time, in a small town, there lived a {trait} {kind} named {name}."]
 
-# each arc is (kind, summary, story template); the kind is the label finetune.py --task=classify
-# learns. The template has one sentence slot per line with alternatives split by "|" (an empty
-# one makes the slot optional); "/" starts a new paragraph
-ARCS = [("lost toy",
-         "{name} lost {his} {color} {toy}, and {his} friend {fname} helped {him} find it.", """
+# the arcs: each starts with "kind = summary" (the kind is the label finetune.py
+# --task=classify learns), then one sentence slot per line, its alternatives split by "|"
+# (an empty one makes the slot optional); "/" starts a new paragraph
+ARCS = """
+lost toy = {name} lost {his} {color} {toy}, and {his} friend {fname} helped {him} find it.
 {He} loved {his} {color} {toy} more than anything. | {He} took {his} {color} {toy} everywhere.
 {Day}, {name} went to the {place} to play with {his} {toy}. | {Day}, {name} went to the {place}.
 When it was time to go home, {his} {toy} was gone! | Then {he} looked around. The {toy} was gone!
@@ -708,7 +646,7 @@ They looked {spot1}. Then they looked {spot2}.
 At last, {fname} saw something {color} {spot3}. "Here it is!" {fhe} shouted.
 /{name} hugged {his} {toy}. "Thank you, {fname}! You are a good friend." | "Thank you!" said {name}.
 From that day on, {name} always kept {his} {toy} close. | Friends always help each other.
-"""), ("sharing", "{name} did not want to share {his} {toy} with {fname}, but then {he} shared it.", """
+sharing = {name} did not want to share {his} {toy} with {fname}, but then {he} shared it.
 {He} had a new {color} {toy}. | {His} {parent} gave {him} a shiny {color} {toy}.
 {Day}, {name} took the {toy} to the {place}. | {Day}, {name} played with the {toy} in the {place}.
 {His} friend {fname} came over. "Can I play too?" asked {fname}. | {fname} asked, "Can I try?"
@@ -718,7 +656,7 @@ From that day on, {name} always kept {his} {toy} close. | Friends always help ea
 {He} ran to {fname} and said, "I am sorry. Let's play together." | {He} said, "Sorry, {fname}."
 They took turns and played together all day. | They shared the {toy} and had lots of fun.
 {name} learned that sharing makes everyone happy. | Sharing was more fun than playing alone.
-"""), ("fear", "{name} was scared of {fear}, but {his} {parent} helped, and {he} {feat}.", """
+fear = {name} was scared of {fear}, but {his} {parent} helped, and {he} {feat}.
 {name} was afraid of {fear}. | But {name} had one problem. {He} was scared of {fear}.
 {Day}, {his} {parent} said, "Let's try it today." | {Day}, {his} {parent} wanted {him} to try.
 "I can't. I am too scared," said {name}. | {name} shook {his} head. "What if something bad happens?"
@@ -727,7 +665,7 @@ They took turns and played together all day. | They shared the {toy} and had lot
 Then {he} {feat}! | And then {he} {feat}!
 It was not scary at all. It was fun! | {He} was not scared anymore. {He} felt so proud.
 {name} learned that being brave means trying when you are scared. | {His} {parent} hugged {him}.
-"""), ("animal rescue", "{name} found a little {animal} that {trouble}, and {he} helped it.", """
+animal rescue = {name} found a little {animal} that {trouble}, and {he} helped it.
 {Day}, {name} was walking in the {place}. | {Day}, {name} went to the {place} with {his} {toy}.
 {He} heard a small sound {spot1}. | Suddenly, {he} saw something move {spot1}.
 It was a little {animal}. The {animal} {trouble}. | There was a little {animal}. It {trouble}.
@@ -736,7 +674,7 @@ It was a little {animal}. The {animal} {trouble}. | There was a little {animal}.
 Soon the {animal} felt much better. | After a while, the {animal} was happy again.
 "Thank you, {name}! You are very kind," said the {animal}. | The {animal} smiled at {name}.
 From then on, the {animal} and {name} were best friends. | {name} felt warm and happy inside.
-"""), ("accident", "{name} broke {his} {parent}'s {fragile} by accident, but {he} told the truth.", """
+accident = {name} broke {his} {parent}'s {fragile} by accident, but {he} told the truth.
 {He} liked to play with {his} {toy} in the house. | {He} loved to run and jump in the house.
 {Day}, {name} threw {his} {color} {toy} high in the air. | {Day}, {name} ran fast around the table.
 Crash! {He} hit {his} {parent}'s {fragile}, and it broke. | Oh no! {His} {parent}'s {fragile} broke.
@@ -746,7 +684,7 @@ But {he} knew that hiding was wrong. | But then {he} thought about how {his} {pa
 {His} {parent} hugged {him}. "Thank you for telling me the truth." | {His} {parent} was not mad.
 Together they cleaned up the pieces. | {name} helped {his} {parent} clean up the pieces. |
 {name} learned that it is best to tell the truth. | From then on, {name} played outside.
-"""), ("gift", "{name} made a {gift} for {fname}'s birthday, and {fname} loved it.", """
+gift = {name} made a {gift} for {fname}'s birthday, and {fname} loved it.
 {Day}, {name} remembered it was almost {fname}'s birthday. | {His} friend {fname} was turning five.
 {name} wanted to give {fname} a special gift. | {name} wanted to make {fname} a surprise.
 {He} thought and thought. Then {he} had an idea. | "I know! I will make a {gift}," said {name}.
@@ -755,7 +693,7 @@ Together they cleaned up the pieces. | {name} helped {his} {parent} clean up the
 {fname} smiled. "Wow! Did you make this for me?" | {fname}'s eyes got big. "I love it!" {fhe} said.
 "Yes, I made it just for you," said {name}. | {fname} gave {name} a big hug.
 Giving a gift made {name} just as happy as getting one. | The best gifts are made with love.
-"""), ("trip", "{name} went to the {trip} with {his} {parent}, saw {sights}, and {activity}.", """
+trip = {name} went to the {trip} with {his} {parent}, saw {sights}, and {activity}.
 {Day}, {his} {parent} said, "Let's go to the {trip}!" | {Day}, {name} and {his} {parent} went out.
 {name} was so excited that {he} jumped up and down. | {name} packed {his} {toy} and a snack.
 The sun was warm and the sky was blue. | It was a cool day with a soft wind. |
@@ -764,24 +702,27 @@ The sun was warm and the sky was blue. | It was a cool day with a soft wind. |
 Then {name} {activity}. | After lunch, {name} and {his} {parent} {activity}.
 At the end of the day, {name} was tired but happy. | At home, {name} was tired but happy.
 That night, {name} dreamed about the {trip}. |
-""")]
+"""
 
-# turn a story template into a list of slots (lists of alternatives), None marking a new paragraph
-def _compile_arc(template):
-    slots = []
-    for line in template.strip().split("\n"):
+def compile_arcs(text):
+    # the arcs as (kind, summary, slots): a slot lists alternatives, None is a paragraph
+    arcs = []
+    for line in text.strip().split("\n"):
+        if " = " in line:  # "kind = summary" starts an arc
+            kind, summary = line.split(" = ")
+            slots = [OPENING]
+            arcs.append((kind, summary, slots))
+            continue
         if line.startswith("/"):
             slots.append(None)
         slots.append([part.strip() for part in line.lstrip("/").split("|")])
-    return slots
+    return arcs
 
-COMPILED_ARCS = [(kind, summary, [OPENING] + _compile_arc(story)) for kind, summary, story in ARCS]
+COMPILED_ARCS = compile_arcs(ARCS)
 
 def make_story(rng):
-    """One random story from rng (a random.Random) as (story, summary, words, kind): words are a
-    noun, a verb and an adjective in random order, each a whole word of the story, and kind names
-    the arc, e.g. ("Once upon a time, there was a little girl named Lily. ...", "Lily lost ...",
-    ["red", ...], "lost toy")."""
+    """One random story from rng (a random.Random) as (story, summary, words, kind):
+    words are a noun, a verb and an adjective of the story; kind names the arc."""
     she = rng.random() < 0.5
     friend_she = rng.random() < 0.5
     name = rng.choice(GIRLS if she else BOYS)
@@ -797,7 +738,7 @@ def make_story(rng):
                  parent=parent, Parent=parent.capitalize(), trait=rng.choice(TRAITS),
                  Day=rng.choice(DAYS), toy=rng.choice(TOYS), color=rng.choice(COLORS),
                  place=rng.choice(PLACES), fragile=rng.choice(FRAGILE), gift=rng.choice(GIFTS))
-    # draw each situation as one tuple so its parts agree (the kitten in the tree is carried down)
+    # one tuple per situation, so its parts agree (the kitten in a tree is carried down)
     for keys, situations in [("fear feat", FEARS), ("animal trouble fix", TROUBLES),
                              ("trip sights activity", TRIPS)]:
         slots.update(zip(keys.split(), rng.choice(situations)))
@@ -821,19 +762,19 @@ def make_story(rng):
     return story, summary.format(**slots), words, label
 
 def generate_stories(n, seed):
-    """n distinct (story, summary, words, kind) records, the same for the same (n, seed); a smaller
-    n gives a prefix of a larger one, so train/val/instruct can be slices of one call."""
+    """n distinct (story, summary, words, kind) records, the same for the same (n, seed);
+    a smaller n gives a prefix of a larger one: train, val, instruct slice one call."""
     rng = random.Random(seed)
     records = {}  # story -> record; a dict keeps the first of repeats, in order
-    for _ in range(2 * n + 1000):  # bounded, so an impossible n fails instead of looping forever
+    for _ in range(2 * n + 1000):  # bounded: an impossible n fails, never loops forever
         if len(records) == n:
             break
         record = make_story(rng)
         records.setdefault(record[0], record)
     if len(records) < n:
-        raise ValueError(f"got only {len(records)} distinct stories, not n={n}; ask for fewer")
+        raise UserError(f"--num_stories={n}: only {len(records)} distinct stories came "
+                        f"out; ask for fewer")
     return list(records.values())
 
 if __name__ == "__main__":
-    result = run_main(main, TrainConfig)
-    raise SystemExit(130 if result.get("interrupted") else 0)  # 130: stopped by Ctrl-C
+    run(main, TrainConfig)
