@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bpe import Tokenizer
 from gpt import (GPT, GPTConfig, UserError, format_config, pick_device, require_positive,
-                 run, save_checkpoint)
+                 run, save_checkpoint, user_input)
 
 @dataclasses.dataclass
 class DDPConfig:
@@ -349,11 +349,9 @@ def main(cfg):
     data, tok = load_tokens(cfg.data)
     if len(data) <= cfg.block_size + 1:
         raise UserError(f"{len(data)} tokens: too few for --block_size={cfg.block_size}")
-    try:  # GPTConfig's own checks (n_embd divisible by n_head, ...) as a user's error
+    with user_input():  # GPTConfig's own checks (n_embd divisible by n_head, ...)
         model_config = GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size,
                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     if device == "cuda":  # one GPU per process
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)

@@ -29,12 +29,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bpe import (STOP, Tokenizer, constraints_met, fetch, instruct_records, make_examples,
+from bpe import (STOP, Tokenizer, constraints_met, instruct_records, make_examples,
                  read_records, record_messages, render_conversation, split_records,
                  story_problems)
-from gpt import (UserError, collate, get_lr, heldout_loss, progress_bar, refuse_overwrite,
-                 refuse_torchrun, require_positive, respond, run, save_checkpoint,
-                 save_json, start_finetuning)
+from gpt import (UserError, collate, download, get_lr, heldout_loss, progress_bar,
+                 refuse_overwrite, refuse_torchrun, require_positive, respond, run,
+                 save_checkpoint, save_json, start_finetuning, user_input)
 
 @dataclasses.dataclass
 class DpoConfig:
@@ -309,18 +309,16 @@ def build_data(cfg, model, tok, template, ctx):
     """(train, val, test) Splits, split as finetune.py splits the same records (the same
     test prompts), each prompt and pair rendered once. On the stories, offline pairs in
     every split and, for DPO, the model's own among the training ones (--pairs)."""
-    try:  # bpe.py stands alone: a missing or malformed file is its OSError or ValueError
+    with user_input():  # bpe.py's errors for a missing or malformed file: one line
         if cfg.dataset == "stories":
             items = instruct_records("stories", cfg.data_dir)
         elif cfg.dataset == "raschka":
             path = os.path.join(cfg.data_dir, "preference",
                                 "instruction-data-with-preference.json")
-            items = file_pairs(fetch(RASCHKA_PREFERENCE, path), allow_ties=True)
+            items = file_pairs(download(RASCHKA_PREFERENCE, path), allow_ties=True)
         else:
             items = file_pairs(cfg.dataset)
         train, val, test = split_records(items, cfg.val_size, cfg.test_size, cfg.seed)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(str(e)) from None
     if cfg.max_iters > 0:  # one pass over the records the steps use is enough
         train = train[:cfg.max_iters * max(cfg.batch_size, cfg.prompts_per_step)]
     block = model.config.block_size
@@ -441,6 +439,7 @@ def train(cfg, model, ref, tok, train_data, val, device, ctx, ckpt_path, meta):
     rng = random.Random(cfg.seed)
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
     print(f"training: {steps} steps ({per_epoch} per epoch)")
+    best = float("inf")
     t_start = time.time()
     for step in range(steps + 1):
         if step % cfg.eval_interval == 0 or step == steps:
@@ -527,7 +526,8 @@ def main(cfg):
     if not cfg.init_from and not cfg.template:  # the one the model was tuned with
         saved = torch.load(cfg.ckpt_path, "cpu", weights_only=True)
         template = saved.get("chat_template", template)
-    tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    with user_input():  # GPT-2's tokenizer files may be missing, offline
+        tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
     # the reference: a frozen copy of the starting model, never trained (eval: no dropout)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
 

@@ -33,12 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpe import (CHAT_TEMPLATES, STOP, Tokenizer, constraints_met, fetch, instruct_records,
+from bpe import (CHAT_TEMPLATES, STOP, Tokenizer, constraints_met, instruct_records,
                  record_messages, render_conversation, split_records)
-from gpt import (UserError, get_lr, heldout_loss, length_batches, load_checkpoint,
-                 padding_fraction, pick_device, progress_bar, refuse_overwrite,
-                 refuse_torchrun, require_positive, respond, run, save_checkpoint, save_json,
-                 start_finetuning)
+from gpt import (UserError, download, get_lr, heldout_loss, length_batches, load_checkpoint,
+                 pick_device, progress_bar, refuse_overwrite, refuse_torchrun,
+                 require_positive, respond, run, save_checkpoint, save_json, start_finetuning,
+                 user_input)
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -238,7 +238,7 @@ def labelled_pairs(cfg):
     if cfg.dataset != "sms":
         return read_labelled(cfg.dataset)
     folder = os.path.join(cfg.data_dir, "sms_spam")
-    zip_path = fetch(SMS_ZIP, os.path.join(folder, "sms.zip"))  # downloaded once
+    zip_path = download(SMS_ZIP, os.path.join(folder, "sms.zip"))  # downloaded once
     try:  # UCI serves a zip; the tab-separated file is inside it
         with zipfile.ZipFile(zip_path) as z:
             return read_labelled(z.extract("SMSSpamCollection", folder))
@@ -253,8 +253,7 @@ def balanced_split(pairs, seed):
     for text, label in pairs:
         by_label.setdefault(label, []).append((text, label))
     if len(by_label) < 2:
-        raise UserError(f"the data has one label only ({list(by_label)}); a classifier "
-                        f"needs two")
+        raise UserError(f"the data has one label only ({list(by_label)}); it needs two")
     rng = random.Random(seed)
     n = min(len(v) for v in by_label.values())
     kept = [pair for label in sorted(by_label) for pair in rng.sample(by_label[label], n)]
@@ -359,12 +358,10 @@ def show_table(rows, path):
 
 def instruct(cfg, model, tok, common, out_dir, device, ctx):
     # --- data: records -> conversations -> (x, y) examples, and the prompts of the table
-    try:  # bpe.py stands alone: a missing or malformed file is its OSError or ValueError
+    with user_input():  # bpe.py's errors for a missing or malformed file: one line
         records = instruct_records(cfg.dataset, cfg.data_dir)
         train_r, val_r, test_r = split_records(records, cfg.val_size, cfg.test_size,
                                                cfg.seed)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(str(e)) from None
     block = model.config.block_size
     pad_id = tok.special_tokens[STOP]  # padding is never learned (y = -100): any id will do
     train_ex, dropped, cut = chat_examples(tok, train_r, cfg.template, block,
@@ -378,10 +375,13 @@ def instruct(cfg, model, tok, common, out_dir, device, ctx):
                for r in test_r]
     lengths = [len(x) for x, _ in train_ex]
     rng = random.Random(cfg.seed)
-    order = rng.sample(range(len(lengths)), len(lengths))
-    pads = [padding_fraction(lengths, batches) for batches in (
-        length_batches(lengths, cfg.batch_size, rng),
-        [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)])]
+    shuffled = rng.sample(range(len(lengths)), len(lengths))
+    pads = []  # the share of a batch's (B, T) slots that is padding: sorted, then random
+    random_batches = [shuffled[i:i + cfg.batch_size]
+                      for i in range(0, len(lengths), cfg.batch_size)]
+    for batches in (length_batches(lengths, cfg.batch_size, rng), random_batches):
+        slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        pads.append(1 - sum(lengths) / slots)
     print(f"data: {len(train_ex)} train, {len(val_ex)} val, {len(test_ex)} test examples "
           f"({dropped} dropped: the prompt fills block_size {block}; {cut} responses cut); "
           f"padding {pads[0]:.2%} of each batch (random batches: {pads[1]:.2%})")
@@ -428,10 +428,8 @@ def predict(clf, examples, batch_size, pad_id, device, ctx):
 
 def classify(cfg, model, tok, common, out_dir, device, ctx):
     # --- data: balanced, split 70/10/20; the naive-Bayes baseline on the same split
-    try:  # bpe.py stands alone: a missing or malformed file is its OSError or ValueError
+    with user_input():  # bpe.py's errors for a missing or malformed file: one line
         pairs = labelled_pairs(cfg)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(str(e)) from None
     train_p, val_p, test_p = balanced_split(pairs, cfg.seed)
     if not (val_p and test_p):
         raise UserError(f"{len(pairs)} texts leave no validation or test text (70/10/20); "
@@ -476,7 +474,8 @@ def classify_text(cfg, path, device):
     if "classifier" not in ckpt:
         raise UserError(f"{path} is not a classifier (it has no head); pass the --out_dir "
                         f"of a `python finetune.py --task=classify` run")
-    tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
+    with user_input():  # GPT-2's tokenizer files may be missing, offline
+        tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
     clf = Classifier(model, ckpt["classifier"]["labels"]).to(device)
     clf.head.load_state_dict(ckpt["classifier"]["head"])
     # the label is what we ask for: 0 stands in for it, and only the logits are read
@@ -495,7 +494,8 @@ def main(cfg):
         return classify_text(cfg, os.path.join(out_dir, "ckpt.pt"), device)
     refuse_overwrite(os.path.join(out_dir, "ckpt.pt"), cfg.overwrite)
     cfg, device, ctx, model, saved_tok = start_finetuning(cfg)
-    tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    with user_input():  # GPT-2's tokenizer files may be missing, offline
+        tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
     common = dict(tokenizer=saved_tok, train_config=dataclasses.asdict(cfg))
     task = instruct if cfg.task == "instruct" else classify
     return task(cfg, model, tok, common, out_dir, device, ctx)

@@ -451,8 +451,7 @@ def get_lr(step, learning_rate, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 def progress_bar(step, total, pace):
-    """'[#####               ] eta 2m46s' at step of total, pace seconds per step (the
-    average so far, evaluations included, so the ETA holds steady)."""
+    """'[#####               ] eta 2m46s' at step of total; pace: mean seconds a step."""
     eta = divmod(round(pace * (total - step)), 60)
     return f"[{'#' * (20 * step // max(total, 1)):<20}] eta {eta[0]}m{eta[1]:02d}s"
 
@@ -525,8 +524,7 @@ def setup_precision(device, dtype="auto"):
 # downloads and checkpoints
 
 def download(url, path):
-    """Fetch url to path once: streamed with progress, resumed from path.part after an
-    interruption, and renamed into place only when complete."""
+    """Fetch url to path once, streamed with progress, resuming path.part; then rename."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -555,8 +553,7 @@ def download(url, path):
 CHECKPOINT_VERSION = 1
 
 def save_checkpoint(path, model, **extra):
-    """Write {version, model_config, model, **extra} to a temp file, then rename it: a
-    crash mid-save never leaves a half-written checkpoint. Extras: plain types, tensors."""
+    """{version, model_config, model, **extra} to a temp file, renamed: never half-written."""
     ckpt = dict(version=CHECKPOINT_VERSION, model_config=dataclasses.asdict(model.config),
                 model=model.state_dict(), **extra)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -708,8 +705,7 @@ def from_pretrained(name_or_path, data_dir="data"):
 # finetuning plumbing for finetune.py, lora.py and dpo.py (bpe.py renders the examples)
 
 def load_model(ckpt_path, init_from="", data_dir="data", device="cpu"):
-    """A finetuning script's start: GPT-2 if init_from names it, else the checkpoint at
-    ckpt_path -> (model, its tokenizer as saved, for bpe.Tokenizer.from_saved)."""
+    """GPT-2 if init_from names it, else ckpt_path's -> (model, tokenizer as saved)."""
     if init_from:
         return from_pretrained(init_from, data_dir).to(device), "gpt2"
     model, ckpt = load_checkpoint(ckpt_path, device)
@@ -725,6 +721,15 @@ def start_finetuning(cfg):
     torch.manual_seed(cfg.seed)
     model, saved_tok = load_model(cfg.ckpt_path, cfg.init_from, cfg.data_dir, device)
     return cfg, device, ctx, model, saved_tok
+
+@contextlib.contextmanager
+def user_input():
+    """Inside it, a library's error about what the user gave (bpe.py's for a missing,
+    corrupt or unreachable file; GPTConfig's for a bad shape) is a UserError: one line."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 def refuse_overwrite(ckpt_path, overwrite):
     """A run never replaces an earlier run's checkpoint unless asked (--overwrite)."""
@@ -743,11 +748,6 @@ def length_batches(lengths, batch_size, rng):
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
-
-def padding_fraction(lengths, batches):
-    # the share of the batches' (B, T) slots that are padding
-    slots = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return 1 - sum(lengths) / slots
 
 def collate(rows, pad_id, device):
     """Right-pad lists of (x, y) into (B, T) tensors: x with pad_id, y with -100 (no loss)."""

@@ -36,7 +36,7 @@ import torch
 from bpe import STOP, Tokenizer, render_conversation
 from gpt import (GPT, GPTConfig, KVCache, UserError, format_config, from_pretrained,
                  load_checkpoint, pick_device, refuse_torchrun, require_positive, run,
-                 sample, setup_precision)
+                 sample, setup_precision, user_input)
 
 @dataclasses.dataclass
 class KVCacheConfig:
@@ -675,9 +675,9 @@ def main(cfg):
     ckpt = {}
     if cfg.init_from:
         model = from_pretrained(cfg.init_from)
-        tok = Tokenizer.from_saved("gpt2", cfg.gpt2_dir)
     else:
         model, ckpt = load_checkpoint(cfg.ckpt_path)
+    with user_input():  # GPT-2's tokenizer files may be missing, offline
         tok = Tokenizer.from_saved(ckpt.get("tokenizer", "gpt2"), cfg.gpt2_dir)
     # cast the weights (not autocast): decode reads every weight once per token, so half
     # the bytes is up to twice the speed

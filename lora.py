@@ -31,7 +31,7 @@ from bpe import (STOP, Tokenizer, constraints_met, instruct_records, make_exampl
                  record_messages, render_conversation, split_records)
 from gpt import (UserError, collate, get_lr, heldout_loss, length_batches, load_model,
                  progress_bar, refuse_overwrite, refuse_torchrun, require_positive, respond,
-                 run, save_checkpoint, save_json, start_finetuning)
+                 run, save_checkpoint, save_json, start_finetuning, user_input)
 
 @dataclasses.dataclass
 class LoraConfig:
@@ -237,16 +237,15 @@ def main(cfg):
     adapter_path = os.path.join(cfg.out_dir, "adapter.pt")
     refuse_overwrite(ckpt_path, cfg.overwrite or bool(cfg.adapter))
     cfg, device, ctx, model, saved_tok = start_finetuning(cfg)
-    tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    with user_input():  # GPT-2's tokenizer files may be missing, offline
+        tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
     base_fingerprint = fingerprint(model)
     n_params = model.num_params()
 
     # --- data: finetune.py's records, template, split and masked examples
-    try:  # bpe.py stands alone: a missing or malformed file is its OSError or ValueError
+    with user_input():  # bpe.py's errors for a missing or malformed file: one line
         records = instruct_records(cfg.dataset, cfg.data_dir)
         splits = split_records(records, cfg.val_size, cfg.test_size, cfg.seed)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(str(e)) from None
     block = model.config.block_size
     stop = tok.special_tokens[STOP]  # y = -100 at the prompt and the padding (collate)
     train_ex, val_ex, test_ex = [make_examples(tok, [record_messages(r) for r in rs],

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from bpe import STOP, Tokenizer
 from gpt import (GPT, GPTConfig, UserError, from_pretrained, load_checkpoint,
                  pick_device, refuse_overwrite, refuse_torchrun, require_positive, run,
-                 save_checkpoint, setup_precision)
+                 save_checkpoint, setup_precision, user_input)
 
 @dataclasses.dataclass
 class QuantizeConfig:
@@ -404,11 +404,10 @@ def main(cfg):
               f"{float_bytes / tensor_bytes(model):.2f}x smaller than float32")
         ckpt = dict(extra, quantized=True)
     if cfg.max_new_tokens:  # a greedy sample; on a CPU in bfloat16 (the kernels' dtype)
-        dtype = torch.bfloat16
-        if device != "cpu":
-            dtype = getattr(torch, setup_precision(device)[0])
-        model = model.to(dtype)
-        tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
+        dtype = "bfloat16" if device == "cpu" else setup_precision(device)[0]
+        model = model.to(getattr(torch, dtype))
+        with user_input():  # GPT-2's tokenizer files may be missing, offline
+            tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
         stop = tok.special_tokens[STOP]
         prompt = tok.encode(cfg.prompt, allowed_special="none") or [stop]
         new, speed = decode_speed(model, prompt, cfg.max_new_tokens, stop)

@@ -818,6 +818,16 @@ def test_gpt_run_keeps_the_traceback_of_a_bug():
         raises(ValueError, gpt.run, lambda cfg: int("x"), gpt.DemoConfig, match="invalid literal")
         raises(ZeroDivisionError, gpt.run, lambda cfg: 1 / 0, gpt.DemoConfig)
 
+def test_gpt_user_input_makes_library_errors_one_line():
+    # bpe.py (standalone) and GPTConfig raise plain errors; about a user's input they are UserErrors
+    def fail(error):
+        with gpt.user_input():
+            raise error
+    for error in (ValueError("n_embd=30 is not divisible"), FileNotFoundError("no tok.json"),
+                  RuntimeError("could not download encoder.json")):
+        raises(gpt.UserError, fail, error, match=str(error))
+    raises(KeyError, fail, KeyError("a bug"))  # anything else keeps its traceback
+
 def test_gpt_format_config_is_readable():
     text = gpt.format_config(train.TrainConfig())
     lines = text.splitlines()
@@ -1706,7 +1716,8 @@ def test_finetune_length_batches_cut_padding():
     assert sorted(i for b in batches for i in b) == list(range(256)), "every example once"
     shuffled = random.Random(1).sample(range(256), 256)
     unsorted = [shuffled[i:i + 16] for i in range(0, 256, 16)]
-    sorted_pad, random_pad = gpt.padding_fraction(lengths, batches), gpt.padding_fraction(lengths, unsorted)
+    padding = lambda bs: 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in bs)
+    sorted_pad, random_pad = padding(batches), padding(unsorted)
     assert sorted_pad < 0.1 and random_pad > 0.4, (sorted_pad, random_pad)
     assert gpt.length_batches(lengths, 16, random.Random(0)) == batches, "seeded"
 
@@ -2656,6 +2667,8 @@ def test_repo_user_errors_are_one_line():
         garbage = os.path.join(tmp, "garbage.bin")
         with open(garbage, "wb") as f:
             f.write(b"\x07not a checkpoint, a tokenizer or safetensors" * 3)
+        garbage_json = os.path.join(tmp, "garbage.json")
+        shutil.copy(garbage, garbage_json)
         empty = os.path.join(tmp, "empty.txt")
         open(empty, "w").close()
         data = [f"--data_dir={tmp}/data", f"--out_dir={tmp}/out"]
@@ -2664,6 +2677,7 @@ def test_repo_user_errors_are_one_line():
             ("train.py", [*data, f"--dataset={empty}", "--tokenizer=byte"], "needs more data"),
             ("train.py", [*data, "--n_embd=30", "--n_head=4"], "not divisible"),
             ("train.py", [*data, "--device=tpu"], "--device=tpu is not available; use auto"),
+            ("train.py", [*data, f"--tokenizer={garbage_json}"], "garbage.json"),
             ("train.py", [*data, f"--init_from=resume"], "no checkpoint"),
             ("kvcache.py", [f"--ckpt_path={tmp}/missing.pt"], "python train.py"),
             ("finetune.py", [f"--ckpt_path={tmp}/missing.pt"], "python train.py"),

@@ -37,7 +37,7 @@ from bpe import Tokenizer
 from gpt import (GPT, GPT2_NAMES, GPTConfig, UserError, download, format_config,
                  from_pretrained, get_lr, load_checkpoint, pick_device, progress_bar,
                  refuse_overwrite, require_positive, run, save_checkpoint, save_json,
-                 setup_precision)
+                 setup_precision, user_input)
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -174,16 +174,17 @@ def prepare_data(cfg, kind):
             f.seek(int(0.9 * ranges[0][2]))
             f.readline()
             ranges = [(paths[0], 0, f.tell()), (paths[0], f.tell(), ranges[0][2])]
-    if kind == "gpt2":
-        tok = Tokenizer.gpt2(cfg.gpt2_dir)
-    elif kind == "byte":  # BPE with no merges: 256 bytes + <|endoftext|>
-        tok = Tokenizer().train("", 257)
-    elif kind == "bpe":  # merges learned now, from the start of the train split
-        with open(paths[0], "rb") as f:
-            text = f.read(min(ranges[0][2], BPE_TRAIN_BYTES)).decode("utf-8", "ignore")
-        tok = Tokenizer().train(text, cfg.vocab_size)
-    else:  # a tok.json from bpe.py
-        tok = Tokenizer.load(kind)
+    with user_input():  # bpe.py's errors: GPT-2's files offline, a corrupt tok.json
+        if kind == "gpt2":
+            tok = Tokenizer.gpt2(cfg.gpt2_dir)
+        elif kind == "byte":  # BPE with no merges: 256 bytes + <|endoftext|>
+            tok = Tokenizer().train("", 257)
+        elif kind == "bpe":  # merges learned now, from the start of the train split
+            with open(paths[0], "rb") as f:
+                text = f.read(min(ranges[0][2], BPE_TRAIN_BYTES)).decode("utf-8", "ignore")
+            tok = Tokenizer().train(text, cfg.vocab_size)
+        else:  # a tok.json from bpe.py
+            tok = Tokenizer.load(kind)
     tok.save(os.path.join(folder, "tokenizer.json"))
     enc = tok.to_tiktoken()
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
@@ -323,10 +324,8 @@ def check_config(cfg, kind, world, ddp):
     for name, ok, need in rules:
         if not ok:
             raise UserError(f"--{name}={getattr(cfg, name)!r}: it must be {need}")
-    try:  # the model's shape, e.g. n_embd divisible by n_head
+    with user_input():  # the model's shape, e.g. n_embd divisible by n_head
         GPTConfig(**model_args(cfg))
-    except ValueError as e:
-        raise UserError(e) from None
     if cfg.init_from != "resume" and not cfg.bench:
         refuse_overwrite(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.overwrite)
 
