@@ -482,7 +482,9 @@ def split_records(items, val_size, test_size, seed):
 def make_examples(tok, conversations, template, block_size, mask_prompt=True):
     """(examples, dropped, cut): each conversation as (x, y), y[t] = the token after x[t]
     or -100 where nothing is learned (the prompt, with mask_prompt). Past block_size + 1
-    tokens a response is cut (losing its stop token); with no trained token left, dropped."""
+    tokens a response is cut (losing its stop token); with no trained token left, dropped.
+    finetune.py writes this out as its lesson; lora.py and dpo.py call it (a test keeps the
+    two equal)."""
     examples = []
     dropped = cut = 0
     for messages in conversations:

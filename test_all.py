@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1688,6 +1689,18 @@ def test_finetune_examples_mask_the_prompt_and_the_padding():
     assert xb[0, len(x):].tolist() == [0] * pad and yb[0, len(y):].tolist() == [-100] * pad, "padding: no loss"
     assert torch.equal(yb[1], torch.tensor(long_one[1])) and xb.shape == yb.shape == (2, len(long_one[0]))
 
+def test_finetune_examples_equal_the_ones_lora_and_dpo_train_on():
+    # finetune.py writes the masking out as its lesson; lora.py and dpo.py take bpe.make_examples
+    tok = _chat_tokenizer()
+    records = [{"instruction": "cat " * k, "output": "Tom " * (3 * k)} for k in range(1, 30, 4)]
+    for template, block_size, mask_prompt in [("phi3", 64, True), ("alpaca", 200, True), ("phi3", 40, False)]:
+        conversations = [bpe.record_messages(r) for r in records]
+        ours = finetune.chat_examples(tok, records, template, block_size, mask_prompt)
+        theirs = bpe.make_examples(tok, conversations, template, block_size, mask_prompt)
+        assert ours == theirs and ours[1] + ours[2] > 0, (template, block_size, ours[1:], theirs[1:])
+        padded = zip(finetune.pad_batch(ours[0], 7, "cpu"), gpt.collate(ours[0], 7, "cpu"))
+        assert all(torch.equal(a, b) for a, b in padded), "finetune.pad_batch = gpt.collate"
+
 def test_finetune_long_examples_cut_the_response_never_the_prompt():
     tok = _chat_tokenizer()
     record = {"instruction": "cat " * 10, "output": "Tom " * 40}
@@ -2707,6 +2720,30 @@ def test_repo_user_errors_are_one_line():
             assert run.returncode == 1 and "Traceback" not in err, where
             assert err.startswith(f"{script}: error: ") and expected in err, where
             assert len(err.strip().splitlines()) == 1, where
+
+def test_repo_readme_commands_take_their_flags():
+    """Every `python X.py --flag=value` the README shows (in code blocks and in the text) parses
+    into its script's config: a renamed or removed flag cannot stay in the manual."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    lines = [re.sub(r"(^|\s)#.*", "", line) for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    lines += re.findall(r"`((?:python|torchrun) [^`]*\.py[^`]*)`", readme)
+    checked = 0
+    for line in lines:
+        words = shlex.split(line)
+        scripts = [w for w in words if w.endswith(".py") and w[:-3] in {s[:-3] for s in SCRIPTS}]
+        if not scripts or "-h" in words or not words[0] in ("python", "torchrun"):
+            continue
+        module = __import__(scripts[0][:-3])
+        config = next(v for k, v in vars(module).items() if k.endswith("Config") and k != "GPTConfig"
+                      and dataclasses.is_dataclass(v) and v.__module__ == module.__name__)
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                getattr(module, "parse_args", gpt.parse_args)(config, words[words.index(scripts[0]) + 1:])
+            except SystemExit:
+                raise AssertionError(f"README: `{line.strip()}`: {err.getvalue().strip()[-200:]}")
+        checked += 1
+    assert checked > 40, f"only {checked} commands found in the README"
 
 def test_repo_ci_runs_the_readme_test_command():
     # CI must end with exactly the last command of the README's code block that runs the tests
