@@ -6,7 +6,7 @@ into chunks so merges stay inside words. Training is fast because each distinct 
 counted once and a merge recounts only the chunks holding its pair. The key idea:
 encoding applies the learned merges (a, b) -> id in the order they were learned. Then
 the text side every finetuning script shares: the chat template (a conversation as ids
-and a loss mask), the story checker, and instruction records read, checked and split.
+and a loss mask), the storyteller's checkers, and instruction records read and split.
 How to run:
   python bpe.py                                   # offline demo: trains on this file
   python bpe.py --train=text.txt --vocab_size=4096 --out=tok.json  # bytes per token
@@ -399,6 +399,90 @@ def story_problems(story, words, summary):
     return [w for w in wanted if not re.search(rf"\b{re.escape(w)}\b", story, re.IGNORECASE)]
 
 # -----------------------------------------------------------------------------
+# the storyteller's checkers: each kind of request has a program that judges a reply, so
+# finetune.py and dpo.py measure it and GRPO rewards it. The names are those train.py's
+# stories draw from: a name a model writes is one of these, so a changed hero shows.
+GIRLS = ("Lily Mia Sue Anna Emma Zoe Lucy Amy Ella Rose Kim Ava Sara Lena Nina Molly Ruby "
+         "Grace Lola Hannah Chloe Daisy Jenny Maya Olivia Poppy Tina Wendy Holly Julia").split()
+BOYS = ("Tom Ben Max Sam Tim Leo Jack Finn Jake Luke Noah Joe Dan Bob Ted Eli Owen Milo "
+        "Oscar Henry Adam Peter Toby Ryan Oliver Hugo Ethan Felix Liam Kevin").split()
+MOODS = {"happy": "happy smiled laughed fun hugged loved best proud glad".split(),
+         "sad": "sad cried lonely gone alone tears never".split()}
+
+def sentences(text):
+    return re.findall(r"[^.!?]*[A-Za-z][^.!?]*[.!?]+", text)
+
+def mood(paragraph):  # > 0 happy, < 0 sad: a count of the mood words
+    words = re.findall(r"[a-z]+", paragraph.lower())
+    return sum(w in MOODS["happy"] for w in words) - sum(w in MOODS["sad"] for w in words)
+
+def name_problems(reply, check):
+    """The one check every story gets: its hero keeps one name from start to end. The
+    hero is check["hero"] (else the first name written), named in the last paragraph too;
+    other names must be the story's cast (check["cast"]), or for a new story one friend."""
+    found = {m.start(): n for n in GIRLS + BOYS if (m := re.search(rf"\b{n}\b", reply))}
+    names = [found[k] for k in sorted(found)]
+    hero = check.get("hero") or (names[:1] or ["a hero"])[0]
+    others = set(names) - {hero} - set(check.get("cast", []))
+    problems = [] if hero in names else [f"no {hero}"]
+    if "\n" in reply.strip() and not re.search(rf"\b{hero}\b", reply.strip().split("\n")[-1]):
+        problems.append(f"{hero} is gone by the last paragraph")
+    if len(others) > ("cast" not in check):
+        problems.append(f"other names: {', '.join(sorted(others))}")
+    return problems
+
+def reply_problems(reply, check):
+    """What a reply to a request of kind check["kind"] gets wrong, [] when nothing."""
+    kind = check["kind"]
+    if kind == "offtopic":  # a short answer in character: no story
+        short = len(reply.split()) <= 60 and "once upon" not in reply.lower()
+        return [] if short and "stor" in reply.lower() else ["not a short word about stories"]
+    lines = reply.strip().split("\n")
+    title = lines[0] if kind == "title" else ""
+    story = "\n".join(lines[1:]) if title else reply.strip()
+    problems = name_problems(story, check)
+    if len(sentences(story)) < (2 if kind == "continue" else 3):
+        problems.append("too few sentences")
+    words = len(story.split())
+    if kind == "create":
+        problems += story_problems(story, check["words"] + check["who"], check["summary"])
+    elif kind == "rename" and re.search(rf"\b{check['old']}\b", story):
+        problems.append(f"{check['old']} is still there")
+    elif kind == "shorter" and words > 0.8 * check["length"]:
+        problems.append("not shorter")
+    elif kind == "add_word":
+        problems += story_problems(story, [check["word"]], "")
+    elif kind == "ending":  # the last paragraph's mood moved the asked way (sad: below 0)
+        now = mood(story.split("\n")[-1])
+        moved = now - mood(check["last"])
+        if not (moved > 0 if check["mood"] == "happy" else moved < 0 and now < 0):
+            problems.append(f"the ending is not {check['mood']}")
+    elif kind == "title" and not (0 < len(title.split()) <= 8 and title[-1:] not in ".!?\""):
+        problems.append("no title line")
+    elif kind == "continue" and words > max(40, 0.8 * check["length"]):
+        problems.append("not a new paragraph")
+    return problems
+
+def pass_rates(replies, records):
+    """{kind: the share of replies its checker passes, ..., "all": of every reply, "names":
+    of the story replies, the share whose hero keeps one name} for records with a check
+    (train.py's instruct.json); None for others."""
+    if not all("check" in r for r in records):
+        return None
+    passed = Counter()
+    counts = Counter()
+    for reply, record in zip(replies, records):
+        check = record["check"]
+        counts.update([check["kind"], "all"])
+        ok = not reply_problems(reply, check)
+        passed.update({check["kind"]: ok, "all": ok})
+        if check["kind"] != "offtopic":
+            counts["names"] += 1
+            passed["names"] += not name_problems(reply, check)
+    order = sorted(counts, key=lambda kind: kind in ("all", "names"))  # those two last
+    return {kind: passed[kind] / counts[kind] for kind in order}
+
+# -----------------------------------------------------------------------------
 # instruction data: records -> conversations -> (inputs, targets), the prompt masked
 
 RASCHKA = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
@@ -470,7 +554,13 @@ def instruct_records(dataset, data_dir="data"):
     return read_records(dataset)
 
 def split_records(items, val_size, test_size, seed):
-    """Shuffled with seed: (train, val, test), the last two of val_size and test_size."""
+    """Shuffled with seed: (train, val, test), the last two of val_size and test_size;
+    records marked "heldout" (train.py's unseen phrasings) are the test set alone."""
+    heldout = [r for r in items if isinstance(r, dict) and r.get("heldout")]
+    if heldout:
+        rest = [r for r in items if not (isinstance(r, dict) and r.get("heldout"))]
+        train, val, _ = split_records(rest, val_size, 0, seed)
+        return train, val, heldout[:test_size]
     if len(items) <= val_size + test_size:
         raise ValueError(f"{len(items)} examples leave none to train on after "
                          f"val_size={val_size} and test_size={test_size}; lower them or add data")
@@ -499,14 +589,6 @@ def make_examples(tok, conversations, template, block_size, mask_prompt=True):
         y = [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
         examples.append((ids[:-1], y))
     return examples, dropped, cut
-
-def constraints_met(stories, records):
-    """The share of stories in which story_problems finds nothing missing, for records
-    that carry words and a summary (train.py's instruct.json); None for others."""
-    if not all("words" in r and "summary" in r for r in records):
-        return None
-    met = [not story_problems(s, r["words"], r["summary"]) for s, r in zip(stories, records)]
-    return sum(met) / len(met)
 
 # -----------------------------------------------------------------------------
 # helpers used by main: the naive baseline, the benchmark, the flags

@@ -7,11 +7,11 @@ response and its stop token: the model learns to answer, not to ask. The key ide
 finetuning is pretraining's loop on masked targets. A classifier adds a linear head and
 has one target per text: its label, at the last real token.
 How to run:
-    python finetune.py               # 5-9 min on a 2-core CPU: out/ckpt.pt writes to order
+    python finetune.py               # 10 min on a 2-core CPU: out/ckpt.pt learns to converse
     python finetune.py --init_from=gpt2 --dataset=alpaca --learning_rate=5e-5 --device=cuda
     python finetune.py --task=classify --dataset=sms    # SMS spam, beside naive Bayes
     python finetune.py --task=classify --classify_text="WIN a FREE prize now"
-Depends on: gpt.py, bpe.py (the chat template and the story checker). Reads out/ckpt.pt
+Depends on: gpt.py, bpe.py (the chat template and the checkers). Reads out/ckpt.pt
 (or GPT-2) and data/stories/instruct.json, both from train.py; writes out-sft/ckpt.pt (the
 best by held-out loss) and out-sft/eval.json (the before/after table), or out-classify/.
 References: Ouyang et al. 2022, Training language models to follow instructions
@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpe import (CHAT_TEMPLATES, STOP, Tokenizer, constraints_met, instruct_records,
-                 record_messages, render_conversation, split_records)
+from bpe import (CHAT_TEMPLATES, STOP, Tokenizer, instruct_records, pass_rates, record_messages,
+                 render_conversation, split_records)
 from gpt import (UserError, download, get_lr, heldout_loss, length_batches, load_checkpoint,
                  pick_device, progress_bar, refuse_overwrite, refuse_torchrun,
                  require_positive, respond, run, save_checkpoint, save_json, start_finetuning,
@@ -56,7 +56,7 @@ class FinetuneConfig:
     template: str = "phi3"  # the chat template (bpe.py): phi3 (short) or alpaca (Raschka's)
     mask_prompt: bool = True  # loss on responses only; False = every token (Raschka ex. 7.2)
     val_size: int = 100  # held-out instructions for the loss that picks the best weights
-    test_size: int = 200  # held-out instructions for the before/after table
+    test_size: int = 400  # held-out instructions for the before/after table
     # training
     # -2, 0, 0.0 and -1.0 below mean "per task": the values in TASK_DEFAULTS
     train_layers: int = -2  # train only the last N blocks + final norm (+ head); -1 = all
@@ -80,8 +80,8 @@ class FinetuneConfig:
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     seed: int = 1337  # the split, the batch order, the head's initialisation
 
-# instructions: two epochs of the stories, all weights, in 5 CPU minutes; a small labelled
-# set overfits fast: one block, longer, more gently. A flag passed explicitly wins
+# instructions: 1.9 epochs of the conversations, all weights, in 8 CPU minutes; a small
+# labelled set overfits fast: one block, longer, more gently. A flag passed explicitly wins
 TASK_DEFAULTS = {"instruct": dict(train_layers=-1, max_iters=1100, epochs=2, learning_rate=2e-3),
                  "classify": dict(train_layers=1, max_iters=-1, epochs=10, learning_rate=5e-4)}
 PER_TASK = dict(train_layers=-2, max_iters=0, epochs=0, learning_rate=0.0)
@@ -233,8 +233,8 @@ def read_labelled(path):
 def labelled_pairs(cfg):
     # the three sources of --dataset for --task=classify, as (text, label) pairs
     if cfg.dataset == "stories":  # which of the seven story arcs a held-out story follows
-        records = instruct_records("stories", cfg.data_dir)
-        return [(r["output"], r["kind"]) for r in records[:1500]]  # ~1000 train: a minute
+        records = [r for r in instruct_records("stories", cfg.data_dir) if "arc" in r]
+        return [(r["messages"][1]["content"], r["arc"]) for r in records[:1500]]  # a minute
     if cfg.dataset != "sms":
         return read_labelled(cfg.dataset)
     folder = os.path.join(cfg.data_dir, "sms_spam")
@@ -348,12 +348,14 @@ def show_table(rows, path):
     # the before/after table, printed and saved as JSON
     title = f"held-out ({rows['test_examples']} examples)"
     print(f"{title:32s} {'base':>10s} {'finetuned':>10s}")
-    for key, name, fmt in [("response_loss", "response loss", "{:10.4f}"),
-                           ("constraints", "constraints met", "{:10.1%}"),
-                           ("judge", "judge score (0-100)", "{:10.1f}")]:
-        cells = [rows["base"][key], rows["finetuned"][key]]
-        if None not in cells:  # constraints need the stories' records; judge a --judge_url
-            print(f"{name:32s} {fmt.format(cells[0])} {fmt.format(cells[1])}")
+    lines = [("response_loss", "response loss", "{:10.4f}"),
+             ("judge", "judge score (0-100)", "{:10.1f}")]
+    lines += [(kind, f"passes: {kind}", "{:10.1%}") for kind in rows["base"]["passes"] or []]
+    for key, name, fmt in lines:
+        base, tuned = [row.get(key, (row["passes"] or {}).get(key)) for row in
+                       (rows["base"], rows["finetuned"])]
+        if base is not None:  # passes need the stories' checks; judge a --judge_url
+            print(f"{name:32s} {fmt.format(base)} {fmt.format(tuned)}")
     save_json(path, rows)
 
 def instruct(cfg, model, tok, common, out_dir, device, ctx):
@@ -389,8 +391,7 @@ def instruct(cfg, model, tok, common, out_dir, device, ctx):
     def table_row(model):  # the held-out loss, the greedy responses and what they achieve
         responses = respond(model, tok, prompts, cfg.max_new_tokens, pad_id, ctx)
         loss = heldout_loss(model, test_ex, cfg.batch_size, pad_id, device, ctx)
-        row = dict(response_loss=loss, constraints=constraints_met(responses, test_r),
-                   judge=None)
+        row = dict(response_loss=loss, passes=pass_rates(responses, test_r), judge=None)
         if cfg.judge_url:
             row["judge"] = judge(cfg.judge_url, cfg.judge_model, test_r, responses)
         return row, responses

@@ -3,11 +3,10 @@
 What you learn here: without a cache every new token re-runs the whole history, O(T^2)
 work over a run; with one, only the new token runs, against the stored keys and values,
 O(T). Prefill (the prompt in one pass) versus decode (a token per step). And why batch-1
-decode is bound by memory bandwidth: each step reads every weight once, so
-tokens/s <= bandwidth / (weight bytes + cache bytes). The cache is in gpt.py (`KVCache`,
-`GPT.prefill`, `GPT.generate`); this file streams the text, loops over your prompts and
-measures. Its second half is a server: continuous batching (requests join and leave the
-running batch between decode steps) behind OpenAI's API, with a chat page.
+decode is memory-bound: tokens/s <= bandwidth / (weight bytes + cache bytes), as each
+step reads every weight once. The cache is in gpt.py (`KVCache`, `GPT.prefill`); this
+file streams, loops over your prompts and measures. Its second half is a server with a
+chat page: continuous batching (rows join and leave between steps) behind OpenAI's API.
 
 How to run:
     python kvcache.py                  # continue a story with the model train.py wrote
@@ -156,11 +155,10 @@ def measure_bandwidth(device):
     return 2 * src.nbytes / best_time(copy, 6)
 
 def bench_row(model, prompts, new_tokens, points=4):
-    """(cache-free tok/s, cached tok/s, cached decode tok/s, mean cached length) for
-    greedy runs of new_tokens from prompts. Cached: a real run, timed per step; its
-    median decode step is the typical one, robust to other programs stealing the CPU
-    for a moment. Cache-free: a step re-reads the whole history, so one step is timed
-    at `points` evenly spaced lengths and integrated (the midpoint rule)."""
+    """(cache-free tok/s, cached tok/s, cached decode tok/s, mean cached length) for greedy
+    runs of new_tokens from prompts. Cached: a real run timed per step; its median decode
+    step is the typical one, robust to other programs stealing the CPU. Cache-free: a step
+    re-reads the history, so one is timed at `points` lengths and integrated (midpoint)."""
     config = model.config
     B = len(prompts)
     stamps = []
@@ -215,9 +213,8 @@ def run_bench(cfg, device):
                 gen = torch.Generator().manual_seed(B)
                 lengths = [prompt_len or int(torch.randint(10, 41, (), generator=gen))
                            for _ in range(B)]
-                prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen)
+                prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
                            for n in lengths]
-                prompts = [p.tolist() for p in prompts]
                 free, cached, decode, mean_len = bench_row(model, prompts, new_tokens)
                 bound_cells = "| |"  # a batch shares each weight read: no batch-1 bound
                 if B == 1:
@@ -226,20 +223,17 @@ def run_bench(cfg, device):
                 print(f"| {name} | {dtype} | {B} | {new_tokens} | {free:,.1f} | "
                       f"{cached:,.1f} | {cached / free:.1f}x | {decode:,.1f} | "
                       f"{bound_cells}", flush=True)
-    print("no cache: one step timed at 4 history lengths, integrated; cache: prefill + "
-          "median decode step; bound: copy bandwidth / bytes of weights and cache read "
-          "per token; batch 64: prompts of 10-40 tokens")
+    print("no cache: a step timed at 4 lengths, integrated; cache: prefill + median decode "
+          "step; bound: bandwidth / weight and cache bytes per token; batch 64: 10-40 tokens")
     return {"bandwidth": bandwidth}
 
 # -----------------------------------------------------------------------------
 # the second half, serving: continuous batching behind an OpenAI-compatible HTTP API
-# NEW vs gpt.py: KVCache keeps one length for a whole batch (left padding lines the rows
-# up). A server's rows arrive and leave at different times: here each row has its own.
+# NEW vs gpt.py: a cache length per row, not per batch, since rows come and go any step
 
 class RowCache:
-    """One layer's keys and values, (rows, nkv, max_len, hs): row i holds request i of the
-    running batch, and `lengths` (n,), set by the Engine before every step, says how many
-    positions each of the n running rows has filled. update() adds a position per row."""
+    """One layer's keys and values, (rows, nkv, max_len, hs), row i for running request i;
+    `lengths` (n,), set by the Engine each step: the positions each row has filled."""
     def __init__(self, shape, dtype, device):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -254,18 +248,19 @@ class RowCache:
         return self.k[:n, :, :width], self.v[:n, :, :width]
 
 class Request:
-    """One completion: its prompt ids, sampling settings and the text made so far. The
-    engine thread pushes tokens in; the HTTP thread reads whole-character text pieces from
-    `pieces` (then None). `cancelled` (the client left) drops the row at the next step."""
-    def __init__(self, tok, prompt, max_tokens, temperature=1.0, top_p=1.0, stop=(), seed=0):
+    """One completion: prompt ids, sampling settings, text so far. The engine pushes tokens
+    in; the HTTP thread reads whole-character `pieces` (then None) or sets `cancelled`."""
+    def __init__(self, tok, prompt, max_tokens, temperature=1.0, top_p=1.0, stop=(), seed=0,
+                 dropped=0):
         self.tok = tok
         self.prompt = prompt
+        self.dropped = dropped  # a chat: how many of its oldest messages did not fit
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
         self.generator = None   # the engine makes it, on the device that samples
-        self.stop = list(stop)
+        self.stop = [s for s in stop if s]  # "" stops nothing
         self.hold = max(map(len, self.stop), default=1) - 1  # may begin a stop: it waits
         self.pieces = queue.Queue()
         self.tokens = 0         # generated, the stop token included
@@ -300,10 +295,9 @@ class Request:
         return self.finish is not None
 
 class Engine:
-    """Continuous batching: one thread owns the model. Requests wait in a bounded queue
-    and join the running batch between steps (a prompt is prefilled alone, its keys and
-    values copied into a free row); a step decodes a token for every row, and finished
-    or abandoned rows (or full: block_size) leave at once, so none waits for another."""
+    """Continuous batching: one thread owns the model. Requests wait in a bounded queue and
+    join the batch between steps (prefilled alone, copied into a free row); a step decodes a
+    token per row, and rows done, abandoned or full leave at once: none waits for another."""
     def __init__(self, model, eot_id, max_batch=16, max_queue=64):
         self.model = model
         self.eot_id = eot_id
@@ -392,10 +386,9 @@ class Engine:
         self.running = False
         self.thread.join()
 
-# the API: a request is checked field by field; a mistake is answered in OpenAI's error
-# shape, naming the field, and never reaches the engine
-
 class BadRequest(Exception):
+    """The API checks a request field by field; a mistake is answered in OpenAI's error
+    shape, naming the field, and never reaches the engine."""
     def __init__(self, status, message, param=None):
         super().__init__(message)
         self.status = status
@@ -417,51 +410,60 @@ def field(body, name, kinds, default, check=None, rule=""):
 def parse_request(body, chat, tok, template, block_size):
     """A JSON request body -> a Request, or BadRequest naming the field that is wrong."""
     most = LIMITS["total_chars"]
+    max_tokens = field(body, "max_tokens", (int,), 256, lambda n: 1 <= n <= block_size,
+                       f"an integer from 1 to {block_size}")
+    dropped = 0  # a chat's oldest messages left out to fit the window
     if chat:
-        messages = field(body, "messages", (list,), [],
-                         lambda m: len(m) <= LIMITS["messages"],
+        messages = field(body, "messages", (list,), [], lambda m: len(m) <= LIMITS["messages"],
                          f"a list of 1 to {LIMITS['messages']} messages")
         chars = LIMITS["message_chars"]
-        for m in messages:
+        for i, m in enumerate(messages):
             if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                     and isinstance(m.get("content"), str) and len(m["content"]) <= chars):
-                raise BadRequest(400, "each message needs a role (system, user or "
-                                 f"assistant) and a content of at most {chars} characters",
-                                 "messages")
+                raise BadRequest(400, f"'messages[{i}]' needs a role (system, user or assistant) "
+                                 f"and a content of at most {chars} characters", "messages")
+            if not m["content"].strip():
+                raise BadRequest(400, f"'messages[{i}].content' is empty", "messages")
         if not messages or sum(len(m["content"]) for m in messages) > most:
             raise BadRequest(400, f"'messages' must hold 1 or more messages of at most "
                              f"{most} characters in all", "messages")
-        prompt = render_conversation(tok, messages, template)[0]
+        # too long: keep the system message, drop the oldest others till the reply has room
+        system = messages[:1] if messages[0]["role"] == "system" and len(messages) > 1 else []
+        others = messages[len(system):]
+        render = lambda k: render_conversation(tok, system + others[k:], template)[0]
+        room = block_size - min(max_tokens, block_size // 2)  # half at most, to keep the chat
+        dropped = len(others) - 1  # from the newest: a try renders what fits and one more
+        while dropped and len(render(dropped - 1)) <= room:
+            dropped -= 1
+        prompt = render(dropped)
     else:
         text = field(body, "prompt", (str,), "", lambda p: len(p) <= most,
                      f"a string of at most {most} characters")
         prompt = [tok.special_tokens[STOP]] + tok.encode(text)  # text starts after STOP
     if len(prompt) > block_size:
-        raise BadRequest(400, f"the prompt is {len(prompt)} tokens; this model reads at "
-                         f"most {block_size}", "messages" if chat else "prompt")
+        raise BadRequest(400, f"the prompt is {len(prompt)} tokens"
+                         f"{' with only the last message' if chat else ''}; this model "
+                         f"reads at most {block_size}", "messages" if chat else "prompt")
     stop = field(body, "stop", (str, list), [], lambda s: isinstance(s, str) or (
         len(s) <= LIMITS["stops"] and all(isinstance(x, str) and x for x in s)),
         f"a string or a list of up to {LIMITS['stops']} non-empty strings")
-    if isinstance(stop, str):
-        stop = [stop] if stop else []
+    stop = [stop] if isinstance(stop, str) else stop  # Request drops "" (no stop)
     return Request(
-        tok, prompt,
-        max_tokens=field(body, "max_tokens", (int,), 256, lambda n: 1 <= n <= block_size,
-                         f"an integer from 1 to {block_size}"),
+        tok, prompt, max_tokens, dropped=dropped, stop=stop,
         temperature=field(body, "temperature", (int, float), 1.0, lambda t: 0 <= t <= 2,
                           "a number from 0 to 2"),
         top_p=field(body, "top_p", (int, float), 1.0, lambda p: 0 < p <= 1,
                     "a number above 0 and at most 1"),
-        stop=stop,
         seed=field(body, "seed", (int,), int.from_bytes(os.urandom(6)), rule="an int"))
 
-# the chat page GET / returns: no framework, nothing fetched from the internet. Model text
-# goes in with textContent (never as HTML), so it shows as text whatever it contains
+# the chat page (GET /): nothing fetched from the internet; model text is set with textContent
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>buildllm chat</title>
 <style>body { font: 16px sans-serif; max-width: 46rem; margin: 2rem auto; }
 p { white-space: pre-wrap; }</style></head>
-<body><div id="log"></div>
+<body><p id="try">Try: <button>Tell me a story about a brave little turtle named Max.</button>
+<button>Call the hero Leo instead.</button> <button>What happened next?</button></p>
+<div id="log"></div>
 <form id="form"><textarea id="input" rows="3" cols="60"></textarea><button>Send</button>
 </form><p>API key, if the server has one: <input id="key" type="password"></p>
 <script>
@@ -475,9 +477,9 @@ function bubble(text) {
   return p;
 }
 
-async function send(event) {
+async function send(event, example) {  // example: the text of a "Try:" button
   event.preventDefault();
-  const content = $("input").value.trim();
+  const content = (example || $("input").value).trim();
   if (!content || busy) return;
   busy = true;
   $("input").value = "";
@@ -507,10 +509,13 @@ async function send(event) {
   } catch (error) {
     out.textContent = reply + " [error: " + error.message + "]";
   }
-  messages.push({role: "assistant", content: reply});
+  if (reply.trim()) messages.push({role: "assistant", content: reply});
+  else messages.pop();  // no reply, no turn: the server refuses an empty message
   busy = false;
 }
 $("form").onsubmit = send;
+for (const example of $("try").children)  // a click sends it, as if typed
+  example.onclick = (event) => send(event, example.textContent);
 </script>
 </body></html>
 """
@@ -518,14 +523,14 @@ $("form").onsubmit = send;
 def error_body(message, param=None, kind="invalid_request_error"):
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
-def usage(request):
-    return {"prompt_tokens": len(request.prompt), "completion_tokens": request.tokens,
-            "total_tokens": len(request.prompt) + request.tokens}
+def usage(request, chat):  # a chat's also says how many old messages were left out
+    counts = {"prompt_tokens": len(request.prompt), "completion_tokens": request.tokens,
+              "total_tokens": len(request.prompt) + request.tokens}
+    return {**counts, "dropped_messages": request.dropped} if chat else counts
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """One thread per connection (ThreadingHTTPServer): check a request, hand it to the
-    engine, write the answer. `timeout` bounds every socket read and write, so a client
-    that sends slowly, or stops reading a stream, holds only its own thread, that long."""
+    """A thread per connection: check a request, hand it to the engine, write the answer.
+    `timeout` bounds each socket read and write: a slow client holds its thread, no more."""
     timeout = 10
     routes = {"/": "GET", "/v1/models": "GET", "/v1/completions": "POST",
               "/v1/chat/completions": "POST"}
@@ -592,8 +597,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(request, chat, stream)
 
     def answer(self, request, chat, stream):
-        """Wait for the engine's text pieces; send them as one JSON answer, or as they
-        come as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        """The engine's text as one JSON answer, or as it comes in OpenAI's stream chunks."""
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.server.model_name}
@@ -603,7 +607,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if chat:
                 choice = {"message": {"role": "assistant", "content": text}}
             choice.update(index=0, finish_reason=request.finish)
-            return self.send(200, {**head, "choices": [choice], "usage": usage(request)})
+            return self.send(200, {**head, "choices": [choice], "usage": usage(request, chat)})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -613,7 +617,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             for text in iter(request.pieces.get, None):
                 self.event(head, chat, text)
-            self.event(head, chat, "", request.finish, usage=usage(request))
+            self.event(head, chat, "", request.finish, usage=usage(request, chat))
             self.wfile.write(b"data: [DONE]\n\n")
         except OSError:  # the client left, or stopped reading for `timeout` seconds
             request.cancelled = True
@@ -638,10 +642,7 @@ def make_server(model, tok, template, host="127.0.0.1", port=0, api_key="",
     server.serve_forever() to answer; server.shutdown() and server.engine.stop() end it."""
     server = http.server.ThreadingHTTPServer((host, port), Handler)
     server.engine = Engine(model, tok.special_tokens.get(STOP, -1), max_batch, max_queue)
-    server.tok = tok
-    server.template = template
-    server.api_key = api_key
-    server.model_name = model_name
+    vars(server).update(tok=tok, template=template, api_key=api_key, model_name=model_name)
     return server
 
 # -----------------------------------------------------------------------------
@@ -695,9 +696,8 @@ def main(cfg):
         return generate_text(cfg, model, tok)
     # --- serve until Ctrl-C (chats rendered with the template the model was tuned with)
     template = ckpt.get("chat_template", "phi3")
-    name = cfg.init_from or cfg.ckpt_path
     server = make_server(model, tok, template, cfg.host, cfg.port, cfg.api_key,
-                         cfg.max_batch, cfg.max_queue, name)
+                         cfg.max_batch, cfg.max_queue, cfg.init_from or cfg.ckpt_path)
     url = f"http://{server.server_address[0]}:{server.server_address[1]}/"
     print(f"serving at {url} (the chat page; the API is under /v1/), chat template "
           f"{template}, up to {cfg.max_batch} requests at once; Ctrl-C stops", flush=True)

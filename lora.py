@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn as nn
 
-from bpe import (STOP, Tokenizer, constraints_met, instruct_records, make_examples,
+from bpe import (STOP, Tokenizer, instruct_records, make_examples, pass_rates,
                  record_messages, render_conversation, split_records)
 from gpt import (UserError, collate, get_lr, heldout_loss, length_batches, load_model,
                  progress_bar, refuse_overwrite, refuse_torchrun, require_positive, respond,
@@ -256,10 +256,10 @@ def main(cfg):
     prompts = [render_conversation(tok, record_messages(r)[:-1], cfg.template)[0]
                for r in test_r]
 
-    def evaluate(model):  # the held-out response loss and constraint satisfaction
+    def evaluate(model):  # the held-out response loss and the share of replies passed
         stories = respond(model, tok, prompts, cfg.max_new_tokens, stop, ctx)
         loss = heldout_loss(model, test_ex, cfg.batch_size, stop, device, ctx)
-        return dict(response_loss=loss, constraints=constraints_met(stories, test_r))
+        return dict(response_loss=loss, passed=(pass_rates(stories, test_r) or {}).get("all"))
     if cfg.adapter:  # an adapter shipped alone: onto its base, merged, evaluated
         result = evaluate(merge(load_adapter(cfg.adapter, model, base_fingerprint)))
         print(f"{cfg.adapter} merged into its base: {result}")
@@ -348,7 +348,7 @@ def main(cfg):
                   file_bytes=os.path.getsize(adapter_path),
                   ckpt_bytes=os.path.getsize(ckpt_path), train_seconds=time.time() - t_start)
     print(f"done: response loss {base['response_loss']:.4f} -> {tuned['response_loss']:.4f}, "
-          f"constraints met {base['constraints'] or 0:.1%} -> {tuned['constraints'] or 0:.1%};"
+          f"requests passed {base['passed'] or 0:.1%} -> {tuned['passed'] or 0:.1%};"
           f" {result['step_ms']:.0f} ms a step; AdamW state {state_bytes / 2**20:.2f} MB")
     print(f"saved {adapter_path} ({result['file_bytes'] / 2**20:.2f} MB: "
           f"{result['file_bytes'] / result['ckpt_bytes']:.1%} of the merged {ckpt_path})")

@@ -9,6 +9,7 @@ Files are written only into temporary directories.
 """
 import ast
 import base64
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -966,15 +967,16 @@ def test_gpt_generate_sampling_seeded_top_k_top_p():
 # train.py
 
 import train  # noqa: E402
-from train import generate_stories, instruct_record  # noqa: E402
+from train import generate_stories  # noqa: E402
 
 def test_train_stories_deterministic_and_distinct():
-    records = generate_stories(500, seed=1)
-    assert records == generate_stories(500, seed=1), "same seed gave different stories"
-    assert records[:100] == generate_stories(100, seed=1), "a smaller n is not a prefix"
-    overlap = {r[0] for r in records} & {r[0] for r in generate_stories(500, seed=2)}
+    texts = lambda n, seed: [train.render(s) for s in generate_stories(n, seed)]
+    stories = texts(500, 1)
+    assert stories == texts(500, 1), "same seed gave different stories"
+    assert stories[:100] == texts(100, 1), "a smaller n is not a prefix"
+    overlap = set(stories) & set(texts(500, 2))
     assert len(overlap) < 50, f"seeds 1 and 2 share {len(overlap)} of 500 stories"
-    stories = [r[0] for r in generate_stories(20000, seed=0)]
+    stories = texts(20000, 0)
     assert len(set(stories)) == 20000, f"only {len(set(stories))} distinct stories of 20000"
     # real variety, not 20000 near-copies: many distinct sentences and words
     sentences = {s for story in stories[:2000] for s in re.split(r"(?<=[.!?]) ", story)}
@@ -982,45 +984,117 @@ def test_train_stories_deterministic_and_distinct():
     assert len(sentences) > 1000 and len(vocab) > 300, f"{len(sentences)}, {len(vocab)}"
 
 def test_train_stories_words_occur_and_text_is_plain():
-    for story, summary, words, kind in generate_stories(2000, seed=3):
+    for s in generate_stories(2000, seed=3):
+        story, summary, words = train.render(s), s["summary"], s["words"]
         assert len(words) == 3, f"expected 3 words, got {words}"
         for word in words:
             assert re.search(rf"\b{re.escape(word)}\b", story, re.I), f"{word!r} not in {story!r}"
         assert summary.count(".") == 1 and summary.endswith(".") and "\n" not in summary, summary
         assert 6 <= len(re.findall(r"[.!?]", story)) <= 25, f"odd length: {story!r}"
+        assert s["label"] in {arc[0] for arc in train.COMPILED_ARCS}, s["label"]
         text = story + summary
         assert all(32 <= ord(ch) < 127 or ch == "\n" for ch in text), f"non-ASCII in {text!r}"
         assert not re.search(r"[{}<>]|  ", text), f"template leak in {text!r}"
 
-def test_train_stories_instruct_format():
-    records = generate_stories(50, seed=4)
-    for story, summary, words, kind in records:
-        # the instruction-data.json schema (instruction, input, output) that finetune.py and dpo.py read,
-        # plus the fields a checker needs and the label finetune.py --task=classify learns
-        record = instruct_record(story, summary, words, kind)
-        assert set(record) == {"instruction", "input", "output", "words", "summary", "kind"}, record
-        assert kind in {arc[0] for arc in train.COMPILED_ARCS}, kind
-        assert record["output"] == story and record["input"] == summary == record["summary"]
-        assert record["words"] == words and all(f" {w}" in record["instruction"] for w in words)
+def conversations(n, seed, heldout_from=None):
+    # instruct.json's records as write_stories makes them: the last ones round-robin over the kinds
+    rng = random.Random(seed)
+    heldout_from = n if heldout_from is None else heldout_from
+    return [train.conversation(rng, s, train.KINDS[k % len(train.KINDS)] if k >= heldout_from else None,
+                               k >= heldout_from) for k, s in enumerate(generate_stories(n, seed))]
 
-def test_train_stories_plans_precede_their_stories():
+def corruptions(record):
+    # hand-made wrong replies for a record's request: each must fail its checker
+    check, messages = record["check"], record["messages"]
+    reply = messages[-1]["content"]
+    hero = check.get("hero")
+    out = []
+    if hero:  # the hero's name swapped: everywhere, in the last paragraph, halfway (a known cast)
+        other = next(n for n in bpe.GIRLS if n not in check.get("cast", []) + [hero])
+        out.append(re.sub(rf"\b{hero}\b", other, reply))
+        cut = reply.rfind("\n") + 1 if "cast" not in check else len(reply) // 2
+        out.append(reply[:cut] + re.sub(rf"\b{hero}\b", other, reply[cut:]))
+    for word in check.get("words", []) + check.get("who", []) + [check.get("word")] * bool(check.get("word")):
+        out.append(re.sub(rf"\b{word}\b", "thing", reply, flags=re.I))  # a required word dropped
+    if check["kind"] in ("rename", "shorter", "add_word", "ending", "title"):
+        out.append(messages[-3]["content"])  # the request ignored: the story as it was
+    if check["kind"] == "title":
+        out.append(reply.split("\n", 1)[1] + "\n" + reply.split("\n")[0])  # the title last
+    if check["kind"] == "continue":
+        out.append(messages[-3]["content"] + "\n" + reply)  # the whole story again
+    if check["kind"] == "offtopic":
+        out.append("Once upon a time, there was a cat named Tom. " * 3)  # a random story
+    return [wrong for wrong in out if wrong != reply]
+
+def test_train_conversations_of_every_kind_pass_their_checkers_and_corruptions_fail():
+    records = conversations(1200, seed=5, heldout_from=1000)
+    kinds = collections.Counter(r["check"]["kind"] for r in records)
+    assert set(kinds) == set(train.KINDS) and min(kinds.values()) > 40, kinds
+    assert sum(len(r["messages"]) == 6 for r in records) > 50, "no third turns"
+    for r in records:
+        assert not bpe.record_problem(r), (bpe.record_problem(r), r)
+        reply = r["messages"][-1]["content"]
+        assert bpe.reply_problems(reply, r["check"]) == [], (bpe.reply_problems(reply, r["check"]), r)
+        for wrong in corruptions(r):
+            assert bpe.reply_problems(wrong, r["check"]), ("a corruption passed", wrong, r["check"])
+    assert bpe.pass_rates([r["messages"][-1]["content"] for r in records], records)["all"] == 1.0
+    # the classify task reads the first story of each record that tells one
+    labelled = [r for r in records if "arc" in r]
+    assert len(labelled) > 1000 and all(r["messages"][1]["content"].count(".") > 4 for r in labelled)
+
+def test_train_conversations_hold_their_last_phrasing_out_for_the_test_set():
+    records = conversations(1200, seed=6, heldout_from=1000)
+    held_out = {k: v[-1].split("{")[0] for k, v in train.REFINE.items()}
+    held_out.update(create=train.ASK[-1])
+    for r in records:
+        kind, request = r["check"]["kind"], r["messages"][-2]["content"]
+        request = request[next(len(t) for t in sorted(train.THANKS, key=len, reverse=True) if request.startswith(t)):]
+        if kind in held_out:
+            assert request.startswith(held_out[kind]) == r["heldout"], (r["heldout"], request)
+        if kind == "offtopic":
+            held = [re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(q)), request) for q in train.QUESTIONS[-3:]]
+            assert any(held) == r["heldout"], request
+    train_r, val_r, test_r = bpe.split_records(records, 50, 100, 0)
+    assert len(test_r) == 100 and all(r["heldout"] for r in test_r) and not any(r["heldout"] for r in train_r + val_r)
+    assert [r["check"]["kind"] for r in test_r[:8]] == train.KINDS, "the test set is not balanced"
+
+def test_train_three_turn_conversations_train_every_reply():
+    records = [r for r in conversations(300, seed=8) if len(r["messages"]) == 6][:5]
+    tok = bpe.Tokenizer().train(_text_of(records), 300)
+    for r in records:
+        ids, mask = bpe.render_conversation(tok, r["messages"])
+        trained = tok.decode([i for i, m in zip(ids, mask) if m])
+        replies = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert trained == "".join(reply + "<|endoftext|>" for reply in replies), trained
+        prompt = tok.decode([i for i, m in zip(ids, mask) if not m])
+        assert all(m["content"] in prompt for m in r["messages"] if m["role"] == "user")
+
+def test_train_stories_plans_and_edits_precede_their_stories():
     with tempfile.TemporaryDirectory() as tmp:
         texts = {}
         for plans in (0.0, 0.5, 1.0):
             train.write_stories(tmp, 400, 7, plans)
             with open(os.path.join(tmp, "train.txt")) as f, open(os.path.join(tmp, "val.txt")) as g:
                 texts[plans] = [d.strip("\n") for d in (f.read() + g.read()).split(train.EOT)][:-1]
-        by_story = {r[0]: r for r in generate_stories(400, seed=7)}
+        by_story = {train.render(s): s for s in generate_stories(400, seed=7)}
         assert len(texts[0.5]) == 400 and set(texts[0.0]) == set(by_story), "plans=0 is not the plain stories"
-        planned = [d for d in texts[0.5] if d.startswith("Words: ")]
+        planned = [d for d in texts[0.5] if d.startswith(("Words: ", "Story:\n"))]
         assert 150 < len(planned) < 250, f"{len(planned)} of 400 planned at plans=0.5"
-        assert all(d.startswith("Words: ") for d in texts[1.0]), "plans=1 left a story without its plan"
+        edits = [d for d in texts[1.0] if d.startswith("Story:\n")]
+        assert 150 < len(edits) < 250, f"{len(edits)} of 400 edits at plans=1"
         for doc in texts[1.0]:
+            if doc in edits:  # "Story:\n<story>\nChange: <request>\nStory:\n<the changed story>"
+                story, change, _ = re.fullmatch(r"Story:\n(.*)\nChange: (.*)\nStory:\n(.*)", doc, re.S).groups()
+                assert story in by_story and change.split(" ")[0] in [v[0].split(" ")[0] for v in train.REFINE.values()], doc
+                continue
             # "Words: a, b, c\nSummary: ...\nStory:\n<the story>", the plan of the story after it
             head, story = doc.split("\nStory:\n")
             words, summary = head.removeprefix("Words: ").split("\nSummary: ")
-            record = by_story[story]
-            assert words.split(", ") == record[2] and summary == record[1], doc
+            s = by_story[story]
+            assert words.split(", ") == s["words"] and summary == s["summary"], doc
+        with open(os.path.join(tmp, "instruct.json")) as f:
+            records = json.load(f)
+        assert len(records) == 200 and sum(r["heldout"] for r in records) == 50, len(records)
         raises(gpt.UserError, train.check_config, train.TrainConfig(plans=1.5), "bpe", 1, False,
                match="--plans=1.5")
 
@@ -1052,12 +1126,11 @@ def test_train_tiny_run_then_checkpoint_reloads_exactly():
         assert ckpt["step"] == 30 and ckpt["train_config"]["n_embd"] == 32 and "optimizer" in ckpt
         tok = bpe.Tokenizer.load(os.path.join(tmp, "data", "stories", "tokenizer.json"))
         assert ckpt["tokenizer"]["merges"] == [list(m) for m in tok.merges], "checkpoint tokenizer differs"
-        # the held-out instruct records list words that really occur in their stories
+        # the instruct conversations: each reference reply passes its own checker
         with open(os.path.join(tmp, "data", "stories", "instruct.json")) as f:
             records = json.load(f)
         assert len(records) == 100, f"{len(records)} instruct records, expected 50% of 200"
-        for record in records:
-            assert all(re.search(rf"\b{w}\b", record["output"], re.I) for w in record["words"]), record
+        assert bpe.pass_rates([r["messages"][-1]["content"] for r in records], records)["all"] == 1.0
 
 def test_train_resume_reproduces_uninterrupted_run():
     # dropout and accumulation on, so the RNG and the data position both matter
@@ -1092,7 +1165,7 @@ def test_train_refuses_to_replace_another_run():
 def test_train_uses_a_bpe_tok_json():
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tok.json")
-        bpe.Tokenizer().train(" ".join(r[0] for r in generate_stories(30, seed=5)), 280).save(path)
+        bpe.Tokenizer().train(" ".join(map(train.render, generate_stories(30, seed=5))), 280).save(path)
         out = train.main(tiny(tmp, tokenizer=path, max_iters=2))
         _, ckpt = gpt.load_checkpoint(out["ckpt_path"])
         assert ckpt["tokenizer"] == bpe.Tokenizer.load(path).to_dict(), "the checkpoint has another tokenizer"
@@ -1583,7 +1656,9 @@ const element = (id) => elements[id] ||= {value: "", textContent: "", children: 
   appendChild(child) { this.children.push(child); return child; }};
 globalThis.document = {getElementById: element, createElement: () => element(Math.random())};
 const realFetch = fetch;
+const sent = [];  // the request bodies the page posted
 globalThis.fetch = async (path, options) => {
+  sent.push(JSON.parse(options.body));
   const response = await realFetch(process.argv[2] + path, options);
   const bytes = new Uint8Array(await response.arrayBuffer());
   let at = 0;
@@ -1615,6 +1690,103 @@ def test_kvcache_page_script_assembles_a_split_stream():
         run = subprocess.run([node, path, url], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-1000:]
     assert json.loads(run.stdout)[-1] == {"role": "assistant", "content": text}, run.stdout
+
+EXAMPLES = ["Tell me a story about a brave little turtle named Max.", "Call the hero Leo instead.",
+            "What happened next?"]
+
+def test_kvcache_page_greets_with_examples_and_posts_the_whole_chat():
+    """A new user sees example requests to click (a story, then refinements); the page's own script,
+    run by node (that part skipped without it), sends a clicked one as a turn, and every request
+    carries the whole `messages` list so far."""
+    page = kvcache.PAGE
+    assert '<p id="try">Try: ' in page and all(f"<button>{e}</button>" in page for e in EXAMPLES)
+    assert "JSON.stringify({messages," in page and "innerHTML" not in page
+    node = shutil.which("node")
+    if node is None:
+        raise unittest.SkipTest("node is not installed; the page's script is checked with it")
+    replies = ["Max swam far. ✓", "Leo swam far."]
+    script = iter([b for r in replies for b in list(r.encode("utf-8")) + [256]])
+    scripted = lambda *args: torch.tensor([next(script)])
+    buttons = "element('try').children = %s.map((textContent) => ({textContent}));\n" % json.dumps(EXAMPLES)
+    click = "const click = (i) => element('try').children[i].onclick({preventDefault() {}});\n"
+    harness = PAGE_HARNESS[:PAGE_HARNESS.index("SCRIPT")] + buttons + page[page.index("<script>") + 8:
+                                                                           page.index("</script>")]
+    harness += click + "click(0).then(() => click(1)).then(() => console.log(JSON.stringify(sent)));\n"
+    with (tempfile.TemporaryDirectory() as tmp, _server(_serving_model(256)) as (url, server),
+          mock.patch.object(kvcache, "sample", scripted)):
+        path = os.path.join(tmp, "page.js")
+        with open(path, "w") as f:
+            f.write(harness)
+        run = subprocess.run([node, path, url], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-1000:]
+    sent = [body["messages"] for body in json.loads(run.stdout)]
+    first = {"role": "user", "content": EXAMPLES[0]}
+    assert sent == [[first], [first, {"role": "assistant", "content": replies[0]},
+                              {"role": "user", "content": EXAMPLES[1]}]], sent
+
+def _chat(url, messages, stream, **body):
+    """(reply, usage) of a chat completion, streamed or not."""
+    body = dict(messages=messages, stream=stream, **body)
+    with requests.post(url + "/v1/chat/completions", json=body, stream=stream, timeout=30) as r:
+        assert r.status_code == 200, r.text
+        if not stream:
+            return r.json()["choices"][0]["message"]["content"], r.json()["usage"]
+        chunks = [json.loads(e) for e in _sse(r)[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks), chunks[-1]["usage"]
+
+def _generated_reply(model, messages, max_tokens):
+    # the reference: GPT.generate, greedy and stopping at the stop token, on the rendered chat
+    prompt = bpe.render_conversation(BYTES_TOK, messages, "phi3")[0]
+    return BYTES_TOK.decode(model.generate([prompt], max_tokens, temperature=0, eot_id=256)[0])
+
+def test_kvcache_server_three_turn_chat_equals_generate():
+    """A three-turn conversation (user, assistant, user, assistant, user), sent whole each turn as the
+    page does: each greedy reply, streamed or not, is exactly GPT.generate's on the rendered chat."""
+    model = _serving_model(512)
+    with _server(model) as (url, server):
+        for stream in (False, True):
+            messages = []
+            for turn in EXAMPLES:
+                messages.append({"role": "user", "content": turn})
+                reply, usage = _chat(url, messages, stream, max_tokens=24, temperature=0)
+                assert reply == _generated_reply(model, messages, 24), (stream, messages, reply)
+                assert reply.strip() and usage["dropped_messages"] == 0, (reply, usage)
+                messages.append({"role": "assistant", "content": reply})
+            assert len(messages) == 6, messages
+
+def test_kvcache_server_long_chat_drops_oldest_messages_and_refuses_empty_ones():
+    """A chat longer than the window keeps its system message and drops the fewest oldest others that
+    leave room for the reply, says how many in usage, and answers as GPT.generate does on what is
+    kept; a single message too long for the window, or an empty one, is a 400 naming messages."""
+    model = _serving_model(128)
+    system = {"role": "system", "content": "You tell short stories."}
+    others = [{"role": "user", "content": EXAMPLES[0]},
+              {"role": "assistant", "content": "Max swam to the big blue sea and met a crab."},
+              {"role": "user", "content": EXAMPLES[1]},
+              {"role": "assistant", "content": "Leo met a crab."},
+              {"role": "user", "content": EXAMPLES[2]}]
+    rendered = lambda messages: len(bpe.render_conversation(BYTES_TOK, messages, "phi3")[0])
+    assert rendered([system] + others) > 128, "the test chat must be longer than the window"
+    with _server(model) as (url, server):
+        for stream, max_tokens in [(False, 16), (True, 16), (False, 24), (True, 24)]:
+            reply, usage = _chat(url, [system] + others, stream, max_tokens=max_tokens, temperature=0)
+            dropped = usage["dropped_messages"]
+            kept = [system] + others[dropped:]
+            assert rendered(kept) <= 128 - max_tokens < rendered([system] + others[dropped - 1:]), usage
+            # 24: the one more message would fit the window, not the reply's room as well
+            assert dropped == {16: 3, 24: 4}[max_tokens] and usage["prompt_tokens"] == rendered(kept), usage
+            assert reply == _generated_reply(model, kept, max_tokens), (stream, reply)
+        # a max_tokens as big as the window reserves only half of it: a short chat stays whole
+        short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                 {"role": "user", "content": "Go"}]
+        assert _chat(url, short, False, max_tokens=128)[1]["dropped_messages"] == 0
+        cases = [([{"role": "user", "content": "x" * 200}], "last message"),
+                 ([others[0], {"role": "assistant", "content": " \n"}, others[2]], "'messages[1].content' is empty"),
+                 ([{"role": "user", "content": ""}], "'messages[0].content' is empty")]
+        for messages, says in cases:
+            r = requests.post(url + "/v1/chat/completions", json={"messages": messages}, timeout=10)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "messages" and says in error["message"], r.text
 
 def test_kvcache_serve_from_the_command_line_then_ctrl_c():
     """`python kvcache.py --serve` on a tiny checkpoint prints its URL, answers a completion, and stops
@@ -1795,7 +1967,7 @@ def test_finetune_train_layers_changes_only_the_last_block_and_norm():
         raises(ValueError, finetune.freeze, model, 4, match="3 blocks")
 
 def test_finetune_main_writes_checkpoint_with_template_and_table():
-    records = [dict(r, words=[r["output"].split()[0]], summary=r["output"].split()[0] + " is here.")
+    records = [dict(r, check=dict(kind="create", hero=None, who=[], words=[r["output"]], summary=""))
                for r in FOUR * 3]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, path, _ = _tiny_finetune_setup(tmp, records)
@@ -1807,8 +1979,8 @@ def test_finetune_main_writes_checkpoint_with_template_and_table():
         model, _ = gpt.load_checkpoint(result["ckpt_path"], verbose=False)  # a plain checkpoint
         table = json.load(open(f"{tmp}/sft/eval.json"))
         for row in ("base", "finetuned"):
-            assert set(table[row]) == {"response_loss", "constraints", "judge"}, table[row]
-            assert 0 <= table[row]["constraints"] <= 1 and table[row]["judge"] is None
+            assert set(table[row]) == {"response_loss", "passes", "judge"}, table[row]
+            assert set(table[row]["passes"]) == {"create", "all", "names"} and table[row]["judge"] is None
         assert len(table["samples"]) == 2 and table["test_examples"] == 2
 
 def test_finetune_bad_data_is_a_clear_error():
@@ -2034,7 +2206,7 @@ def test_lora_bad_values_are_clear_errors():
 
 def test_lora_main_trains_merges_and_ships_the_adapter():
     with tempfile.TemporaryDirectory() as tmp:
-        records = [dict(r, words=[r["output"].split()[0]], summary=r["output"].split()[0] + " is here.")
+        records = [dict(r, check=dict(kind="create", hero=None, who=[], words=[r["output"]], summary=""))
                    for r in FOUR * 3]
         ckpt, path, tok = _tiny_finetune_setup(tmp, records)
         cfg = lora.LoraConfig(ckpt_path=ckpt, dataset=path, out_dir=f"{tmp}/lora", val_size=2, test_size=2,
@@ -2107,28 +2279,27 @@ def test_dpo_sequence_logprobs_ignore_prompt_and_padding():
     changed[0, [0, 1, 4, 5]] = torch.randn(4, 11) * 10  # the prompt's and the padding's positions
     assert_close(dpo.sequence_logprobs(changed, targets)[0], logp, 1e-6, "masked positions do not count")
 
-def _story_records(n, seed=3):
-    return [train.instruct_record(*r) for r in generate_stories(n, seed)]
+def _text_of(records):  # every message of the records: text to train a tokenizer on
+    return " ".join(m["content"] for r in records for m in r["messages"])
 
 def test_dpo_offline_pairs_reject_what_the_checker_rejects():
-    records = _story_records(300)
+    records = conversations(300, seed=3)
     pairs = dpo.story_pairs(records, 0)
     assert len(pairs) >= 290, f"only {len(pairs)} of 300 records made a pair"
-    by_output = {r["output"]: r for r in records}
-    kinds = Counter()
+    by_chat = {json.dumps(r["messages"]): r for r in records}
+    faults = Counter()
     for prompt, chosen, rejected in pairs:
-        r = by_output[chosen]
-        assert not bpe.story_problems(chosen, r["words"], r["summary"]), "the chosen story passes"
-        problems = bpe.story_problems(rejected, r["words"], r["summary"])
-        assert problems and rejected != chosen, "the rejected story fails the checker"
-        kinds["name" if problems[0][0].isupper() else "word"] += 1
-        assert prompt == bpe.record_messages(r)[:-1]
-    assert kinds["name"] > 50 and kinds["word"] > 50, kinds
+        r = by_chat[json.dumps(prompt + [{"role": "assistant", "content": chosen}])]
+        assert chosen == r["messages"][-1]["content"] and not bpe.reply_problems(chosen, r["check"])
+        problems = bpe.reply_problems(rejected, r["check"])
+        assert problems and rejected != chosen, "the rejected reply fails the checker"
+        faults["name" if re.search(r"name|^no |gone", problems[0]) else "other"] += 1
+    assert faults["name"] > 50 and faults["other"] > 50, faults
 
 def test_dpo_onpolicy_pairs_rank_the_models_own_samples():
-    records = _story_records(8, seed=7)
+    records = [r for r in conversations(40, seed=7) if r["check"]["kind"] == "create"][:8]
     torch.manual_seed(0)
-    tok = bpe.Tokenizer().train(" ".join(r["instruction"] + r["output"] for r in records), 350)
+    tok = bpe.Tokenizer().train(_text_of(records), 350)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
     # an untrained model's samples all earn 0 from story_reward; a stand-in reward ranks them instead
     prompts = [bpe.render_conversation(tok, bpe.record_messages(r)[:-1], "phi3")[0] for r in records]
@@ -2160,7 +2331,7 @@ def test_dpo_bad_input_is_a_clear_error():
     raises(gpt.UserError, dpo.check_config, dpo.DpoConfig(pairs="mixed"), match="use one of offline, onpolicy, both")
 
 def test_dpo_learning_rate_is_per_method_unless_given():
-    for method, lr in [("dpo", 1e-4), ("grpo", 3e-4)]:
+    for method, lr in [("dpo", 3e-5), ("grpo", 3e-4)]:
         cfg = dpo.check_config(dpo.DpoConfig(method=method))
         assert (cfg.learning_rate, cfg.min_lr) == (lr, lr / 10), (method, cfg.learning_rate, cfg.min_lr)
     cfg = dpo.check_config(dpo.DpoConfig(method="grpo", learning_rate=1e-5, min_lr=0.0))
@@ -2175,14 +2346,14 @@ def test_dpo_reads_raschkas_preference_data():
     assert len(dpo.pair_examples(tok, pairs[:50], "alpaca", 1024)) == 50
 
 def test_dpo_main_trains_and_leaves_the_reference_unchanged():
-    records = _story_records(60, seed=5)
+    records = conversations(60, seed=5)
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(f"{tmp}/stories")
         with open(f"{tmp}/stories/instruct.json", "w") as f:
             json.dump(records, f)
         torch.manual_seed(0)
-        tok = bpe.Tokenizer().train(" ".join(r["instruction"] + r["output"] for r in records), 400)
-        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=32))
+        tok = bpe.Tokenizer().train(_text_of(records), 400)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=1, n_head=2, n_embd=32))
         ckpt = gpt.save_checkpoint(f"{tmp}/sft.pt", model, tokenizer=tok.to_dict(), chat_template="phi3")
         copies = []
         real_deepcopy = copy.deepcopy
@@ -2200,12 +2371,13 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
             result = dpo.main(cfg)
         (_, _, prompts, *_), _ = sampled.call_args  # --pairs=both: the model's own pairs beside the offline
         assert sampled.call_count == 1 and prompts == dpo.split_records(records, 5, 5, cfg.seed)[0][:20]
-        assert rendered.call_count == 20 + 5 + 5, "each prompt rendered once: train, val, test"
+        assert rendered.call_count == 50 + 5 + 5, "each prompt rendered once: train, val, test"
         (ref, weights), = copies
         assert all(torch.equal(v, weights[k]) for k, v in ref.state_dict().items()), "the reference changed"
         assert not ref.training and not any(p.requires_grad for p in ref.parameters())
         for row in ("before", "after"):
-            assert set(result[row]) >= {"accuracy", "margin", "kl", "constraints", "chosen_loss", "response_tokens"}
+            assert set(result[row]) >= {"accuracy", "margin", "kl", "passes", "chosen_loss", "response_tokens"}
+            assert set(result[row]["passes"]) <= {*train.KINDS, "all", "names"}, result[row]["passes"]
         assert_close(result["before"]["loss"], math.log(2), 1e-5, "the held-out DPO loss at the start")
         assert gpt.load_checkpoint(result["ckpt_path"], verbose=False)[1]["chat_template"] == "phi3"
         raises(gpt.UserError, dpo.main, cfg, match="--overwrite")
@@ -2216,23 +2388,20 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
         grpo = dataclasses.replace(cfg, method="grpo", out_dir=f"{tmp}/grpo", group_size=2, prompts_per_step=2,
                                    max_iters=4, eval_interval=2)
         result = dpo.main(grpo)
-        assert set(result["after"]) >= {"constraints", "reward", "chosen_loss", "kl"}
+        assert set(result["after"]) >= {"passes", "reward", "chosen_loss", "kl"}
         assert gpt.load_checkpoint(result["ckpt_path"], verbose=False)[1]["train_config"]["method"] == "grpo"
 
-def test_grpo_reward_pays_for_stories_not_for_word_lists():
-    for r in _story_records(20, seed=11):
-        assert dpo.story_reward(r["output"], r) == 1.0, "every true story earns the whole reward"
-        names = set(re.findall(r"\b[A-Z][a-z]+\b", r["summary"])) - set(r["words"])
-        listed = " ".join(r["words"] + sorted(names))
-        assert dpo.story_reward(listed + ".", r) == 0.0, "a bare list of the required words"
-        assert dpo.story_reward(f"{listed}. " * 30, r) == 0.0, "one sentence repeated"
-        nameless = r["output"]
-        for name in names:
-            nameless = re.sub(rf"\b{name}\b", "someone", nameless)
-        assert dpo.story_reward(nameless, r) == 0.0, "a story without the summary's characters"
-        word = r["words"][0]
-        fewer = re.sub(rf"\b{word}\b", "thing", r["output"], flags=re.IGNORECASE)
-        assert 0 < dpo.story_reward(fewer, r) < 1, "a missing word costs its share"
+def test_grpo_reward_pays_for_what_the_checker_passes():
+    for r in conversations(60, seed=11):
+        reply = r["messages"][-1]["content"]
+        assert dpo.story_reward(reply, r) == 1.0, "every reference reply earns the whole reward"
+        assert dpo.story_reward(f"{reply.split('.')[0]}. " * 30, r) == 0.0, "one sentence repeated"
+        assert all(dpo.story_reward(wrong, r) < 1 for wrong in corruptions(r)), "a fault costs"
+        words = r["check"].get("words")
+        if words and r["check"]["kind"] == "create":
+            assert dpo.story_reward(" ".join(words) + ".", r) == 0.0, "a bare list of the required words"
+            fewer = re.sub(rf"\b{words[0]}\b", "thing", reply, flags=re.IGNORECASE)
+            assert 0 < dpo.story_reward(fewer, r) < 1, "a missing word costs a part"
 
 def test_grpo_advantages_vanish_without_a_signal():
     assert torch.equal(dpo.group_advantages(torch.tensor([0.3, 0.7, 0.1]), 1), torch.zeros(3))
@@ -2410,8 +2579,8 @@ def test_quantize_reads_the_held_out_tokens_train_py_prepared():
         assert quantize.heldout_windows({"train_config": {"dataset": "other"}}, tmp, 8, 3) is None
 
 def test_quantize_main_writes_loads_and_samples():
-    records = _story_records(20, seed=4)
-    tok = bpe.Tokenizer().train(" ".join(r["output"] for r in records), 300)
+    records = conversations(20, seed=4)
+    tok = bpe.Tokenizer().train(_text_of(records), 300)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = gpt.save_checkpoint(f"{tmp}/ckpt.pt", model, tokenizer=tok.to_dict())
@@ -2575,9 +2744,13 @@ SCRIPTS = ["bigram.py", "micrograd.py", "bpe.py", "gpt.py", "train.py", "finetun
 # hosts the finetuning plumbing three scripts share), bpe.py 630 (600; its own short fetch and
 # flag parser, as a standalone file), kvcache.py 714 (680; the server keeps every OpenAI route
 # and limit its README promises), finetune.py 504 (480) and dpo.py 567 (540): their training
-# loops moved in from gpt.py. test_all.py has no cap: a section per script instead
-LINE_CAPS = {"bigram.py": 290, "micrograd.py": 300, "bpe.py": 630, "gpt.py": 819, "train.py": 780,
-             "kvcache.py": 714, "finetune.py": 504, "lora.py": 360, "dpo.py": 567, "quantize.py": 420,
+# loops moved in from gpt.py. The storyteller issue (#33) then gave train.py 100 lines (the
+# conversation generator), bpe.py 50 (the checkers), finetune.py and dpo.py 30 each; train.py
+# 924 and bpe.py 714 are 5% above those (880, 680): the generator's phrasings, endings, titles
+# and questions are one line per group, and bpe.py keeps the name banks every checker reads.
+# test_all.py has no cap: a section per script instead
+LINE_CAPS = {"bigram.py": 290, "micrograd.py": 300, "bpe.py": 714, "gpt.py": 819, "train.py": 924,
+             "kvcache.py": 714, "finetune.py": 534, "lora.py": 360, "dpo.py": 597, "quantize.py": 420,
              "ddp.py": 400}
 
 def present(files):

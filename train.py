@@ -7,13 +7,13 @@ checkpoints that resume exactly. The key idea: a step uses the mean gradient of
 grad_accum micro-batches, made one after another by one process or at once by many.
 
 How to run:
-  python train.py               # 4-9 min on a 2-core CPU: planned synthetic stories
+  python train.py               # 9 min on a 2-core CPU: synthetic stories, edits
   python train.py --bench       # tokens/s and MFU: float32/bfloat16, eager/compiled
   python train.py --dataset=tinystories --vocab_size=4096 --n_embd=512 --compile
   torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --grad_accum=8
 Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt, and the data in
-data/<dataset>/ (for the stories also instruct.json, held-out records for finetune.py and
-dpo.py). The story generator is an appendix at the end.
+data/<dataset>/ (for the stories also instruct.json: conversations for finetune.py and
+dpo.py). The generator of stories and conversations is an appendix at the end.
 References (arXiv): AdamW 1711.05101; SGDR 1608.03983; mixed precision 1710.03740;
 PyTorch DDP 2006.15704; TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311.
 """
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from bpe import Tokenizer
+from bpe import BOYS, GIRLS, Tokenizer
 from gpt import (GPT, GPT2_NAMES, GPTConfig, UserError, download, format_config,
                  from_pretrained, get_lr, load_checkpoint, pick_device, progress_bar,
                  refuse_overwrite, require_positive, run, save_checkpoint, save_json,
@@ -55,7 +55,7 @@ class TrainConfig:
     # data
     dataset: str = "stories"     # stories (offline), tinystories, shakespeare_char, .txt
     num_stories: int = 20000     # stories: 90% train, 10% val, +50% for instruct.json
-    plans: float = 1.0           # share of stories after their plan (words, summary)
+    plans: float = 1.0           # share of stories after a plan or as an edit (half each)
     # --tokenizer='' picks byte for shakespeare_char, gpt2 when starting from GPT-2, else bpe
     tokenizer: str = ""          # bpe, gpt2, byte or a tok.json from bpe.py; '' = as above
     vocab_size: int = 1024       # bpe: 256 bytes + merges + <|endoftext|>
@@ -64,11 +64,11 @@ class TrainConfig:
     n_layer: int = 4             # transformer blocks
     n_head: int = 4              # attention heads
     n_embd: int = 256            # channels
-    block_size: int = 256        # context length in tokens
+    block_size: int = 512        # context length in tokens: two stories and requests
     dropout: float = 0.0         # 0 for pretraining small models on plenty of data
     bias: bool = False           # biases in Linear and LayerNorm (GPT-2 has them)
     # optimizer
-    batch_size: int = 16         # sequences per micro-batch, in each process
+    batch_size: int = 8          # sequences per micro-batch, in each process
     grad_accum: int = 1          # micro-batches per step, summed over all processes
     max_iters: int = 1000        # optimizer steps
     learning_rate: float = 2e-3  # peak learning rate, after warmup
@@ -551,45 +551,47 @@ def main(cfg):
                 ckpt_path=ckpt_path)
 
 # -----------------------------------------------------------------------------
-# appendix: the synthetic children's stories of --dataset=stories (the offline default)
+# appendix: the synthetic children's stories of --dataset=stories (the offline default),
+# and instruct.json: conversations with a storyteller, each request in a user's words
 
-def instruct_record(story, summary, words, kind):
-    """A held-out story as a record of Alpaca's instruction-data.json (instruction,
-    input, output), plus what checks a story (words, summary) and its kind (a label)."""
-    # bare words, each after a space: the tokens they are in the story, easy to copy
-    listed = ", ".join(words[:-1]) + f" and {words[-1]}"
-    return {"instruction": f"Write a short story for children that uses the words {listed}, "
-                           f"and follows this summary.",
-            "input": summary, "output": story, "words": list(words), "summary": summary,
-            "kind": kind}
-
-def with_plan(story, summary, words):
-    """A story after its plan (its words and summary), as in TinyStories-Instruct: the
-    model learns to write to a plan while it learns to write."""
-    return f"Words: {', '.join(words)}\nSummary: {summary}\nStory:\n{story}"
+def pretraining_doc(rng, story, plans):
+    """A story, or (a share `plans`) a document that teaches a skill, half each: after its
+    plan (words, summary) as in TinyStories-Instruct, or a story, a change in its plainest
+    words and the changed story. Finetuning then maps a user's words onto these skills."""
+    if rng.random() >= plans:
+        return render(story)
+    if rng.random() < 0.5:
+        return (f"Words: {', '.join(story['words'])}\nSummary: {story['summary']}\n"
+                f"Story:\n{render(story)}")
+    kind = rng.choice(list(REFINE))
+    request, new, _ = refine(rng, story, kind, REFINE[kind][:1])
+    return f"Story:\n{render(story)}\nChange: {request}\nStory:\n{render(new, kind == 'continue')}"
 
 def write_stories(folder, n, seed, plans):
-    # train.txt and val.txt: n stories (90/10), a share `plans` of them after their plan;
-    # instruct.json: n // 2 more, held out, for finetune.py and dpo.py
-    records = generate_stories(n + n // 2, seed)
-    planned = random.Random(seed).choices([True, False], [plans, 1 - plans], k=n)
-    docs = [with_plan(*r[:3]) if plan else r[0] for r, plan in zip(records, planned)]
+    # train.txt, val.txt: n documents (90/10); instruct.json: n // 2 fresh conversations
+    stories = generate_stories(n + n // 2, seed)
+    rng = random.Random(seed)
+    docs = [pretraining_doc(rng, story, plans) for story in stories[:n]]
     n_train = n - n // 10
     for name, split in (("train.txt", docs[:n_train]), ("val.txt", docs[n_train:])):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             f.write("".join(f"{doc}\n{EOT}\n" for doc in split))  # as TinyStories does
-    held_out = [instruct_record(*r) for r in records[n:]]
-    save_json(os.path.join(folder, "instruct.json"), held_out)
+    fresh = stories[n:]
+    test = len(fresh) - min(400, len(fresh) // 4)  # the last ones: unseen phrasings
+    records = [conversation(rng, story, KINDS[k % len(KINDS)] if k >= test else None,
+                            k >= test) for k, story in enumerate(fresh)]
+    save_json(os.path.join(folder, "instruct.json"), records)
 
 # small closed word banks keep the language learnable by a tiny GPT in minutes, while all
-# the choices below (far beyond 10^9) leave room for as many distinct stories as we need
-GIRLS = "Lily Mia Sue Anna Emma Zoe Lucy Amy Ella Rose Kim Ava Sara Lena Nina Molly Ruby".split()
-BOYS = "Tom Ben Max Sam Tim Leo Jack Finn Jake Luke Noah Joe Dan Bob Ted Eli Owen Milo".split()
-ANIMALS = "cat dog bunny bear bird fox duck frog mouse puppy kitten lamb pig squirrel".split()
-TRAITS = "little kind happy curious friendly sweet playful".split()
-TOYS = "ball kite doll hat boat book drum truck balloon blanket scarf train robot bike".split()
-COLORS = "red blue green yellow pink purple white brown".split()
-PLACES = "park garden forest yard meadow playground field".split()
+# the choices below (far beyond 10^9) leave room for as many distinct stories as we need;
+# the names are bpe.py's, whose checkers must recognise every name a story may hold
+ANIMALS = ("cat dog bunny bear bird fox duck frog mouse puppy kitten lamb pig squirrel turtle owl "
+           "lion tiger elephant monkey penguin dragon unicorn dinosaur horse goat hen deer").split()
+TRAITS = "little kind happy curious friendly sweet playful brave shy clever".split()
+TOYS = ("ball kite doll hat boat book drum truck balloon blanket scarf train robot bike teddy "
+        "puzzle car whistle").split()
+COLORS = "red blue green yellow pink purple white brown orange".split()
+PLACES = "park garden forest yard meadow playground field village river school".split()
 DAYS = ["One day", "One sunny morning", "One afternoon", "One morning", "One windy day"]
 SPOTS = ["under the big tree", "behind the bench", "near the pond", "in the tall grass",
          "under a bush", "by the fence", "next to the swings", "inside an old box"]
@@ -718,22 +720,62 @@ def compile_arcs(text):
     return arcs
 
 COMPILED_ARCS = compile_arcs(ARCS)
+# per arc: its sad ending (for "give it a sad ending"; "happy" then restores its own), its
+# title, and what a request may say it is about, after the hero ("... named Max who ...")
+EXTRAS = {label: dict(zip(("sad", "title", "topic"), parts.split(" | "))) for label, parts in (
+    line.split(": ", 1) for line in """
+lost toy: They looked and looked, but the {toy} was gone. {name} walked home alone and cried. {He} never saw {his} {toy} again. | {name} and the lost {toy} | who loses a {toy}
+sharing: {name} did not say sorry, and {fname} went home. {name} sat alone with {his} {toy}. {He} felt sad and lonely. | {name} learns to share | who learns to share
+fear: {name} cried and ran home. {He} was still scared of {fear}. That night, {he} felt sad and alone. | {name} is brave | who is scared of {fear}
+animal rescue: {name} tried to help, but the {animal} ran away. {name} never saw it again. {He} went home and cried. | {name} and the little {animal} | who helps a {animal}
+accident: {name} hid the pieces and said nothing. {His} {parent} found them and was very sad. {name} cried alone in {his} room. | the broken {fragile} | who breaks a {fragile}
+gift: But the {gift} broke on the way to the party. {name} had no gift for {fname}. {He} sat alone and cried. | a gift for {fname} | who makes a gift for a friend
+trip: But when they got to the {trip}, it began to rain. They had to go home at once. {name} was sad and cried all the way home. | {name} goes to the {trip} | who goes to the {trip}
+""".strip().split("\n"))}
+NEXT = "The next day, {name} and {fname} went to the {place} together. They played until the sun went down. It was another happy day.|That night, {name} told {his} {parent} all about it. {His} {parent} smiled and gave {him} a big hug.|After that, {name} went to the {place} every day. {He} always took {his} {toy}, and {he} made many new friends.|That night, {name} could not sleep. {He} thought about the day and smiled. Then {he} closed {his} eyes and dreamed.".split("|")
+# "add the word X": a sentence that holds X, at the end of the first paragraph
+ADDED = "rainbow butterfly cookie snail cloud bee feather shell leaf star candle pencil spoon basket carrot banana flower rock stick button pumpkin marble ribbon sandwich bucket ladder mitten cupcake lemon pillow rocket sock wagon cherry crayon kettle lantern map nest pebble pie puppet quilt sled snowman sunflower tent tomato tractor wand wheel worm cactus coin donut parrot violin guitar hammer key mushroom peach pear popcorn radio rope ruler scooter shovel slipper sponge spider statue teapot towel trumpet tulip".split()
+FRAMES = "{name} saw a {word} on the way.|There was a {word} nearby.|{name} found a little {word} too.|{He} had a {word} with {him}.".split("|")
+
+# a user's words: each list is one way of asking, the last phrasing of each held out of
+# training (the test set's records use only those: instruct.json marks them "heldout")
+ASK = "Tell me a story|Can you write a story|Please write a story|Make up a story|I want a bedtime story|Write a short story for children|Can you tell me a story|I would like a story|Write me a little story|Could you make up a little story".split("|")
+HERO = "{a} {trait} {kind} named {name}|{name} the {kind}|{a} {kind} called {name}|{a} {trait} {kind}|{a} {kind}|{a} {kind} with the name {name}|{name}, {a} {trait} {kind}".split("|")
+WORDS = " using the words {words}| that uses the words {words}| with the words {words}|. Use the words {words}|, and put in the words {words}".split("|")
+PLOT = ". It should follow this summary: {summary}|. Here is what happens: {summary}|. The story goes like this: {summary}|. This is what happens in it: {summary}".split("|")
+REFINE = {kind: phrasings.split("|") for kind, phrasings in [
+    ("rename", "Call the hero {new} instead.|Change {old}'s name to {new}.|Can you rename {old} to {new}?|Rename the {kind} to {new}.|Let's call {old} {new}.|I don't like the name {old}. Use {new}.|Make the hero's name {new}.|Change the name to {new}.|Use {new} as the name.|The hero should be {new}.|Can {old} be named {new}?|{new} is a better name.|I want the {kind} to be called {new}."),
+    ("shorter", "Make it shorter.|Can you make the story shorter?|Shorter, please.|That is too long. Please shorten it.|Tell it again, but shorter.|Can you tell a short version?|Could you tell a shorter version?"),
+    ("add_word", "Use the word {word} too.|Can you add the word {word}?|Put the word {word} in the story.|Add a {word} to the story.|I want the story to have a {word} in it.|Can there be a {word} in it?|I want a {word} in the story too."),
+    ("ending", "Give it a {mood} ending.|Can the story end in a {mood} way?|Change the ending so it is {mood}.|Make the ending {mood}.|Can you make the end {mood}?|Tell it with a {mood} ending.|I want a {mood} ending instead."),
+    ("title", "Give it a title.|Add a title on top.|What is a good title? Put it first.|Can the story have a title?|Write a title for it.|Put a title at the top.|Please add a title to the story."),
+    ("continue", "What happened next?|Continue the story.|Tell me more!|What happens after that?|Go on, please.|Keep going!|And then what happened?")]}
+THANKS = ["", "", "", "Nice! ", "Thank you. ", "I like it. ", "OK. "]  # before a refinement
+# off-topic questions: the last three held out; answers in character
+QUESTIONS = ("What is {n} plus {m}?|What is {n}+{m}?|Who are you?|What is your name?|How are you?|Hello!|Hi there!|What is the capital of France?|Can you help me with my math homework?|What time is it?|How old are you?|"
+             "How many legs does a {animal} have?|What does a {animal} eat?|Where do you live?|Can you count to {n}?|Is it going to rain?|Can you sing a song?|Do you like {toy}s?|What color is the sun?|Are you a robot?|Why is the sky blue?|What is the weather like today?|What is {n} times {m}?").split("|")
+ANSWERS = "I am a storyteller, so I only know stories. Ask me for one, for example: {ex}|I can't answer that, but I can tell you a story! Try: {ex}|I tell short stories for children. You could ask me: {ex}|I am not sure, but I love telling stories. Ask me: {ex}".split("|")
+KINDS = ["create", *REFINE, "offtopic"]
+
+def person(name, she, kind):
+    # the slots that follow from the hero's name: pronouns, and girl or boy
+    he, his, him = ("she", "her", "her") if she else ("he", "his", "him")
+    if kind in ("girl", "boy"):
+        kind = "girl" if she else "boy"
+    return dict(name=name, he=he, his=his, him=him, He=he.capitalize(), His=his.capitalize(),
+                kind=kind)
 
 def make_story(rng):
-    """One random story from rng (a random.Random) as (story, summary, words, kind):
-    words are a noun, a verb and an adjective of the story; kind names the arc."""
+    """A random story: its sentences (templates, a list per paragraph), their slots, its
+    summary, words (a noun, verb and adjective in it) and label (its arc, for classify)."""
     she = rng.random() < 0.5
     friend_she = rng.random() < 0.5
     name = rng.choice(GIRLS if she else BOYS)
     fname = rng.choice([n for n in (GIRLS if friend_she else BOYS) if n != name])
-    he, his, him = ("she", "her", "her") if she else ("he", "his", "him")
     # a quarter of the heroes are animals, as in TinyStories ("a little bunny named Max")
-    kind = "girl" if she else "boy"
-    if rng.random() < 0.25:
-        kind = rng.choice(ANIMALS)
+    kind = rng.choice(ANIMALS) if rng.random() < 0.25 else "girl"
     parent = rng.choice(["mom", "dad"])
-    slots = dict(name=name, fname=fname, he=he, his=his, him=him, He=he.capitalize(),
-                 His=his.capitalize(), fhe="she" if friend_she else "he", kind=kind,
+    slots = dict(person(name, she, kind), fname=fname, fhe="she" if friend_she else "he",
                  parent=parent, Parent=parent.capitalize(), trait=rng.choice(TRAITS),
                  Day=rng.choice(DAYS), toy=rng.choice(TOYS), color=rng.choice(COLORS),
                  place=rng.choice(PLACES), fragile=rng.choice(FRAGILE), gift=rng.choice(GIFTS))
@@ -748,32 +790,135 @@ def make_story(rng):
         if alternatives is None:
             paragraphs.append([])
         elif sentence := rng.choice(alternatives):
-            paragraphs[-1].append(sentence.format(**slots))
-    story = "\n".join(" ".join(sentences) for sentences in paragraphs if sentences)
+            paragraphs[-1].append(sentence)
+    story = dict(paragraphs=[p for p in paragraphs if p], slots=slots, label=label,
+                 summary=summary.format(**slots), title="", sad=False)
     # scan the banks (lists), not a set, so the choice never depends on PYTHONHASHSEED
-    present = set(re.findall(r"[a-z]+", story.lower()))
+    present = set(re.findall(r"[a-z]+", render(story).lower()))
     words = []
     for bank in (NOUNS, VERBS, ADJECTIVES):
         candidates = [word for word in bank if word in present]
-        assert candidates, f"no word of {bank[:3]}... occurs in the story {story!r}"
+        assert candidates, f"no word of {bank[:3]}... occurs in the story {render(story)!r}"
         words.append(rng.choice(candidates))
     rng.shuffle(words)
-    return story, summary.format(**slots), words, label
+    return dict(story, words=words)
+
+def render(story, last_only=False):
+    # the story's text: its title line, then a line per paragraph
+    slots = story["slots"]
+    paragraphs = story["paragraphs"][-1:] if last_only else story["paragraphs"]
+    text = "\n".join(" ".join(s.format(**slots) for s in p) for p in paragraphs)
+    if not story["title"] or last_only:
+        return text
+    small = ("a", "and", "the", "to", "for", "is")
+    title = story["title"].format(**slots).split()
+    title = [w if w in small and k else w[0].upper() + w[1:] for k, w in enumerate(title)]
+    return " ".join(title) + "\n" + text
+
+def refine(rng, story, kind, phrasings):
+    """A request of a refine kind (REFINE) in one of `phrasings`, the story after it and
+    the check of the reply (bpe.reply_problems)."""
+    slots = story["slots"]
+    new = dict(story, slots=dict(slots), paragraphs=[list(p) for p in story["paragraphs"]])
+    check = dict(kind=kind, hero=slots["name"], cast=[slots["name"], slots["fname"]],
+                 length=len(render(story).split()))
+    fill = dict(old=slots["name"], kind=slots["kind"])
+    if kind == "rename":
+        she = rng.random() < 0.5
+        fill["new"] = rng.choice([n for n in (GIRLS if she else BOYS) if n not in check["cast"]])
+        new["slots"].update(person(fill["new"], she, slots["kind"]))
+        check.update(hero=fill["new"], cast=[fill["new"], slots["fname"]], old=slots["name"])
+    elif kind == "shorter":  # each paragraph's first sentence; the last's with the hero
+        *paragraphs, last = story["paragraphs"]
+        named = [s for s in last[:-1] if "{name}" in s][:1] or last[:1]
+        new["paragraphs"] = [p[:1] for p in paragraphs] + [named + last[-1:] * (named != last[-1:])]
+    elif kind == "add_word":
+        text = render(story).lower()
+        fill["word"] = rng.choice([w for w in ADDED if not re.search(rf"\b{w}\b", text)])
+        new["paragraphs"][0].append(rng.choice(FRAMES).replace("{word}", fill["word"]))
+        check["word"] = fill["word"]
+    elif kind == "ending":  # to sad, or back to the arc's own ending
+        fill["mood"] = "happy" if story["sad"] else "sad"
+        ending = story["original_end"] if story["sad"] else [EXTRAS[story["label"]]["sad"]]
+        new.update(sad=not story["sad"], original_end=story["paragraphs"][-1])
+        new["paragraphs"][-1] = ending
+        check.update(mood=fill["mood"], last=render(story, last_only=True))
+    elif kind == "title":
+        new["title"] = EXTRAS[story["label"]]["title"]
+    else:  # continue: the reply is the new paragraph alone
+        new["paragraphs"].append([rng.choice(NEXT)])
+    return rng.choice(phrasings).format(**fill), new, check
+
+def create_request(rng, story, pick):
+    """A request for `story` in a user's words (a hero, a plot, words: a mix, each phrased
+    by pick(list)) and the check of the reply (bpe.reply_problems)."""
+    slots = story["slots"]
+    parts = rng.choice([["hero"], ["hero", "topic"], ["words"], ["hero", "words"], ["plot"],
+                        ["hero", "topic", "words"], ["words", "plot"]])
+    check = dict(kind="create", hero=None, who=[], words=[], summary="")
+    text = pick(ASK)
+    if "hero" in parts:
+        hero = pick(HERO)
+        a = "an" if slots["kind"][0] in "aeiou" and hero.startswith("{a} {kind}") else "a"
+        text += " about " + hero.format(a=a, **slots)
+        check.update(hero=slots["name"] if "{name}" in hero else None, who=[slots["kind"]])
+    if "topic" in parts:
+        text += " " + EXTRAS[story["label"]]["topic"].format(**slots)
+    if "words" in parts:
+        listed = ", ".join(story["words"][:-1]) + f" and {story['words'][-1]}"
+        text += pick(WORDS).format(words=listed)
+        check["words"] = story["words"]
+    if "plot" in parts:
+        text += pick(PLOT).format(summary=story["summary"])
+        check["summary"] = story["summary"]
+    end = "?" if text.startswith(("Can", "Could")) else "."
+    return text if text.endswith(".") else text + end, check
+
+def conversation(rng, story, kind, heldout):
+    """An instruct.json record: `messages` whose last reply answers a request of `kind`
+    (None: random) and its check; heldout: phrased only in the last way of each list."""
+    def pick(options):
+        return options[-1] if heldout else rng.choice(options[:-1])
+    kind = kind or rng.choices(KINDS, [3, 1, 1, 1, 1, 1, 1, 1])[0]
+    request, check = create_request(rng, story, pick)
+    turns = [(request, render(story))]  # (user, assistant)
+    if kind == "offtopic":  # asked first, or after a story: a short answer in character
+        turns = turns[:rng.random() < 0.4]
+        example = '"Tell me a story about a {trait} {kind} named {name}."'.format(
+            **story["slots"])
+        question = rng.choice(QUESTIONS[-3:] if heldout else QUESTIONS[:-3]).format(
+            n=rng.randint(1, 20), m=rng.randint(1, 20), **story["slots"])
+        turns.append((question, rng.choice(ANSWERS).format(ex=example)))
+        check = dict(kind="offtopic")
+    elif kind != "create":  # a refinement, in a third turn after another one at times
+        kinds = [kind]
+        if rng.random() < 0.3:
+            others = [k for k in REFINE if k not in ("continue", kind)]
+            kinds.insert(0, "ending" if kind == "ending" else rng.choice(others))
+        for k in kinds:
+            request, story, check = refine(rng, story, k, [pick(REFINE[k])])
+            turns.append((rng.choice(THANKS) + request, render(story, k == "continue")))
+    messages = [{"role": role, "content": text} for turn in turns
+                for role, text in zip(("user", "assistant"), turn)]
+    record = dict(messages=messages, check=check, heldout=heldout)
+    if messages[1]["content"] != turns[-1][1] or kind != "offtopic":  # a story came first
+        record["arc"] = story["label"]
+    return record
 
 def generate_stories(n, seed):
-    """n distinct (story, summary, words, kind) records, the same for the same (n, seed);
-    a smaller n gives a prefix of a larger one: train, val, instruct slice one call."""
+    """n distinct stories (make_story's dicts), the same for the same (n, seed); a smaller
+    n gives a prefix of a larger one: train, val, instruct slice one call."""
     rng = random.Random(seed)
-    records = {}  # story -> record; a dict keeps the first of repeats, in order
+    stories = {}  # text -> story; a dict keeps the first of repeats, in order
     for _ in range(2 * n + 1000):  # bounded: an impossible n fails, never loops forever
-        if len(records) == n:
+        if len(stories) == n:
             break
-        record = make_story(rng)
-        records.setdefault(record[0], record)
-    if len(records) < n:
-        raise UserError(f"--num_stories={n}: only {len(records)} distinct stories came "
+        story = make_story(rng)
+        stories.setdefault(render(story), story)
+    if len(stories) < n:
+        raise UserError(f"--num_stories={n}: only {len(stories)} distinct stories came "
                         f"out; ask for fewer")
-    return list(records.values())
+    return list(stories.values())
 
 if __name__ == "__main__":
     run(main, TrainConfig)
