@@ -11,7 +11,7 @@ group: A_i = (r_i - mean(r)) / std(r); loss = -min(ratio A, clip(ratio) A) + kl_
 How to run:
     python dpo.py                  # ~5 min on a 2-core CPU: out-sft/ckpt.pt, its stories
     python dpo.py --loss=ipo --beta=0.5 --out_dir=out-ipo   # or --loss=cdpo, --loss=simpo
-    python dpo.py --method=grpo --out_dir=out-grpo         # ~8.5 min
+    python dpo.py --method=grpo --out_dir=out-grpo         # RL: the checkers reward
     python dpo.py --init_from=gpt2 --dataset=raschka --learning_rate=5e-6 --min_lr=5e-7
 Depends on: gpt.py, bpe.py. Reads out-sft/ckpt.pt and data/stories/instruct.json; writes
 out-dpo/ckpt.pt and out-dpo/eval.json (the before/after table).

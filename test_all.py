@@ -2371,7 +2371,8 @@ def test_dpo_main_trains_and_leaves_the_reference_unchanged():
             result = dpo.main(cfg)
         (_, _, prompts, *_), _ = sampled.call_args  # --pairs=both: the model's own pairs beside the offline
         assert sampled.call_count == 1 and prompts == dpo.split_records(records, 5, 5, cfg.seed)[0][:20]
-        assert rendered.call_count == 50 + 5 + 5, "each prompt rendered once: train, val, test"
+        used = min(50, cfg.max_iters * max(cfg.batch_size, cfg.prompts_per_step))  # records reached
+        assert rendered.call_count == used + 5 + 5, "each prompt rendered once: train, val, test"
         (ref, weights), = copies
         assert all(torch.equal(v, weights[k]) for k, v in ref.state_dict().items()), "the reference changed"
         assert not ref.training and not any(p.requires_grad for p in ref.parameters())
