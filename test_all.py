@@ -1682,14 +1682,19 @@ def test_kvcache_page_script_assembles_a_split_stream():
     scripted = lambda *args: torch.tensor([next(script)])
     page = kvcache.PAGE
     harness = PAGE_HARNESS.replace("SCRIPT", page[page.index("<script>") + 8:page.index("</script>")])
-    with (tempfile.TemporaryDirectory() as tmp, _server(_serving_model(128)) as (url, server),
+    out = _run_page(node, harness, scripted, 128)
+    assert json.loads(out)[-1] == {"role": "assistant", "content": text}, out
+
+def _run_page(node, harness, scripted, block_size):
+    # the page's script in node against a live server whose sampler is scripted: its stdout
+    with (tempfile.TemporaryDirectory() as tmp, _server(_serving_model(block_size)) as (url, server),
           mock.patch.object(kvcache, "sample", scripted)):
         path = os.path.join(tmp, "page.js")
         with open(path, "w") as f:
             f.write(harness)
         run = subprocess.run([node, path, url], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-1000:]
-    assert json.loads(run.stdout)[-1] == {"role": "assistant", "content": text}, run.stdout
+    return run.stdout
 
 EXAMPLES = ["Tell me a story about a brave little turtle named Max.", "Call the hero Leo instead.",
             "What happened next?"]
@@ -1712,14 +1717,7 @@ def test_kvcache_page_greets_with_examples_and_posts_the_whole_chat():
     harness = PAGE_HARNESS[:PAGE_HARNESS.index("SCRIPT")] + buttons + page[page.index("<script>") + 8:
                                                                            page.index("</script>")]
     harness += click + "click(0).then(() => click(1)).then(() => console.log(JSON.stringify(sent)));\n"
-    with (tempfile.TemporaryDirectory() as tmp, _server(_serving_model(256)) as (url, server),
-          mock.patch.object(kvcache, "sample", scripted)):
-        path = os.path.join(tmp, "page.js")
-        with open(path, "w") as f:
-            f.write(harness)
-        run = subprocess.run([node, path, url], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr[-1000:]
-    sent = [body["messages"] for body in json.loads(run.stdout)]
+    sent = [body["messages"] for body in json.loads(_run_page(node, harness, scripted, 256))]
     first = {"role": "user", "content": EXAMPLES[0]}
     assert sent == [[first], [first, {"role": "assistant", "content": replies[0]},
                               {"role": "user", "content": EXAMPLES[1]}]], sent
