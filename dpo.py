@@ -383,7 +383,7 @@ def evaluate(cfg, model, tok, val, device, ctx):
 
 def measure(cfg, model, tok, test, device, ctx):
     """A column of the before/after table: the test pairs' accuracy, margin and KL; the
-    greedy stories' constraints and reward; what DPO costs the chosen responses' loss."""
+    greedy replies' pass rates and reward; what DPO costs the chosen responses' loss."""
     stop = tok.special_tokens[STOP]
     stories = respond(model, tok, test.prompts, cfg.max_new_tokens, stop, ctx)
     lengths = [len(tok.encode(s, allowed_special="none")) for s in stories]
