@@ -901,7 +901,7 @@ def conversation(rng, story, kind, heldout):
     messages = [{"role": role, "content": text} for turn in turns
                 for role, text in zip(("user", "assistant"), turn)]
     record = dict(messages=messages, check=check, heldout=heldout)
-    if messages[1]["content"] != turns[-1][1] or kind != "offtopic":  # a story came first
+    if kind != "offtopic" or len(turns) > 1:  # a story came first: its arc is a label
         record["arc"] = story["label"]
     return record
 
