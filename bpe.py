@@ -7,10 +7,12 @@ counted once and a merge recounts only the chunks holding its pair. The key idea
 encoding applies the learned merges (a, b) -> id in the order they were learned. Then
 the text side every finetuning script shares: the chat template (a conversation as ids
 and a loss mask), the storyteller's checkers, and instruction records read and split.
+The same class reads a Hugging Face tokenizer.json (Llama 3, Qwen) and writes one.
 How to run:
   python bpe.py                                   # offline demo: trains on this file
   python bpe.py --train=text.txt --vocab_size=4096 --out=tok.json  # bytes per token
   python bpe.py --tokenizer=tok.json --text="Hello world"  # or --tokenizer=gpt2
+  python bpe.py --tokenizer=path/to/hf_folder --text="Hi"  # a folder with tokenizer.json
   python bpe.py --bench                   # incremental vs naive, Python vs tiktoken
 Depends on: nothing from this repo. References: Sennrich et al. 2016, arXiv:1508.07909;
 Radford et al. 2019, Language Models are Unsupervised Multitask Learners (GPT-2); tiktoken
@@ -26,6 +28,7 @@ import random
 import re
 import sys
 import time
+import unicodedata
 from collections import Counter, defaultdict
 
 import regex
@@ -38,7 +41,7 @@ class BpeConfig:
     # what to run, I/O
     train: str = ""  # UTF-8 text to train on ('' = offline demo on this source file)
     out: str = "tok.json"  # where --train writes the tokenizer (readable JSON)
-    tokenizer: str = ""  # 'gpt2' or a tok.json: show --text as ids and pieces ('' = off)
+    tokenizer: str = ""  # 'gpt2', a tok.json or a Hugging Face folder: show --text
     bench: bool = False  # time train (incremental, naive) and encode (Python, tiktoken)
     text: str = "Hello world! Tokens 🤖 naïve 東京 <|endoftext|>"  # what to show
     gpt2_dir: str = "data/gpt2"  # holds encoder.json and vocab.bpe (downloaded if missing)
@@ -52,6 +55,10 @@ SPLIT_PATTERNS = {
     "gpt4": (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
              r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""),
     "none": "",  # one chunk: the textbook example (slow on long texts)
+    # SmolLM2's: digits are cut out one by one before GPT-2's regex runs, so whitespace
+    # before a digit is a chunk of its own ("a  1" -> "a", "  ", "1")
+    "smollm": (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+               r"""|\s+(?=\p{N})|\s+(?!\S)|\s+"""),
 }
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 GPT2_FILES = {
@@ -59,7 +66,7 @@ GPT2_FILES = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 
 # -----------------------------------------------------------------------------
-# building blocks: merging a pair, counting chunks, fetching a file
+# building blocks: merging a pair, counting chunks, fetching and reading files
 
 def merge(ids, pair, new_id):
     """Replace pair left to right: merge([1, 2, 2, 1, 2], (1, 2), 9) -> [9, 2, 9]."""
@@ -104,21 +111,46 @@ def fetch(url, path, sha256="", instead="--dataset=path/to/file"):
     os.replace(path + ".part", path)  # path is either absent or complete
     return path
 
+def read_json(path, fix):
+    """A JSON file's object; a missing or corrupt file raises, naming it and the fix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; {fix}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSON errors, bad UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e}); it may be truncated: "
+                         f"{fix}") from None
+
+def byte_alphabet():
+    """GPT-2's bytes-to-unicode: byte -> the character spelling it in vocab files; the
+    188 printable bytes spell themselves, the other 68 chr(256 + k) (the space is 'Ġ')."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    spelled = {b: chr(b) for b in printable}
+    return spelled | {b: chr(256 + k) for k, b in enumerate(others)}
+
 # -----------------------------------------------------------------------------
 # the tokenizer
 
 class Tokenizer:
-    """Byte-level BPE. Tokenizer() has the 256 bytes; train(), load(), gpt2() add merges."""
+    """Byte-level BPE. Tokenizer() has the 256 bytes; train(), load(), gpt2() add merges.
+    pattern is a name in SPLIT_PATTERNS or a split regex (from_pretrained's)."""
     def __init__(self, pattern="gpt2", byte_order=range(256), merges=(), special_tokens=()):
-        if pattern not in SPLIT_PATTERNS:
+        if pattern not in SPLIT_PATTERNS and re.fullmatch(r"\w*", pattern):
             raise ValueError(f"pattern={pattern!r} is unknown; use one of {list(SPLIT_PATTERNS)}")
         if sorted(byte_order) != list(range(256)):
             raise ValueError("byte_order must list each byte 0..255 exactly once")
         self.pattern = pattern
-        self._split = regex.compile(SPLIT_PATTERNS[pattern] or r"[\s\S]+")  # 'none': 1 chunk
+        self._split = regex.compile(SPLIT_PATTERNS.get(pattern, pattern) or r"[\s\S]+")
         self.vocab = {i: bytes([b]) for i, b in enumerate(byte_order)}  # id -> bytes
         self.byte_ids = {b: i for i, b in enumerate(byte_order)}  # GPT-2 permutes bytes
         self.merges = {}  # (id_a, id_b) -> new id, which is also the merge's priority
+        self.ranks = self.merges  # pair -> priority (from_pretrained's differ from ids)
+        self.whole = {}  # bytes -> id: chunks kept whole (Llama 3's ignore_merges)
+        self.nfc = False  # Qwen normalizes text to NFC first
+        self.folder = ""  # the Hugging Face folder read from ('' = none)
+        self.chat_template = None  # that folder's chat template, as a dict
         for a, b in merges:
             if a not in self.vocab or b not in self.vocab or (a, b) in self.merges:
                 raise ValueError(f"merge [{a}, {b}] repeats or uses an id not defined before it")
@@ -146,7 +178,7 @@ class Tokenizer:
             raise ValueError(f"vocab_size={vocab_size} leaves no room for 256 bytes and "
                              f"{specials}; pass vocab_size>={self.vocab_size}")
         # 1. each distinct chunk is a word with a count: " the" may occur 10,000 times
-        chunks = count_chunks(text, SPLIT_PATTERNS[pattern], specials)
+        chunks = count_chunks(text, SPLIT_PATTERNS.get(pattern, pattern), specials)
         words = [list(c.encode("utf-8")) for c in chunks]
         counts = list(chunks.values())
         # 2. count adjacent pairs (weighted by word count), and which words hold each
@@ -194,11 +226,14 @@ class Tokenizer:
         return self
 
     def _encode_chunk(self, chunk):
-        ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
+        data = chunk.encode("utf-8")
+        if data in self.whole:  # a chunk that is a token is that token, as in tiktoken
+            return [self.whole[data]]
+        ids = [self.byte_ids[b] for b in data]
         while len(ids) >= 2:
-            # apply the earliest-learned merge present (lowest new id), as training did
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, float("inf")))
-            if pair not in self.merges:
+            # apply the earliest-learned merge present (lowest rank), as training did
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, float("inf")))
+            if pair not in self.ranks:
                 break  # no merge applies any more
             ids = merge(ids, pair, self.merges[pair])
         return ids
@@ -214,6 +249,8 @@ class Tokenizer:
                 raise ValueError(f"text contains the special token {s!r}, which is not "
                                  f"allowed: pass allowed_special={{{s!r}}} or 'all' to "
                                  f"encode it as its id, or 'none' to encode it as text")
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
         parts = [text]
         if allowed:  # split on allowed specials; the group keeps them, at odd positions
             parts = re.split(f"({'|'.join(map(re.escape, allowed))})", text)
@@ -239,15 +276,23 @@ class Tokenizer:
         return b"".join(self.pieces(ids)).decode("utf-8", errors="replace")
 
     def to_tiktoken(self, name="bpe"):
-        """The same tokenizer as a tiktoken.Encoding: identical ids at Rust speed."""
-        n = 256 + len(self.merges)  # the ids before the special tokens
-        ranks = {self.vocab[i]: i for i in range(n)}  # rank = id
-        assert len(ranks) == n, "two tokens have the same bytes"
+        """The same tokenizer as a tiktoken.Encoding: identical ids at Rust speed (Qwen's
+        NFC is not in it: normalize the text first)."""
+        specials = set(self.special_tokens.values())
+        ranks = {self.vocab[i]: i for i in self.vocab if i not in specials}  # rank = id
+        assert len(ranks) + len(specials) == len(self.vocab), "two tokens, the same bytes"
+        made = [self.merges[pair] for pair in sorted(self.ranks, key=self.ranks.get)]
+        if made != sorted(made):  # tiktoken merges by the rank of what a merge makes
+            raise ValueError("this tokenizer's merge priorities do not follow its ids, as "
+                             "tiktoken needs; encode with the Tokenizer itself")
         return tiktoken.Encoding(name=name, pat_str=self._split.pattern,
                                  mergeable_ranks=ranks, special_tokens=self.special_tokens)
 
     def to_dict(self):
-        """Plain types, so a checkpoint can carry it (torch.load(weights_only=True))."""
+        """Plain types, so a checkpoint can carry it (torch.load(weights_only=True)); a
+        Hugging Face tokenizer is its folder."""
+        if self.folder:
+            return {"pretrained": self.folder}
         return {"version": 1, "pattern": self.pattern,
                 "special_tokens": list(self.special_tokens),
                 "byte_order": [self.vocab[i][0] for i in range(256)],
@@ -256,6 +301,8 @@ class Tokenizer:
     @classmethod
     def from_dict(cls, obj, source="the tokenizer"):
         """Inverse of to_dict; anything malformed raises a ValueError with the fix."""
+        if isinstance(obj, dict) and "pretrained" in obj:
+            return cls.from_pretrained(obj["pretrained"])
         try:
             if obj["version"] != 1:
                 raise ValueError(f"version is {obj['version']!r}, this code reads 1")
@@ -268,7 +315,7 @@ class Tokenizer:
     def save(self, path):
         """Readable JSON: pattern, specials, the bytes of ids 0..255, a merge a line."""
         obj = self.to_dict()
-        merges = ",\n".join(f"[{a}, {b}]" for a, b in obj.pop("merges"))
+        merges = ",\n".join(f"[{a}, {b}]" for a, b in obj.pop("merges", []))
         head = json.dumps(obj, ensure_ascii=False)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(head[:-1] + ', "merges": [\n' + merges + "\n]}\n")
@@ -277,16 +324,9 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         """Read a file from save(); a missing or corrupt one raises with the fix."""
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer file {path} not found; create it with `python "
-                                    f"bpe.py --train=FILE --out={path}` or use --tokenizer=gpt2")
-        try:
-            with open(path, encoding="utf-8") as f:
-                obj = json.load(f)
-        except ValueError as e:  # JSON errors, bad UTF-8
-            raise ValueError(f"{path} is not valid JSON ({e}); it may be truncated: "
-                             f"re-create it") from None
-        return cls.from_dict(obj, path)
+        fix = (f"re-create it: `python bpe.py --train=FILE --out={path}`, or pass "
+               f"--tokenizer=gpt2 or a Hugging Face model folder")
+        return cls.from_dict(read_json(path, fix), path)
 
     @classmethod
     def gpt2(cls, dir="data/gpt2"):
@@ -295,9 +335,7 @@ class Tokenizer:
                 f"({GPT2_URL}encoder.json) and vocab.bpe ({GPT2_URL}vocab.bpe)")
         for name, sha256 in GPT2_FILES.items():
             fetch(GPT2_URL + name, os.path.join(dir, name), sha256, instead=both)
-        # ids 0..255: the 188 printable bytes, then the other 68 (spelled chr(256 + k))
-        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-        order = printable + [b for b in range(256) if b not in printable]
+        order = list(byte_alphabet())  # ids 0..255: the 188 printable bytes, then the 68
         try:
             with open(os.path.join(dir, "encoder.json"), encoding="utf-8") as f:
                 encoder = json.load(f)
@@ -316,15 +354,118 @@ class Tokenizer:
 
     @classmethod
     def from_saved(cls, saved, gpt2_dir="data/gpt2"):
-        """A checkpoint's tokenizer from its "tokenizer" key: 'gpt2', to_dict()'s or a path."""
+        """A checkpoint's tokenizer from its "tokenizer" key: 'gpt2', to_dict()'s, a
+        tok.json or a Hugging Face folder (holding tokenizer.json)."""
         if saved == "gpt2":
             return cls.gpt2(gpt2_dir)
         if isinstance(saved, dict):
             return cls.from_dict(saved, "the checkpoint's tokenizer")
-        if isinstance(saved, str) and (saved.endswith(".json") or os.path.isfile(saved)):
+        if isinstance(saved, str) and os.path.isdir(saved):
+            return cls.from_pretrained(saved)
+        if isinstance(saved, str):  # a tok.json, or the error that names the fix
             return cls.load(saved)
-        raise ValueError(f"the checkpoint's tokenizer {str(saved)[:60]!r} is neither "
-                         f"'gpt2', a bpe.py dict nor a tok.json; retrain with train.py")
+        raise ValueError(f"the checkpoint's tokenizer {str(saved)[:60]!r} is neither 'gpt2', "
+                         f"a bpe.py dict, a tok.json nor a folder; retrain with train.py")
+
+    # --- Hugging Face files in and out (their helpers: "Hugging Face tokenizers" below)
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """A Hugging Face model folder's tokenizer.json: byte-level BPE (GPT-2, Llama 3,
+        SmolLM2, Qwen) with the ids `tokenizers` gives; tok.chat_template is the template
+        its tokenizer_config.json names (None without one)."""
+        path = os.path.join(folder, "tokenizer.json")
+        obj = read_json(path, "pass a model folder that holds it, or download it again")
+        model = obj.get("model") or {}
+        normalizer = (obj.get("normalizer") or {}).get("type")
+        pattern = hf_split_pattern(obj.get("pre_tokenizer"))
+        options = ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix")
+        bad = [f"a {model.get('type')} model"] if model.get("type", "BPE") != "BPE" else []
+        bad += [f"the {normalizer} normalizer"] if normalizer not in (None, "NFC") else []
+        bad += [] if pattern else ["its pre_tokenizer"]
+        bad += [option for option in options if model.get(option)]
+        if bad:
+            raise ValueError(f"{path} has {', '.join(bad)}, which bpe.py does not read: only "
+                             f"byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM2, Qwen)")
+        # the file's ids: token strings spell bytes in GPT-2's alphabet, a merge's priority
+        # is its line (Llama 3 makes some tokens from two pairs), added tokens are specials
+        ids = model.get("vocab", {})
+        specials = {t["content"]: t["id"] for t in obj.get("added_tokens", [])}
+        to_byte = {c: b for b, c in byte_alphabet().items()}
+        tok = cls(pattern)
+        try:
+            tok.vocab = {i: bytes(to_byte[c] for c in s) for s, i in ids.items()
+                         if s not in specials}
+            tok.byte_ids = {b: ids[c] for b, c in byte_alphabet().items()}
+            pairs = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+            tok.merges = {(ids[a], ids[b]): ids[a + b] for a, b in pairs}
+            tok.ranks = {(ids[a], ids[b]): rank for rank, (a, b) in enumerate(pairs)}
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not byte-level BPE ({type(e).__name__}: {e}); "
+                             f"only GPT-2, Llama 3, SmolLM2 and Qwen's are read") from None
+        tok.vocab |= {i: s.encode("utf-8") for s, i in specials.items()}
+        tok.special_tokens = specials
+        tok.vocab_size = max(tok.vocab) + 1
+        if model.get("ignore_merges"):
+            tok.whole = {tok.vocab[i]: i for i in ids.values()}
+        tok.nfc = normalizer == "NFC"
+        tok.folder = folder
+        config = os.path.join(folder, "tokenizer_config.json")
+        config = read_json(config, "download it again") if os.path.isfile(config) else {}
+        jinja = os.path.join(folder, "chat_template.jinja")  # where newer transformers put it
+        if os.path.isfile(jinja):
+            with open(jinja, encoding="utf-8") as f:
+                config["chat_template"] = f.read()
+        tok.chat_template = hf_chat_template(config)
+        return tok
+
+    def to_hf(self, template="phi3"):
+        """(tokenizer.json, tokenizer_config.json) as dicts in Hugging Face's schema: the
+        same ids from `tokenizers` and AutoTokenizer, and a chat_template that renders
+        what render_conversation(tok, messages, template) does."""
+        spec = chat_spec(template, self)
+        alphabet = byte_alphabet()
+        spelled = {i: "".join(alphabet[b] for b in self.vocab[i]) for i in self.vocab}
+        specials = set(self.special_tokens.values())
+        vocab = {spelled[i]: i for i in self.vocab if i not in specials}
+        if len(vocab) + len(specials) != len(self.vocab):
+            raise ValueError("two tokens have the same bytes; tokenizer.json cannot hold that")
+        merges = [[spelled[a], spelled[b]] for a, b in sorted(self.ranks, key=self.ranks.get)]
+        model = {"type": "BPE", "vocab": vocab, "merges": merges,
+                 "ignore_merges": bool(self.whole)}
+        added = [{"id": i, "content": s, "special": True, "single_word": False, "lstrip": False,
+                  "rstrip": False, "normalized": False} for s, i in self.special_tokens.items()]
+        # the split: GPT-2's regex is ByteLevel's own; SmolLM2 first cuts out each digit
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": self.pattern in ("gpt2", "smollm")}
+        split = HF_PATTERNS.get(self.pattern, self._split.pattern)
+        first = {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated",
+                 "invert": False}
+        if self.pattern == "smollm":
+            first = {"type": "Digits", "individual_digits": True}
+        pre = {"type": "Sequence", "pretokenizers": [first, byte_level]}
+        tokenizer = {"version": "1.0", "added_tokens": added,
+                     "normalizer": {"type": "NFC"} if self.nfc else None,
+                     "pre_tokenizer": byte_level if self.pattern == "gpt2" else pre,
+                     "decoder": byte_level, "model": model}
+        pad = STOP if STOP in self.special_tokens else spec["end"]
+        data = json.dumps({k: v for k, v in spec.items() if v is not None}, ensure_ascii=False)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": spec["end"],
+                  "bos_token": spec["bos"] or pad, "pad_token": pad,
+                  "clean_up_tokenization_spaces": False,
+                  "chat_template": "{%- set t = " + data + " %}" + CHAT_JINJA}
+        return tokenizer, config
+
+    def save_pretrained(self, folder, template="phi3"):
+        """to_hf(template)'s two files in folder, each written whole or not at all, for
+        AutoTokenizer.from_pretrained(folder) and llama.cpp's converters."""
+        files = zip(["tokenizer.json", "tokenizer_config.json"], self.to_hf(template))
+        os.makedirs(folder, exist_ok=True)
+        for name, obj in files:
+            path = os.path.join(folder, name)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(obj, f, ensure_ascii=False, indent=1)
+            os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a file
 
 # -----------------------------------------------------------------------------
 # the chat template: a conversation as token ids and a loss mask, for every later script
@@ -332,16 +473,48 @@ class Tokenizer:
 # No new tokens: role headers are plain text, and each assistant turn ends with STOP,
 # which train.py's tokenizers and GPT-2's all have and a pretrained model reads as "the
 # text ends here": no embedding row is added, and stopping is generate(eot_id=STOP).
+# A Hugging Face model's template has its own tokens: special tokens in the headers, and
+# one that ends each turn (<|im_end|>). In a template "{}" stands for a message's content.
 STOP = "<|endoftext|>"
 CHAT_TEMPLATES = {
     # Phi-3's role markers as text (Raschka's exercise 7.1): short, stories fit 256 tokens
     "phi3": dict(system="<|system|>\n{}\n", user="<|user|>\n{}\n",
-                 assistant="<|assistant|>\n", default_system=""),
+                 assistant="<|assistant|>\n", default_system=None),
     # Alpaca's layout, as in Raschka's chapter 7; its system line is always there
     "alpaca": dict(system="{}\n\n", user="### Instruction:\n{}\n\n", assistant="### Response:\n",
                    default_system="Below is an instruction that describes a task. Write a "
                                   "response that appropriately completes the request."),
+    # ChatML (SmolLM2, Qwen): from_pretrained adds the model's default system message
+    "chatml": dict(system="<|im_start|>system\n{}<|im_end|>\n",
+                   user="<|im_start|>user\n{}<|im_end|>\n",
+                   assistant="<|im_start|>assistant\n", end="<|im_end|>", after="\n",
+                   stops=["<|endoftext|>"]),
+    # Llama 3: contents are trimmed; 3.1 and 3.2 always open with a dated system turn
+    "llama3": dict(bos="<|begin_of_text|>", trim=True, end="<|eot_id|>",
+                   system="<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
+                   user="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+                   assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
+                   stops=["<|eom_id|>", "<|end_of_text|>"]),
 }
+# a template's other keys: text first, the system message a conversation without one
+# gets (None: none), text before the first system message's ({date}: today, as date
+# formats it), the token ending an assistant turn and text after it, trimmed contents,
+# text after the last assistant header (Qwen3's empty <think></think>), more stop tokens
+TEMPLATE_DEFAULTS = dict(bos="", default_system=None, system_prefix="", date="%d %b %Y",
+                         end=STOP, after="", trim=False, think="", stops=[])
+
+def chat_spec(template, tok):
+    # a template's name or dict -> all its keys, checked against the tokenizer
+    named = isinstance(template, str)
+    if named and template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat template {template!r} is unknown; use one of "
+                         f"{list(CHAT_TEMPLATES)}")
+    spec = TEMPLATE_DEFAULTS | (CHAT_TEMPLATES[template] if named else template)
+    if spec["end"] not in tok.special_tokens:
+        fits = [n for n, t in CHAT_TEMPLATES.items() if t.get("end", STOP) in tok.special_tokens]
+        raise ValueError(f"the tokenizer has no {spec['end']} to end a turn with; train one "
+                         f"with special_tokens=({spec['end']!r},) or use one of {fits}")
+    return spec
 
 def record_messages(record):
     """A record as a conversation: {instruction, input, output} (Alpaca's schema; output
@@ -355,40 +528,72 @@ def record_messages(record):
         messages.append({"role": "assistant", "content": record["output"]})
     return messages
 
-def render_conversation(tok, messages, template="phi3"):
+def encode_turn(tok, parts):
+    """[template text, content, template text, ...] -> ids, as Hugging Face tokenizes a
+    rendered chat: special tokens count only in template text (a typed one in a content
+    stays text), and the text between two of them is encoded in one piece."""
+    ids = []
+    text = ""
+    for k, part in enumerate(parts):
+        specials = [s for s in tok.special_tokens if s in part and k % 2 == 0]
+        split = f"({'|'.join(map(re.escape, specials))})"
+        for j, piece in enumerate(re.split(split, part) if specials else [part]):
+            if j % 2:  # a special token of the template
+                ids += tok.encode(text, allowed_special="none")
+                ids.append(tok.special_tokens[piece])
+                text = ""
+            else:
+                text += piece
+    return ids + tok.encode(text, allowed_special="none")
+
+def render_conversation(tok, messages, template="phi3", date_string=""):
     """[{"role": "system" | "user" | "assistant", "content": str}, ...] -> (ids, mask);
-    mask[i] is 1 where ids[i] is what finetuning learns: an assistant token or the STOP
-    ending its turn. A conversation ending on a user turn ends with the assistant header,
-    the prompt to complete. Contents are plain text: a typed "<|endoftext|>" is no STOP."""
-    if template not in CHAT_TEMPLATES:
-        raise ValueError(f"chat template {template!r} is unknown; use one of "
-                         f"{list(CHAT_TEMPLATES)}")
-    spec = CHAT_TEMPLATES[template]
-    if STOP not in tok.special_tokens:
-        raise ValueError(f"the tokenizer has no {STOP} to end a turn with; train one "
-                         f"with special_tokens=({STOP!r},)")
-    if spec["default_system"] and (not messages or messages[0]["role"] != "system"):
+    mask[i] is 1 where ids[i] is what finetuning learns: an assistant token or the token
+    ending its turn (STOP). A conversation ending on a user turn ends with the assistant
+    header, the prompt to complete. template: a name in CHAT_TEMPLATES or a dict like
+    tok.chat_template; date_string: Llama 3.2's date ('' = today, as "%d %b %Y")."""
+    spec = chat_spec(template, tok)
+    first = messages[0]["role"] if messages else ""
+    if spec["default_system"] is not None and first != "system":
         messages = [{"role": "system", "content": spec["default_system"]}] + list(messages)
     ids = []
     mask = []  # 1 where the token is trained
-    for message in messages:
+    def add(new_ids, trained=0):
+        ids.extend(new_ids)
+        mask.extend([trained] * len(new_ids))
+    add(encode_turn(tok, [spec["bos"]]))
+    for k, message in enumerate(messages):
         role = message["role"]
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"a message has role {role!r}; use system, user, assistant")
+        content = message["content"].strip() if spec["trim"] else message["content"]
+        if k == 0 and role == "system":
+            date = date_string or time.strftime(spec["date"])
+            content = spec["system_prefix"].replace("{date}", date) + content
         if role == "assistant":
-            head = tok.encode(spec["assistant"])
-            body = tok.encode(message["content"], allowed_special="none")
-            ids += head + body + [tok.special_tokens[STOP]]
-            mask += [0] * len(head) + [1] * (len(body) + 1)
+            last = k == len(messages) - 1
+            add(encode_turn(tok, [spec["assistant"] + (spec["think"] if last else "")]))
+            body = tok.encode(content, allowed_special="none")
+            add(body + [tok.special_tokens[spec["end"]]], 1)
+            add(encode_turn(tok, [spec["after"]]))
         else:
-            head = tok.encode(spec[role].format(message["content"]), allowed_special="none")
-            ids += head
-            mask += [0] * len(head)
+            before, after = spec[role].split("{}")
+            add(encode_turn(tok, [before, content, after]))
     if messages[-1]["role"] != "assistant":
-        head = tok.encode(spec["assistant"])
-        ids += head
-        mask += [0] * len(head)
+        add(encode_turn(tok, [spec["assistant"] + spec["think"]]))
     return ids, mask
+
+def stop_ids(tok, template="phi3"):
+    """The ids that end an assistant turn, for generate(eot_id=...): [STOP's] for phi3
+    and alpaca; chatml: <|im_end|> (and <|endoftext|>); llama3: <|eot_id|>, <|eom_id|>
+    and <|end_of_text|>, those the tokenizer has."""
+    spec = chat_spec(template, tok)
+    ends = [spec["end"], *spec["stops"]]
+    return [tok.special_tokens[s] for s in ends if s in tok.special_tokens]
+
+def end_of_turn(tok, template=None):
+    """The id ending an assistant turn: template's, tok.chat_template's or STOP's."""
+    return stop_ids(tok, template or tok.chat_template or "phi3")[0]
 
 def story_problems(story, words, summary):
     """What a story for (words, summary) lacks, [] when nothing: each word, as a whole word
@@ -397,6 +602,82 @@ def story_problems(story, words, summary):
     names = re.findall(r"\b[A-Z][a-z]+\b", summary)
     wanted = dict.fromkeys(list(words) + names)  # in order, once each
     return [w for w in wanted if not re.search(rf"\b{re.escape(w)}\b", story, re.IGNORECASE)]
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizers: tokenizer.json and tokenizer_config.json in bpe.py's terms
+
+def hf_split_pattern(pre):
+    """tokenizer.json's pre_tokenizer as a split pattern ('' where bpe.py has none):
+    GPT-2's ByteLevel, SmolLM2's Digits then ByteLevel, Llama 3 and Qwen's Split."""
+    steps = (pre or {}).get("pretokenizers", [pre or {}])
+    kinds = [step.get("type") for step in steps]
+    first = steps[0]
+    regex_too = steps[-1].get("use_regex", True)  # ByteLevel's own GPT-2 regex
+    if kinds[-1] != "ByteLevel" or steps[-1].get("add_prefix_space"):
+        return ""
+    if kinds == ["ByteLevel"] and regex_too:
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and first.get("individual_digits") and regex_too:
+        return "smollm"
+    isolated = first.get("behavior") == "Isolated" and not first.get("invert")
+    if kinds == ["Split", "ByteLevel"] and isolated and not regex_too:
+        return first.get("pattern", {}).get("Regex", "")
+    return ""
+
+# Hugging Face's regex engine (Oniguruma) reads "{1,3}+" as a repeat of a repeat, not as
+# a possessive one, and "$" as the end of a line: cl100k's pattern spelled for it
+HF_PATTERNS = {"gpt4": SPLIT_PATTERNS["gpt4"].replace("{1,3}+", "{1,3}")
+                                             .replace("$", r"\z")}
+
+def hf_chat_template(config):
+    """tokenizer_config.json's Jinja chat_template as a template dict, read without Jinja:
+    the family by its tokens, then the default system message, Llama's dated system turn
+    and bos; None for no template or another family."""
+    text = config.get("chat_template") or ""
+    if isinstance(text, list):  # named templates: the default one
+        text = next((t["template"] for t in text if t.get("name") == "default"), "")
+    if text.startswith("{%- set t = "):  # to_hf's own: the dict itself
+        ours = json.JSONDecoder().raw_decode(text, len("{%- set t = "))[0]
+        return TEMPLATE_DEFAULTS | ours  # the keys that are None are left out of it
+    if "<|im_start|>" in text:
+        spec = TEMPLATE_DEFAULTS | CHAT_TEMPLATES["chatml"]
+        # a system turn written out whole is the default one ("\\n" is Jinja's escape)
+        default = re.search(r"<\|im_start\|>system\\n([^'\"]*?)<\|im_end\|>", text)
+        if default:
+            spec["default_system"] = default.group(1).replace("\\n", "\n")
+        if "<think>" in text:  # Qwen3 answers with its thinking left empty
+            spec["think"] = "<think>\n\n</think>\n\n"
+        return spec
+    if "<|start_header_id|>" not in text:
+        return None
+    spec = TEMPLATE_DEFAULTS | CHAT_TEMPLATES["llama3"]
+    if isinstance(config.get("bos_token"), str):
+        spec["bos"] = config["bos_token"]
+    cutoff = re.search(r"Cutting Knowledge Date: ([^\\\"]*)", text)
+    if cutoff:  # 3.1 and 3.2: always a system turn, dated (3.2: today, 3.1: a fixed day)
+        fixed = re.search(r'set date_string = "([^"]*)"', text)
+        today = "strftime_now" in text or not fixed
+        spec["date"] = "%d %b %Y" if today else fixed.group(1)
+        spec["default_system"] = ""
+        spec["system_prefix"] = f"Cutting Knowledge Date: {cutoff.group(1)}\n"
+        spec["system_prefix"] += "Today Date: {date}\n\n"
+    return spec
+
+# to_hf's chat_template, after "{%- set t = <the template's dict> %}": transformers'
+# apply_chat_template(messages, add_generation_prompt=True) renders render_conversation's
+CHAT_JINJA = (
+    "{%- if t.default_system is defined and messages[0]['role'] != 'system' %}"
+    "{%- set messages = [{'role': 'system', 'content': t.default_system}] + messages %}"
+    "{%- endif %}{%- if date_string is not defined and '{date}' in t.system_prefix %}"
+    "{%- set date_string = strftime_now(t.date) %}{%- endif %}{{- t.bos }}"
+    "{%- for message in messages %}"
+    "{%- set content = message['content'] | trim if t.trim else message['content'] %}"
+    "{%- if loop.first and message['role'] == 'system' %}"
+    "{%- set content = t.system_prefix | replace('{date}', date_string) + content %}"
+    "{%- endif %}{%- if message['role'] == 'assistant' %}"
+    "{{- t.assistant + (t.think if loop.last else '') + content + t.end + t.after }}"
+    "{%- else %}{{- t[message['role']] | replace('{}', content) }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- t.assistant + t.think }}{%- endif %}")
 
 # -----------------------------------------------------------------------------
 # the storyteller's checkers: each kind of request has a program that judges a reply, so
@@ -683,7 +964,7 @@ def main(cfg):
         if cfg.tokenizer == "gpt2":
             tok = Tokenizer.gpt2(cfg.gpt2_dir)
         elif cfg.tokenizer:
-            tok = Tokenizer.load(cfg.tokenizer)
+            tok = Tokenizer.from_saved(cfg.tokenizer)
         else:
             text = read_text(cfg.train or os.path.abspath(__file__))
             tok, seconds = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern, verbose=True)

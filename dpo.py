@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bpe import (STOP, Tokenizer, instruct_records, make_examples, pass_rates, read_records,
+from bpe import (Tokenizer, end_of_turn, instruct_records, make_examples, pass_rates, read_records,
                  record_messages, render_conversation, reply_problems, split_records)
 from gpt import (UserError, collate, download, get_lr, heldout_loss, progress_bar,
                  refuse_overwrite, refuse_torchrun, require_positive, respond, run,
@@ -40,7 +40,7 @@ class DpoConfig:
     """Preference-tune a finetuned GPT; every field is a flag: --loss=ipo --beta=0.5"""
     # I/O
     ckpt_path: str = "out-sft/ckpt.pt"  # the start and the reference (from finetune.py)
-    init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a .safetensors
+    init_from: str = ""  # '' = ckpt_path; a Hub name (gpt2, Qwen/...) or folder
     out_dir: str = "out-dpo"  # ckpt.pt (the best checkpoint) and eval.json go here
     overwrite: bool = False  # replace a checkpoint already in out_dir (else an error)
     data_dir: str = "data"  # downloads; train.py wrote stories/instruct.json here
@@ -182,7 +182,7 @@ def onpolicy_pairs(model, tok, records, prompts, k, max_new_tokens, ctx, seed):
     """The model's own mistakes as pairs: k stories sampled for each record's prompt (ids)
     and ranked by story_reward (below); the best and the worst pair up if they differ."""
     model.eval()
-    stop = tok.special_tokens[STOP]
+    stop = end_of_turn(tok)
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
     pairs = []
     for i in range(0, len(records), 16):  # 16 prompts x k samples in one batch
@@ -370,7 +370,7 @@ def mean_reward(stories, records):  # None without story records
 def evaluate(cfg, model, tok, val, device, ctx):
     """What picks the checkpoint, lower is better: on the stories minus the mean reward of
     the greedy stories for the val prompts (the task itself), else the val pairs' loss."""
-    stop = tok.special_tokens[STOP]
+    stop = end_of_turn(tok)
     if cfg.method == "dpo":
         stats = pair_metrics(model, val, cfg, stop, device, ctx)
         print(f"held-out pairs: loss {stats['loss']:.4f} | {show(stats)}")
@@ -384,7 +384,7 @@ def evaluate(cfg, model, tok, val, device, ctx):
 def measure(cfg, model, tok, test, device, ctx):
     """A column of the before/after table: the test pairs' accuracy, margin and KL; the
     greedy replies' pass rates and reward; what DPO costs the chosen responses' loss."""
-    stop = tok.special_tokens[STOP]
+    stop = end_of_turn(tok)
     stories = respond(model, tok, test.prompts, cfg.max_new_tokens, stop, ctx)
     lengths = [len(tok.encode(s, allowed_special="none")) for s in stories]
     chosen = [c for c, _ in test.pairs]
@@ -423,7 +423,7 @@ def train(cfg, model, ref, tok, train_data, val, device, ctx, ckpt_path, meta):
     """AdamW, warmup then a cosine, the gradient norm clipped. DPO: the preference loss on
     batches of pairs; GRPO: a round of stories sampled for prompts_per_step prompts, then
     inner_steps steps on it. The model ends at its best evaluation, saved at ckpt_path."""
-    stop = tok.special_tokens[STOP]
+    stop = end_of_turn(tok)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (0.9, 0.999), torch.device(device).type)
     scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16")  # float16 underflows
@@ -525,6 +525,7 @@ def main(cfg):
         template = saved.get("chat_template", template)
     with user_input():  # GPT-2's tokenizer files may be missing, offline
         tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    template = tok.chat_template or template  # a Hub model's own
     # the reference: a frozen copy of the starting model, never trained (eval: no dropout)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -535,11 +536,12 @@ def main(cfg):
         raise UserError(f"no train, val or test pair: too few records, or none fits "
                         f"block_size={model.config.block_size}")
     print(f"pairs: {len(train_data.pairs)} train, {len(val.pairs)} val, "
-          f"{len(test.pairs)} test ({cfg.dataset}); template {template}")
+          f"{len(test.pairs)} test ({cfg.dataset}); template "
+          f"{template if isinstance(template, str) else 'of the model'}")
     for split in data:
         if split.pairs:
             split.ref = reference_logprobs(ref, split.pairs, cfg.batch_size,
-                                           tok.special_tokens[STOP], device, ctx)
+                                           end_of_turn(tok), device, ctx)
 
     # --- before, training, after
     before = measure(cfg, model, tok, test, device, ctx)

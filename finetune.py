@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpe import (CHAT_TEMPLATES, STOP, Tokenizer, instruct_records, pass_rates, record_messages,
+from bpe import (CHAT_TEMPLATES, Tokenizer, end_of_turn, instruct_records, pass_rates, record_messages,
                  render_conversation, split_records)
 from gpt import (UserError, download, get_lr, heldout_loss, length_batches, load_checkpoint,
                  pick_device, progress_bar, refuse_overwrite, refuse_torchrun,
@@ -45,7 +45,7 @@ class FinetuneConfig:
     """Finetune a GPT on instructions or labels; every field is a flag: --dataset=alpaca"""
     # I/O
     ckpt_path: str = "out/ckpt.pt"  # the model to start from, written by train.py
-    init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a .safetensors
+    init_from: str = ""  # '' = ckpt_path; a Hub name (gpt2, Qwen/...) or folder
     out_dir: str = ""  # '' = out-sft (instruct) or out-classify: ckpt.pt, eval.json
     overwrite: bool = False  # replace a checkpoint already in out_dir (else an error)
     data_dir: str = "data"  # downloads are cached here; train.py wrote stories/ here
@@ -210,7 +210,7 @@ def text_example(tok, text, label, block_size):
     """A text as the classifier reads it: x = <|endoftext|>, the text's first block_size - 2
     tokens, <|endoftext|> (GPT-1's "extract" token: pretraining saw it between documents);
     y = -100 but the label at that last token."""
-    stop = tok.special_tokens[STOP]
+    stop = end_of_turn(tok)
     x = [stop] + tok.encode(text, allowed_special="none")[:block_size - 2] + [stop]
     return x, [-100] * (len(x) - 1) + [label]
 
@@ -365,15 +365,15 @@ def instruct(cfg, model, tok, common, out_dir, device, ctx):
         train_r, val_r, test_r = split_records(records, cfg.val_size, cfg.test_size,
                                                cfg.seed)
     block = model.config.block_size
-    pad_id = tok.special_tokens[STOP]  # padding is never learned (y = -100): any id will do
-    train_ex, dropped, cut = chat_examples(tok, train_r, cfg.template, block,
-                                           cfg.mask_prompt)
-    val_ex = chat_examples(tok, val_r, cfg.template, block)[0]
-    test_ex = chat_examples(tok, test_r, cfg.template, block)[0]
+    pad_id = end_of_turn(tok)  # padding is never learned (y = -100): any id will do
+    template = tok.chat_template or cfg.template  # a Hub model's own, else --template
+    train_ex, dropped, cut = chat_examples(tok, train_r, template, block, cfg.mask_prompt)
+    val_ex = chat_examples(tok, val_r, template, block)[0]
+    test_ex = chat_examples(tok, test_r, template, block)[0]
     if not (train_ex and val_ex and test_ex):
         raise UserError(f"no train, val or test example fits block_size={block} once "
                         f"rendered; use shorter prompts or more data")
-    prompts = [render_conversation(tok, record_messages(r)[:-1], cfg.template)[0]
+    prompts = [render_conversation(tok, record_messages(r)[:-1], template)[0]
                for r in test_r]
     lengths = [len(x) for x, _ in train_ex]
     rng = random.Random(cfg.seed)
@@ -437,7 +437,7 @@ def classify(cfg, model, tok, common, out_dir, device, ctx):
                         f"give at least 10 texts of each label")
     labels = sorted({label for _, label in train_p + val_p + test_p})
     block = model.config.block_size
-    pad_id = tok.special_tokens[STOP]
+    pad_id = end_of_turn(tok)
     splits = {name: [text_example(tok, text, labels.index(label), block) for text, label in p]
               for name, p in [("train", train_p), ("val", val_p), ("test", test_p)]}
     nb = naive_bayes(train_p, [text for text, _ in test_p])

@@ -47,19 +47,29 @@ class GPTConfig:
     rmsnorm: bool = False    # RMSNorm instead of LayerNorm
     swiglu: bool = False     # SwiGLU MLP instead of GELU
     n_kv_head: int = 0       # key/value heads for grouped-query attention; 0 means n_head
+    # what open models (Llama, SmolLM2, Qwen) need; the defaults change nothing above
+    rope_theta: float = 10000.0  # rope's base: 500,000 in Llama 3, 1,000,000 in Qwen
+    rope_scaling: tuple = ()   # Llama 3.1+: (factor, low_freq_factor, high_freq_factor, old_len)
+    head_size: int = 0         # channels per head; 0 means n_embd // n_head (Qwen3 sets it)
+    mlp_hidden: int = 0        # the MLP's width; 0 means 4 n_embd (SwiGLU: 8/3 n_embd)
+    qkv_bias: bool = False     # biases on q, k and v even without bias (Qwen2)
+    qk_norm: bool = False      # RMSNorm on each head's q and k before rope (Qwen3)
+    tie_embeddings: bool = True  # the output layer is the token embedding
+    norm_eps: float = 1e-5     # the norms' epsilon
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be at least 1")
         kv = self.n_kv_head or self.n_head
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if kv < 0 or self.n_head % kv:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={kv}; use a "
                              f"divisor (1 = multi-query, n_head = plain attention)")
-        if self.rope and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, not {self.n_embd // self.n_head}")
+        if self.rope and (self.head_size or self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, not "
+                             f"{self.head_size or self.n_embd // self.n_head}")
+        if not self.head_size and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -78,12 +88,16 @@ class RMSNorm(nn.Module):
 
 def make_norm(config):
     if config.rmsnorm:
-        return RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
-def rope_tables(hs, length, base=10000.0):
+def rope_tables(hs, length, base=10000.0, scaling=()):
     # rope turns each channel pair (i, i + hs/2) by the angle pos * base^(-2i/hs)
     freqs = 1.0 / base ** (torch.arange(0, hs, 2).float() / hs)    # (hs/2,)
+    if scaling:  # Llama 3.1: slow pairs (long wavelengths) turn factor x slower, fast ones
+        factor, low, high, old_len = scaling  # as before, and a blend in between
+        blend = (old_len * freqs / (2 * math.pi) - low) / (high - low)  # old_len / wavelength
+        freqs = torch.lerp(freqs / factor, freqs, blend.clamp(0, 1))
     angles = torch.outer(torch.arange(length).float(), freqs)      # (T, hs/2)
     return angles.cos(), angles.sin()
 
@@ -105,11 +119,14 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
-        self.hs = config.n_embd // config.n_head
+        self.hs = config.head_size or config.n_embd // config.n_head
         # one matmul makes q (nh heads), k and v (nkv heads each): GPT-2's c_attn
         qkv_size = (self.n_head + 2 * self.n_kv_head) * self.hs
-        self.c_attn = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, qkv_size, bias=config.bias or config.qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.hs, config.n_embd, bias=config.bias)
+        if config.qk_norm:  # each head's q and k scaled to a steady size (Qwen3)
+            self.q_norm = RMSNorm(self.hs, config.norm_eps)
+            self.k_norm = RMSNorm(self.hs, config.norm_eps)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -121,6 +138,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)     # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if hasattr(self, "q_norm"):
+            q = self.q_norm(q)
+            k = self.k_norm(k)
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
@@ -157,6 +177,8 @@ class MLP(nn.Module):
         hidden = 4 * config.n_embd
         if config.swiglu:  # three matrices, so 2/3 of the width keeps the parameter count
             hidden = 32 * math.ceil(8 * config.n_embd / 3 / 32)
+        hidden = config.mlp_hidden or hidden
+        if config.swiglu:
             self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -246,18 +268,23 @@ class GPT(nn.Module):
         if not config.rope:
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         else:  # not parameters, and not saved: they are recomputed from the config
-            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.make_rope()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the output layer is the token embedding (V*C parameters fewer)
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:  # the output layer is the token embedding (V*C fewer)
+            self.lm_head.weight = self.transformer.wte.weight
         # GPT-2 init: N(0, 0.02); the projections into the residual stream shrink by
         # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def make_rope(self):
+        cfg = self.config
+        cos, sin = rope_tables(cfg.head_size or cfg.n_embd // cfg.n_head, cfg.block_size,
+                               cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -346,16 +373,17 @@ class GPT(nn.Module):
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eot_id=-1,
                  generator=None, use_cache=True, on_token=None):
         """Continue prompts (lists of ids, any lengths) in one batch -> each row's new ids,
-        cut before its first eot_id. temperature=0 is greedy; generator seeds the draws;
-        on_token(step, ids (B,), logits (B, V)) sees each choice. use_cache=False redoes
-        the whole history every step: the slow reference. Past block_size the window
-        slides: the last block_size // 2 tokens are prefilled again (a batch together)."""
+        cut before its first eot_id (an id, or a list of them). temperature=0 is greedy;
+        generator seeds the draws; on_token(step, ids (B,), logits (B, V)) sees each choice.
+        use_cache=False redoes the whole history every step: the slow reference. Past
+        block_size the window slides: the last block_size // 2 tokens are prefilled again."""
         block_size = self.config.block_size
         device = self.lm_head.weight.device
         keep = max(1, block_size // 2)
         prompts = [p if len(p) <= block_size else p[-keep:] for p in prompts]
         if not all(prompts):
             raise ValueError("an empty prompt has nothing to continue; start it with <|endoftext|>")
+        stops = {eot_id} if isinstance(eot_id, int) else set(eot_id)  # an id, or several
         B = len(prompts)
         T = max(len(p) for p in prompts)
         # left padding lines the rows up: every row writes its next token in one slot
@@ -376,7 +404,7 @@ class GPT(nn.Module):
             if on_token is not None:
                 on_token(step, next_id, logits)
             for b, i in enumerate(next_id.tolist()):
-                done[b] = done[b] or i == eot_id
+                done[b] = done[b] or i in stops
                 if not done[b]:
                     out[b].append(i)
             if all(done) or step == max_new_tokens - 1:
@@ -598,17 +626,17 @@ def load_checkpoint(path, device="cpu", verbose=True):
               f"val loss {ckpt.get('val_loss', float('nan')):.4f}")
     return model.to(device), ckpt
 
-# OpenAI's GPT-2 weights, from a Hugging Face safetensors file
+# open models from Hugging Face (GPT-2, Llama, SmolLM2, Qwen): safetensors in and out
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
-def read_safetensors(path):
-    """Read a .safetensors file into {name: tensor}. Format: an 8-byte little-endian
-    length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then
-    the raw data. Every header entry is checked before a byte is read."""
+def safetensors_index(path):
+    """Where each tensor of a .safetensors file lies -> {name: (path, dtype, shape, start,
+    nbytes)}. Format: an 8-byte little-endian length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}}, then the raw data. Every entry is checked; nothing is read."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little") if size >= 8 else size
@@ -621,93 +649,292 @@ def read_safetensors(path):
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
             raise UserError(f"{path}: the safetensors header is not a valid JSON object "
                             f"({e})") from None
-        data_size = size - 8 - n
-        tensors = {}  # each tensor copies its own bytes, so even overlapping spans are safe
-        for name, info in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = info["shape"]
-                begin, end = info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise UserError(f"{path}: tensor {name} has a malformed header entry or "
-                                f"an unknown dtype: {str(info)[:100]}") from None
-            numbers = [*shape, begin, end] if isinstance(shape, list) else [-1]
-            nbytes = -1  # a shape or offset that is no count of elements or bytes fits nothing
-            if all(isinstance(d, int) and d >= 0 for d in numbers):
-                nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if nbytes < 0 or end > data_size or end - begin != nbytes:
-                raise UserError(f"{path}: tensor {name}'s shape {shape} and offsets [{begin}, "
-                                f"{end}] do not fit together in {data_size} bytes of data")
-            f.seek(8 + n + begin)
-            if nbytes:
-                raw = bytearray(f.read(nbytes))
-                tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
-            else:  # frombuffer cannot take 0 bytes
-                tensors[name] = torch.empty(shape, dtype=dtype)
-    return tensors
+    data_size = size - 8 - n
+    index = {}
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = info["shape"]
+            begin, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor {name} has a malformed header entry or "
+                            f"an unknown dtype: {str(info)[:100]}") from None
+        numbers = [*shape, begin, end] if isinstance(shape, list) else [-1]
+        nbytes = -1  # a shape or offset that is no count of elements or bytes fits nothing
+        if all(isinstance(d, int) and d >= 0 for d in numbers):
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes < 0 or end > data_size or end - begin != nbytes:
+            raise UserError(f"{path}: tensor {name}'s shape {shape} and offsets [{begin}, "
+                            f"{end}] do not fit together in {data_size} bytes of data")
+        index[name] = (path, dtype, shape, 8 + n + begin, nbytes)
+    return index
 
-def from_pretrained(name_or_path, data_dir="data"):
-    """GPT-2 with OpenAI's weights: a name in GPT2_NAMES, downloaded once to data/<name>/,
-    or a local model.safetensors file or a folder holding one (plus config.json)."""
-    path = name_or_path
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, "model.safetensors")
-    if name_or_path in GPT2_NAMES:
-        url = f"https://huggingface.co/{name_or_path}/resolve/main/"
-        folder = os.path.join(data_dir, name_or_path)
-        path = os.path.join(folder, "model.safetensors")
-        if not os.path.exists(path):  # config.json (it has n_head) comes with the weights
-            download(url + "config.json", os.path.join(folder, "config.json"))
-            download(url + "model.safetensors", path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found; pass {', '.join(GPT2_NAMES)} or the path of a "
-                        f"GPT-2 model.safetensors")
-    # checkpoints from the Hub name tensors "h.0.attn..." or "transformer.h.0.attn...";
-    # attn.bias and attn.masked_bias are saved causal-mask buffers, not weights
-    tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(path).items()
-               if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    tensors.pop("lm_head.weight", None)  # tied to wte
-    if any(k not in tensors or tensors[k].dim() != 2 for k in ("wte.weight", "wpe.weight")):
-        raise UserError(f"{path} is not a GPT-2 checkpoint: no 2-D wte and wpe weights")
-    vocab_size, n_embd = tensors["wte.weight"].shape
-    n_layer = len({k.split(".")[1] for k in tensors if k.startswith("h.")})
-    # shapes tell all but the head count: config.json beside the file has it (without
-    # one, GPT-2's 64 channels per head, true of all four sizes)
-    config_json = os.path.join(os.path.dirname(path), "config.json")
+def read_tensor(entry):
+    """One tensor from safetensors_index's entry: only its own bytes are read."""
+    path, dtype, shape, start, nbytes = entry
+    if not nbytes:  # frombuffer cannot take 0 bytes
+        return torch.empty(shape, dtype=dtype)
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = bytearray(f.read(nbytes))
+    return torch.frombuffer(raw, dtype=dtype).reshape(shape)
+
+def write_safetensors(path, tensors):
+    """{name: tensor} -> a .safetensors file, written to a temporary name and renamed."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = dict(dtype=names[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + nbytes])
+        offset += nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path + ".tmp", "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    os.replace(path + ".tmp", path)
+
+# Hugging Face's classes -> our family and the switches they need. One name map per family:
+# GPT-2's names are ours (its Conv1D weights transposed); Llama's map each of our parameters
+# to the tensors it is made of ({} is the layer): c_attn is q, k and v stacked.
+ARCHITECTURES = {"GPT2LMHeadModel": ("gpt2", {}), "LlamaForCausalLM": ("llama", {}),
+                 "Qwen2ForCausalLM": ("llama", {"qkv_bias": True}),
+                 "Qwen3ForCausalLM": ("llama", {"qk_norm": True})}
+LAYER = "model.layers.{}."
+LLAMA_NAMES = {
+    "transformer.wte.weight": ["model.embed_tokens.weight"],
+    "transformer.h.{}.ln_1.weight": [LAYER + "input_layernorm.weight"],
+    "transformer.h.{}.attn.c_attn.weight": [LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"],
+    "transformer.h.{}.attn.c_attn.bias": [LAYER + f"self_attn.{x}_proj.bias" for x in "qkv"],
+    "transformer.h.{}.attn.q_norm.weight": [LAYER + "self_attn.q_norm.weight"],
+    "transformer.h.{}.attn.k_norm.weight": [LAYER + "self_attn.k_norm.weight"],
+    "transformer.h.{}.attn.c_proj.weight": [LAYER + "self_attn.o_proj.weight"],
+    "transformer.h.{}.ln_2.weight": [LAYER + "post_attention_layernorm.weight"],
+    "transformer.h.{}.mlp.c_gate.weight": [LAYER + "mlp.gate_proj.weight"],
+    "transformer.h.{}.mlp.c_fc.weight": [LAYER + "mlp.up_proj.weight"],
+    "transformer.h.{}.mlp.c_proj.weight": [LAYER + "mlp.down_proj.weight"],
+    "transformer.ln_f.weight": ["model.norm.weight"],
+    "lm_head.weight": ["lm_head.weight"]}
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# config.json's keys -> GPTConfig's fields, read and written alike (the first five are
+# required), and each family's fixed switches and defaults
+CONFIG_KEYS = {
+    "gpt2": {"vocab_size": "vocab_size", "n_positions": "block_size", "n_layer": "n_layer",
+             "n_head": "n_head", "n_embd": "n_embd", "n_inner": "mlp_hidden",
+             "layer_norm_epsilon": "norm_eps"},
+    "llama": {"vocab_size": "vocab_size", "max_position_embeddings": "block_size",
+              "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+              "hidden_size": "n_embd", "intermediate_size": "mlp_hidden",
+              "num_key_value_heads": "n_kv_head", "head_dim": "head_size",
+              "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps",
+              "tie_word_embeddings": "tie_embeddings"}}
+FAMILY = {"gpt2": dict(bias=True),
+          "llama": dict(bias=False, rope=True, rmsnorm=True, swiglu=True, norm_eps=1e-6,
+                        tie_embeddings=False)}
+ROPE_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+def hf_names(family, name):
+    """Our parameter name -> the Hugging Face tensors it is made of, in order."""
+    if family == "gpt2":
+        return [name]
+    layer = re.search(r"\.h\.(\d+)\.", name)
+    key = re.sub(r"\.h\.\d+\.", ".h.{}.", name)
+    return [hf.format(layer[1]) for hf in LLAMA_NAMES[key]] if layer else LLAMA_NAMES[key]
+
+def hf_config(hf, family, switches):
+    """A config.json -> GPTConfig; Llama 3's rope scaling is the one scaling read."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3") or hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"rope scaling {kind!r} or activation {hf.get('hidden_act')!r} is not "
+                        f"supported; only Llama 3's scaling and SiLU are")
+    fields = {ours: hf[k] for i, (k, ours) in enumerate(CONFIG_KEYS[family].items())
+              if i < 5 or hf.get(k) is not None}
+    scaling = tuple(rope[k] for k in ROPE_SCALING) if kind == "llama3" else ()
+    if "rope_theta" in rope:  # newer files keep it there
+        fields.setdefault("rope_theta", rope["rope_theta"])
+    return GPTConfig(**{**FAMILY[family], **fields, **switches}, rope_scaling=scaling)
+
+SHARDS = "model.safetensors.index.json"
+
+def read_json(path):
     try:
-        with open(config_json) as f:
-            n_head = int(json.load(f)["n_head"])
-    except FileNotFoundError:
-        n_head = max(1, n_embd // 64)
-    except (ValueError, KeyError, TypeError) as e:  # a JSONDecodeError is a ValueError
-        raise UserError(f"{config_json} has no usable n_head ({e!r}); fix or delete it") from None
-    config = GPTConfig(vocab_size=vocab_size, block_size=tensors["wpe.weight"].shape[0],
-                       n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    model = GPT(config)
-    own = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()
-           if k != "lm_head.weight"}
-    missing = sorted(own.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - own.keys())
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); download it again") from None
+
+def hub_download(name, data_dir):
+    """A Hub model's files, once, into data/<name>/: config.json, the tokenizer's and the
+    weights (model.safetensors, or the shards model.safetensors.index.json lists).
+    HF_TOKEN authorizes gated models (Llama); HF_ENDPOINT names a mirror."""
+    url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}/{name}/resolve/main/"
+    folder = os.path.join(data_dir, name)
+    files = ["config.json"] + ["tokenizer.json", "tokenizer_config.json"] * (name not in GPT2_NAMES)
+    for file in files:  # GPT-2's tokenizer is bpe.py's own (encoder.json, vocab.bpe)
+        download(url + file, os.path.join(folder, file))
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        try:  # big models come in shards
+            index = read_json(download(url + SHARDS, os.path.join(folder, SHARDS)))
+        except UserError:  # none: one file
+            return download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
+        for shard in sorted(set(index["weight_map"].values())):
+            download(url + shard, os.path.join(folder, os.path.basename(shard)))
+    return folder
+
+def weight_files(name_or_path, data_dir):
+    """A Hub name, a folder or a .safetensors file -> (folder, its weight files)."""
+    hub = name_or_path in GPT2_NAMES or re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path)
+    if hub and not os.path.exists(name_or_path):
+        name_or_path = hub_download(name_or_path, data_dir)
+    if os.path.isfile(name_or_path):
+        return os.path.dirname(name_or_path), [name_or_path]
+    single = os.path.join(name_or_path, "model.safetensors")
+    files = [single if os.path.isdir(name_or_path) else name_or_path]
+    if os.path.isfile(os.path.join(name_or_path, SHARDS)):
+        weight_map = read_json(os.path.join(name_or_path, SHARDS)).get("weight_map", {})
+        files = [os.path.join(name_or_path, s) for s in sorted(set(weight_map.values()))]
+    if missing := [f for f in files if not os.path.isfile(f)]:
+        raise UserError(f"{missing[0]} not found; pass a Hub name (HuggingFaceTB/SmolLM2-135M, "
+                        f"gpt2) or a folder with config.json and model.safetensors (or shards)")
+    return name_or_path, files
+
+def check_fits(nbytes, device="cpu"):
+    """Refuse, before loading, a model larger than the memory free on device."""
+    free = math.inf
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(device)[0]
+    elif os.path.exists("/proc/meminfo"):  # Linux; elsewhere the load simply tries
+        with open("/proc/meminfo") as f:
+            free = int(re.search(r"MemAvailable:\s+(\d+)", f.read())[1]) * 1024
+    if nbytes > free:
+        raise UserError(f"the model needs {nbytes / 1e9:.1f} GB but {device} has "
+                        f"{free / 1e9:.1f} GB free; pick a smaller model or a lower dtype")
+
+def from_pretrained(name_or_path, data_dir="data", dtype=None):
+    """An open model: a Hub name (downloaded once to data/<name>/), a folder (config.json
+    and model.safetensors, or shards) or a GPT-2 .safetensors file. Tensors are read one at
+    a time into an empty model, so memory peaks at the model plus one tensor; dtype None
+    keeps the file's float type (bfloat16 stays bfloat16)."""
+    folder, files = weight_files(name_or_path, data_dir)
+    index = {}
+    for path in files:
+        index.update(safetensors_index(path))
+    hf = read_json(os.path.join(folder, "config.json"))
+    arch = (hf.get("architectures") or ["?"])[0] if isinstance(hf, dict) else "?"
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{folder}: architecture {arch} is not supported; use one of "
+                        f"{', '.join(ARCHITECTURES)}")
+    family, switches = ARCHITECTURES[arch]
+    if family == "gpt2":  # Hub files may drop "transformer."; attn.bias is a mask buffer
+        index = {"transformer." + k.removeprefix("transformer."): v for k, v in index.items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))}
+    try:
+        config = hf_config(hf, family, switches)
+    except (KeyError, TypeError, ValueError) as e:  # a missing key, a bad value
+        raise UserError(f"{folder}/config.json does not describe a {arch} ({e!r})") from None
+    with torch.device("meta"):  # no memory yet: every weight is then read into place
+        model = GPT(config)
+    wanted = {k: hf_names(family, k) for k in model.state_dict()
+              if not (k == "lm_head.weight" and config.tie_embeddings)}
+    missing = sorted(n for names in wanted.values() for n in names if n not in index)
+    unexpected = sorted(index.keys() - {n for names in wanted.values() for n in names}
+                        - {"lm_head.weight"})  # some tied checkpoints store the head too
     if missing or unexpected:
-        raise UserError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{folder}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    stored = index[wanted["transformer.wte.weight"][0]][1]
+    dtype = dtype or (stored if stored.is_floating_point else torch.float32)
+    check_fits(model.num_params() * torch.empty((), dtype=dtype).element_size())
+    model = model.to(dtype).to_empty(device="cpu")  # new tensors, so tie and rope anew
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    if config.rope:
+        model.make_rope()  # the tables are computed, not read, and stay float32
     with torch.no_grad():
-        for name, target in own.items():
-            # GPT-2 stored its Linear layers as "Conv1D": the weight transposed, (in, out)
-            t = tensors[name]
-            if name.endswith(("attn.weight", "proj.weight", "fc.weight")) and t.dim() == 2:
-                t = t.t()
+        for name, target in model.state_dict().items():
+            if name not in wanted:
+                continue  # the tied head
+            parts = [read_tensor(index[n]) for n in wanted[name]]
+            if family == "gpt2" and name.endswith(CONV1D) and parts[0].dim() == 2:
+                parts = [parts[0].t()]  # GPT-2's Conv1D stores (in, out)
+            t = torch.cat(parts) if len(parts) > 1 else parts[0]
             if t.shape != target.shape:
-                raise UserError(f"{path}: tensor {name} has shape {tuple(t.shape)}, "
+                raise UserError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
                                 f"expected {tuple(target.shape)}")
             target.copy_(t)
+    model.folder = folder  # where its tokenizer.json is, if it has one
     return model
+
+def hf_layout(model):
+    """Our model -> (config.json's dict, {name: tensor}) in Hugging Face's layout: GPT-2's
+    for GPT-2-shaped models, Llama's (Qwen2's with q/k/v biases, Qwen3's with q/k norms)
+    for rope + RMSNorm + SwiGLU ones."""
+    cfg = model.config
+    state = model.state_dict()
+    hs = cfg.head_size or cfg.n_embd // cfg.n_head
+    dtype = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")
+    modern = (cfg.rope, cfg.rmsnorm, cfg.swiglu)
+    plain = (cfg.n_kv_head or cfg.n_head) == cfg.n_head and cfg.tie_embeddings
+    if not any(modern) and not (cfg.qkv_bias or cfg.qk_norm or cfg.head_size) and plain:
+        tensors = {}
+        for name, t in state.items():  # GPT-2 always has biases: zeros where ours has none
+            if name != "lm_head.weight":
+                tensors[name] = t.t().contiguous() if name.endswith(CONV1D) else t
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "c_attn.weight",
+                              "c_proj.weight", "c_fc.weight")) and name[:-6] + "bias" not in state:
+                tensors[name[:-6] + "bias"] = t.new_zeros(t.shape[0])
+        config = {k: getattr(cfg, ours) for k, ours in CONFIG_KEYS["gpt2"].items()}
+        config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2", torch_dtype=dtype,
+                      n_inner=cfg.mlp_hidden or None, activation_function="gelu_new")
+        return config, tensors
+    if not all(modern) or cfg.bias:
+        raise UserError("this model is neither GPT-2-shaped nor Llama-shaped (rope, rmsnorm, "
+                        "swiglu, no bias): Hugging Face has no layout for it")
+    kv = (cfg.n_kv_head or cfg.n_head) * hs
+    tensors = {}
+    for name, t in state.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        names = hf_names("llama", name)
+        parts = t.split([cfg.n_head * hs, kv, kv]) if len(names) == 3 else [t]
+        tensors.update(zip(names, (p.contiguous() for p in parts)))
+    arch = "Llama"
+    if cfg.qk_norm or cfg.qkv_bias:  # the Qwen classes read these switches
+        arch = "Qwen3" if cfg.qk_norm else "Qwen2"
+    config = {k: getattr(cfg, ours) for k, ours in CONFIG_KEYS["llama"].items()}
+    config.update(architectures=[arch + "ForCausalLM"], model_type=arch.lower(), head_dim=hs,
+                  num_key_value_heads=cfg.n_kv_head or cfg.n_head, hidden_act="silu",
+                  intermediate_size=model.transformer.h[0].mlp.c_fc.out_features,
+                  rope_scaling=dict(zip(ROPE_SCALING, cfg.rope_scaling), rope_type="llama3")
+                  if cfg.rope_scaling else None, attention_bias=False, torch_dtype=dtype)
+    return config, tensors
+
+def save_pretrained(model, folder, overwrite=False):
+    """config.json and model.safetensors in Hugging Face's layout (hf_layout), which
+    transformers and from_pretrained load with the same logits."""
+    if os.path.exists(os.path.join(folder, "config.json")) and not overwrite:
+        raise UserError(f"{folder} already holds a model; pass --overwrite to replace it, "
+                        f"or another --out")
+    config, tensors = hf_layout(model)
+    os.makedirs(folder, exist_ok=True)
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    save_json(os.path.join(folder, "config.json"), config)
+    return folder
 
 # finetuning plumbing for finetune.py, lora.py and dpo.py (bpe.py renders the examples)
 
 def load_model(ckpt_path, init_from="", data_dir="data", device="cpu"):
-    """GPT-2 if init_from names it, else ckpt_path's -> (model, tokenizer as saved)."""
+    """An open model if init_from names one (in float32, to train), else ckpt_path's ->
+    (model, its tokenizer: 'gpt2', the model's folder (tokenizer.json), or as saved)."""
     if init_from:
-        return from_pretrained(init_from, data_dir).to(device), "gpt2"
+        model = from_pretrained(init_from, data_dir, torch.float32)
+        check_fits(model.num_params() * 4, device)
+        folder = model.folder
+        tokenizer = folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else "gpt2"
+        return model.to(device), tokenizer
     model, ckpt = load_checkpoint(ckpt_path, device)
     return model, ckpt["tokenizer"]
 
@@ -790,7 +1017,7 @@ def respond(model, tok, prompts, max_new_tokens, eot_id, ctx, batch_size=50):
 @dataclasses.dataclass
 class DemoConfig:
     """Build a small random GPT (or load GPT-2), run one forward pass, sample a few ids."""
-    init_from: str = ""       # '' = a small random model; gpt2, ... or a .safetensors path
+    init_from: str = ""       # '' = a small random model; a Hub name or a folder
     max_new_tokens: int = 8   # token ids to sample
     seed: int = 1337          # the random weights and the samples
     device: str = "auto"      # auto, cpu, cuda, cuda:N, mps

@@ -32,7 +32,7 @@ import uuid
 
 import torch
 
-from bpe import STOP, Tokenizer, render_conversation
+from bpe import STOP, Tokenizer, render_conversation, stop_ids
 from gpt import (GPT, GPTConfig, KVCache, UserError, format_config, from_pretrained,
                  load_checkpoint, pick_device, refuse_torchrun, require_positive, run,
                  sample, setup_precision, user_input)
@@ -43,7 +43,7 @@ class KVCacheConfig:
     cache, or serve the model. Past block_size tokens the window slides: half stays."""
     # I/O
     ckpt_path: str = ""               # '' = out/ckpt.pt; --serve: out-dpo/, out-sft/, out/
-    init_from: str = ""               # '' = read ckpt_path; gpt2, gpt2-medium, ...
+    init_from: str = ""               # '' = ckpt_path; a Hub name (gpt2, Qwen/...) or folder
     gpt2_dir: str = "data/gpt2"       # GPT-2's tokenizer (encoder.json, vocab.bpe)
     # sampling
     prompt: str = "Once upon a time"  # '|' separates prompts, generated in one batch
@@ -84,15 +84,25 @@ class TextStream:
             print(text, end="", flush=True)
             self.ids = []
 
+def text_start(tok):
+    """What a text follows: <|endoftext|> (ours, GPT-2, SmolLM2, Qwen), <|begin_of_text|>
+    (Llama 3), or nothing."""
+    starts = [tok.special_tokens[s] for s in (STOP, "<|begin_of_text|>") if s in tok.special_tokens]
+    return starts[:1]
+
 def generate_text(cfg, model, tok):
     """Every prompt num_samples times in one batch (GPT.generate: prefill, then decode);
-    a single row is printed as it comes. --interactive: each line continues the story."""
-    eot_id = tok.special_tokens.get(STOP, -1)
+    a single row is printed as it comes. --interactive: each line continues the story.
+    A model with a chat template (an instruct model from the Hub) answers each prompt as
+    a user's message instead, and --interactive is a chat."""
+    chat = tok.chat_template
+    stops = stop_ids(tok, chat or "phi3")
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                    eot_id=eot_id, generator=generator)
+                    eot_id=stops, generator=generator)
     texts = [p for p in cfg.prompt.split("|") for _ in range(cfg.num_samples)]
-    story = [eot_id] if eot_id >= 0 else []  # text starts after <|endoftext|>
+    story = text_start(tok)  # the text so far; a chat's messages so far
+    messages = []
     tokens = 0
     seconds = 0.0
     decode_tokens = 0  # the tokens after each row's first, and their time: decode alone
@@ -104,14 +114,17 @@ def generate_text(cfg, model, tok):
             except EOFError:
                 break
         prompts = [story + tok.encode(t, allowed_special="all") for t in texts]
+        if chat:
+            prompts = [render_conversation(tok, messages + [{"role": "user", "content": t}],
+                                           chat)[0] for t in texts]
         stream = TextStream(tok)
         stamps = []  # when each step's tokens came out
-        if len(texts) == 1 and not cfg.interactive:
+        if len(texts) == 1 and not cfg.interactive and not chat:
             print(texts[0], end="")
         def show(step, ids, logits):
             stamps.append(time.perf_counter())
             if len(texts) == 1:
-                stream.push(ids[0].item() if ids[0] != eot_id else None)
+                stream.push(ids[0].item() if ids[0] not in stops else None)
         t0 = time.perf_counter()
         outs = model.generate(prompts, cfg.max_new_tokens, on_token=show, **sampling)
         seconds += time.perf_counter() - t0
@@ -125,10 +138,12 @@ def generate_text(cfg, model, tok):
             if len(outs) > 1:
                 print(f"\n--- sample {i}\n{texts[i]}{tok.decode(ids)}", end="")
             if len(ids) < cfg.max_new_tokens:
-                print(" [stopped at <|endoftext|>]", end="")
+                print(f" [stopped at {tok.decode([stops[0]])}]", end="")
         if not cfg.interactive:
             break
         story = prompts[0] + outs[0]  # the window crops it past block_size
+        messages += [{"role": "user", "content": texts[0]},
+                     {"role": "assistant", "content": tok.decode(outs[0])}]
     speed = tokens / max(seconds, 1e-9)
     decode = decode_tokens / decode_seconds if decode_seconds else float("nan")
     print(f"\n{tokens} tokens in {seconds:.2f} s: {speed:,.1f} tok/s (prefill "
@@ -270,13 +285,13 @@ class Request:
         self.finish = None      # "stop" or "length" once finished
         self.cancelled = False
 
-    def push(self, token_id, eot_id, full):
+    def push(self, token_id, stops, full):
         """Take the next token (full: no room for another); return True when finished."""
         self.tokens += 1
-        if token_id != eot_id:
+        if token_id not in stops:
             self.pending.append(token_id)
         piece = self.tok.decode(self.pending)  # U+FFFD at the end: a split character
-        ended = token_id == eot_id or self.tokens == self.max_tokens or full
+        ended = token_id in stops or self.tokens == self.max_tokens or full
         if ended or not piece.endswith("\ufffd"):
             self.text += piece
             self.pending = []
@@ -285,7 +300,7 @@ class Request:
             self.text = self.text[:min(hits)]
             self.finish = "stop"
         elif ended:
-            self.finish = "stop" if token_id == eot_id else "length"
+            self.finish = "stop" if token_id in stops else "length"
         ready = len(self.text) if self.finish else len(self.text) - self.hold
         if ready > self.sent:
             self.pieces.put(self.text[self.sent:ready])
@@ -298,16 +313,17 @@ class Engine:
     """Continuous batching: one thread owns the model. Requests wait in a bounded queue and
     join the batch between steps (prefilled alone, copied into a free row); a step decodes a
     token per row, and rows done, abandoned or full leave at once: none waits for another."""
-    def __init__(self, model, eot_id, max_batch=16, max_queue=64):
+    def __init__(self, model, stops, max_batch=16, max_queue=64):
         self.model = model
-        self.eot_id = eot_id
+        self.stops = set(stops)  # the ids that end a reply
         self.max_batch = max_batch
         self.device = model.lm_head.weight.device
         c = model.config
         self.block_size = c.block_size
         self.waiting = queue.Queue(max_queue)
         self.rows = []                                  # the running Requests
-        shape = (max_batch, c.n_kv_head or c.n_head, c.block_size, c.n_embd // c.n_head)
+        hs = c.head_size or c.n_embd // c.n_head
+        shape = (max_batch, c.n_kv_head or c.n_head, c.block_size, hs)
         dtype = model.lm_head.weight.dtype
         self.caches = [RowCache(shape, dtype, self.device) for _ in model.transformer.h]
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -324,7 +340,7 @@ class Engine:
         next_id = sample(logits[None], request.temperature, 0, request.top_p,
                          request.generator).item()
         full = int(self.lengths[i]) == self.block_size
-        if not request.push(next_id, self.eot_id, full):
+        if not request.push(next_id, self.stops, full):
             self.last[i] = next_id
 
     def join(self, request):
@@ -439,7 +455,7 @@ def parse_request(body, chat, tok, template, block_size):
     else:
         text = field(body, "prompt", (str,), "", lambda p: len(p) <= most,
                      f"a string of at most {most} characters")
-        prompt = [tok.special_tokens[STOP]] + tok.encode(text)  # text starts after STOP
+        prompt = text_start(tok) + tok.encode(text)
     if len(prompt) > block_size:
         raise BadRequest(400, f"the prompt is {len(prompt)} tokens"
                          f"{' with only the last message' if chat else ''}; this model "
@@ -641,7 +657,7 @@ def make_server(model, tok, template, host="127.0.0.1", port=0, api_key="",
     """An HTTP server, a thread per connection, and its Engine, already decoding. Call
     server.serve_forever() to answer; server.shutdown() and server.engine.stop() end it."""
     server = http.server.ThreadingHTTPServer((host, port), Handler)
-    server.engine = Engine(model, tok.special_tokens.get(STOP, -1), max_batch, max_queue)
+    server.engine = Engine(model, stop_ids(tok, template), max_batch, max_queue)
     vars(server).update(tok=tok, template=template, api_key=api_key, model_name=model_name)
     return server
 
@@ -674,8 +690,10 @@ def main(cfg):
     dtype, reason, _ = setup_precision(device, cfg.dtype)
     # --- model and tokenizer (read on the cpu: the optimizer state stays there)
     ckpt = {}
-    if cfg.init_from:
-        model = from_pretrained(cfg.init_from)
+    if cfg.init_from:  # in the dtype it will run in: a 1B model is read once, not cast
+        model = from_pretrained(cfg.init_from, dtype=getattr(torch, dtype))
+        has_tokenizer = os.path.isfile(os.path.join(model.folder, "tokenizer.json"))
+        ckpt = {"tokenizer": model.folder if has_tokenizer else "gpt2"}
     else:
         model, ckpt = load_checkpoint(cfg.ckpt_path)
     with user_input():  # GPT-2's tokenizer files may be missing, offline
@@ -688,19 +706,20 @@ def main(cfg):
     # the cache keeps the nkv key/value heads: grouped-query attention shrinks it nh/nkv x
     c = model.config
     nkv = c.n_kv_head or c.n_head
-    row = 2 * c.n_layer * nkv * c.n_embd // c.n_head * c.block_size
+    row = 2 * c.n_layer * nkv * (c.head_size or c.n_embd // c.n_head) * c.block_size
     row_mb = row * model.lm_head.weight.element_size() / 1e6
     print(f"KV cache {row_mb:.2f} MB per row of {c.block_size} tokens ({nkv} of "
           f"{c.n_head} heads kept)")
     if not cfg.serve:  # --- generate
         return generate_text(cfg, model, tok)
     # --- serve until Ctrl-C (chats rendered with the template the model was tuned with)
-    template = ckpt.get("chat_template", "phi3")
+    template = tok.chat_template or ckpt.get("chat_template", "phi3")
     server = make_server(model, tok, template, cfg.host, cfg.port, cfg.api_key,
                          cfg.max_batch, cfg.max_queue, cfg.init_from or cfg.ckpt_path)
     url = f"http://{server.server_address[0]}:{server.server_address[1]}/"
+    name = template if isinstance(template, str) else "the model's own"
     print(f"serving at {url} (the chat page; the API is under /v1/), chat template "
-          f"{template}, up to {cfg.max_batch} requests at once; Ctrl-C stops", flush=True)
+          f"{name}, up to {cfg.max_batch} requests at once; Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

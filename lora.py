@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn as nn
 
-from bpe import (STOP, Tokenizer, instruct_records, make_examples, pass_rates,
+from bpe import (Tokenizer, end_of_turn, instruct_records, make_examples, pass_rates,
                  record_messages, render_conversation, split_records)
 from gpt import (UserError, collate, get_lr, heldout_loss, length_batches, load_model,
                  progress_bar, refuse_overwrite, refuse_torchrun, require_positive, respond,
@@ -38,7 +38,7 @@ class LoraConfig:
     """Finetune with low-rank adapters; every field is a flag: --rank=16 --targets=all"""
     # I/O
     ckpt_path: str = "out/ckpt.pt"  # the base model, from train.py (or finetune.py)
-    init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a .safetensors
+    init_from: str = ""  # '' = ckpt_path; a Hub name (gpt2, Qwen/...) or folder
     out_dir: str = "out-lora"  # ckpt.pt (merged), adapter.pt (LoRA only), eval.json
     data_dir: str = "data"  # downloads are cached here; train.py wrote stories/ here
     gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer files, for --init_from=gpt2
@@ -247,13 +247,14 @@ def main(cfg):
         records = instruct_records(cfg.dataset, cfg.data_dir)
         splits = split_records(records, cfg.val_size, cfg.test_size, cfg.seed)
     block = model.config.block_size
-    stop = tok.special_tokens[STOP]  # y = -100 at the prompt and the padding (collate)
+    stop = end_of_turn(tok)  # y = -100 at the prompt and the padding (collate)
+    template = tok.chat_template or cfg.template  # a Hub model's own, else --template
     train_ex, val_ex, test_ex = [make_examples(tok, [record_messages(r) for r in rs],
-                                               cfg.template, block)[0] for rs in splits]
+                                               template, block)[0] for rs in splits]
     if not (train_ex and val_ex and test_ex):
         raise UserError(f"no train, val or test example fits block_size={block}")
     test_r = splits[2]
-    prompts = [render_conversation(tok, record_messages(r)[:-1], cfg.template)[0]
+    prompts = [render_conversation(tok, record_messages(r)[:-1], template)[0]
                for r in test_r]
 
     def evaluate(model):  # the held-out response loss and the share of replies passed

@@ -7,22 +7,29 @@ point. Either way dequantize(quantize(w)) is within scale / 2 of w, so one outli
 tensor-wide scale coarsens every weight (LLM.int8()'s lesson): a scale per output row, or
 per group of G input columns, keeps scales small. Batch-1 decode reads each weight once a
 token, so 4-8x fewer bytes mean more tokens/s when a kernel reads the integers directly.
-How to run:
+Export hands the float model to other tools: a Hugging Face folder, or a GGUF file that
+llama.cpp runs (its Q8_0 is absmax per block of 32 weights). How to run:
     python quantize.py                  # int8: out/ckpt.pt -> out/ckpt-int8.pt, a sample
     python quantize.py --bits=4 --group_size=64   # int4, a scale per 64 input columns
     python quantize.py --load=out/ckpt-int8.pt --prompt="Once upon a time"
     python quantize.py --bench          # size, loss, agreement and tokens/s per kind
     python quantize.py --init_from=gpt2 --bits=4  # OpenAI's GPT-2 124M, in int4
+    python quantize.py --ckpt_path=out-dpo/ckpt.pt --export=gguf --out=story.gguf
+    python quantize.py --ckpt_path=out-dpo/ckpt.pt --export=hf --out=story  # a folder
 Depends on: gpt.py (the model, checkpoints, generate) and bpe.py (the tokenizer). Reads
 any checkpoint in the shared format and the held-out tokens train.py prepared
 (data/<dataset>/val.bin); writes a quantized checkpoint that only this script loads.
 References: Dettmers et al. 2022, LLM.int8(), arXiv:2208.07339; Frantar et al. 2022,
-GPTQ, arXiv:2210.17323; gpt-fast's int8/int4 weight-only quantization.
+GPTQ, arXiv:2210.17323; gpt-fast's int8/int4 weight-only quantization; GGUF's spec,
+github.com/ggml-org/ggml/blob/master/docs/gguf.md.
 """
 import copy
 import dataclasses
 import json
+import math
 import os
+import re
+import struct
 import time
 
 import numpy as np
@@ -31,16 +38,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bpe import STOP, Tokenizer
-from gpt import (GPT, GPTConfig, UserError, from_pretrained, load_checkpoint,
+from gpt import (GPT, GPTConfig, UserError, from_pretrained, hf_layout, load_checkpoint,
                  pick_device, refuse_overwrite, refuse_torchrun, require_positive, run,
-                 save_checkpoint, setup_precision, user_input)
+                 save_checkpoint, save_pretrained, setup_precision, user_input)
 
 @dataclasses.dataclass
 class QuantizeConfig:
     """Quantize a checkpoint's weights to int8 or int4 and sample from it."""
     # I/O
     ckpt_path: str = "out/ckpt.pt"  # any checkpoint in the shared format
-    init_from: str = ""  # '' = ckpt_path; gpt2, gpt2-medium, ... or a GPT-2 .safetensors
+    init_from: str = ""  # '' = ckpt_path; a Hub name (gpt2, Qwen/...) or folder
     out_path: str = ""  # '' = beside ckpt_path: ckpt-int8.pt, ckpt-int4-g32.pt
     overwrite: bool = False  # replace a quantized checkpoint already at out_path
     load: str = ""  # a quantized checkpoint to sample from, instead of quantizing
@@ -53,6 +60,10 @@ class QuantizeConfig:
     # sampling
     prompt: str = "Once upon a time"  # continued greedily by the quantized model
     max_new_tokens: int = 100
+    # export (instead of quantizing): the float model for other tools
+    export: str = ""  # '' = off; hf: a Hugging Face folder; gguf: one llama.cpp file
+    out: str = ""  # export's folder (hf) or .gguf file; '' = beside the checkpoint
+    export_dtype: str = "f16"  # gguf's matrices: f16, bf16, f32 or q8_0 (8-bit blocks)
     # benchmark
     bench: bool = False  # float32, bfloat16, int8, int4 g32/64/128 side by side; exit
     eval_windows: int = 64  # held-out windows of block_size tokens for the loss
@@ -250,6 +261,201 @@ def load_quantized(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 # -----------------------------------------------------------------------------
+# export: GGUF, llama.cpp's file format
+
+# A .gguf file is one little-endian stream that llama.cpp maps into memory as it lies
+# (the spec: github.com/ggml-org/ggml, docs/gguf.md):
+#   header    b"GGUF", version 3 (u32), the tensor count and the key-value count (u64)
+#   metadata  key (a string: u64 byte length, then UTF-8), value type (u32), value; an
+#             array is its items' type (u32), their count (u64), then the bare items
+#   tensors   name, dimension count (u32), sizes innermost first (u64: torch's shape
+#             reversed), ggml type (u32), offset into the data (u64)
+#   data      from the next multiple of general.alignment, each tensor padded to one
+GGUF_ALIGNMENT = 32
+# --export_dtype -> (ggml's tensor type, llama.cpp's file type "mostly X", torch's dtype)
+GGUF_TYPES = {"f32": (0, 0, torch.float32), "f16": (1, 1, torch.float16),
+              "bf16": (30, 32, torch.bfloat16), "q8_0": (8, 7, None)}
+GGUF_ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama",
+              "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+GGUF_NAMES = {  # Hugging Face's module names -> llama.cpp's (in a block, after blk.N.)
+    "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "lm_head": "output",
+    "model.embed_tokens": "token_embd", "transformer.ln_f": "output_norm",
+    "model.norm": "output_norm", "ln_1": "attn_norm", "input_layernorm": "attn_norm",
+    "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "self_attn.o_proj": "attn_output",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "ln_2": "ffn_norm",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.c_fc": "ffn_up",
+    "mlp.up_proj": "ffn_up", "mlp.c_proj": "ffn_down", "mlp.down_proj": "ffn_down"}
+
+def gguf_string(s):
+    return struct.pack("<Q", len(s.encode("utf-8"))) + s.encode("utf-8")
+
+def gguf_value(v):
+    # the type id, then the value: strings, lists of strings or of int32 (token types),
+    # bool, u32 and f32, the types llama.cpp reads hyperparameters and token ids in
+    if isinstance(v, str):
+        return struct.pack("<I", 8) + gguf_string(v)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return struct.pack("<IIQ", 9, 8, len(v)) + b"".join(map(gguf_string, v))
+    if isinstance(v, list):
+        return struct.pack("<IIQ", 9, 5, len(v)) + np.array(v, "<i4").tobytes()
+    type_id, form = {bool: (7, "?"), int: (4, "I"), float: (6, "f")}[type(v)]
+    return struct.pack(f"<I{form}", type_id, v)
+
+def q8_0(w):
+    """Q8_0, llama.cpp's 8-bit type, is absmax per group of 32 along each row: a block
+    is its f16 scale d = max|w| / 127, then 32 int8 q = round(w / d), 34 bytes. q is
+    made with d as stored, so each weight is within d / 2. (N, K) -> (N K / 32, 34)."""
+    blocks = w.float().reshape(-1, 32)                         # (N K / 32, 32)
+    d = (blocks.abs().amax(1, keepdim=True) / 127).half()      # (N K / 32, 1)
+    q = (blocks / d.float().clamp(min=1e-30)).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.view(torch.uint8), q.view(torch.uint8)], 1)
+
+def rope_interleave(w, n_head):
+    # Hugging Face's rope turns channel i of a head with channel i + hs/2 (rotate half),
+    # llama.cpp's llama turns neighbours 2i and 2i + 1: each head's rows of q_proj and
+    # k_proj reordered 0, hs/2, 1, hs/2 + 1, ... give it q and k in its order. Both are
+    # reordered alike, so every q . k, and so the attention, is unchanged
+    halves = w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])  # (nh, 2, hs/2, C)
+    return halves.transpose(1, 2).reshape(w.shape)  # (nh, hs/2, 2, C) -> (nh hs, C)
+
+def llama3_rope_factors(rope, hs, theta):
+    # Llama 3.1's long context: rope's slow pairs (wavelength over old / low) turn factor
+    # times slower, fast ones (under old / high) as before, a blend between; llama.cpp
+    # divides each pair's frequency by this tensor, rope_freqs (gpt.rope_tables' scaling)
+    wavelength = 2 * math.pi * theta ** (torch.arange(0, hs, 2).float() / hs)  # (hs/2,)
+    old, low, high, factor = (rope[k] for k in ("original_max_position_embeddings",
+                                                "low_freq_factor", "high_freq_factor", "factor"))
+    smooth = (old / wavelength - low) / (high - low)
+    blend = torch.where(wavelength < old / high, 1.0, 1 / ((1 - smooth) / factor + smooth))
+    return torch.where(wavelength > old / low, float(factor), blend)
+
+def gguf_name(name):
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight'."""
+    block, module, kind = re.fullmatch(r"(?:(?:transformer\.h|model\.layers)\.(\d+)\.)?(.+)\.(\w+)",
+                                       name).groups()
+    if module not in GGUF_NAMES:
+        raise ValueError(f"the tensor {name} has no GGUF name; known: {list(GGUF_NAMES)}")
+    return (f"blk.{block}." if block else "") + f"{GGUF_NAMES[module]}.{kind}"
+
+def gguf_pre(tokenizer_json):
+    # llama.cpp splits text by regexes it knows by name (its converter tells them apart
+    # by hashing a test text's ids); here tokenizer.json's pre_tokenizer, as JSON text,
+    # tells: GPT-2's regex (ByteLevel's own, or written out) is gpt-2, or smollm after
+    # splitting off single digits; cl100k's digits in threes are Llama 3's llama-bpe;
+    # single digits after [^\r\n\p{L}\p{N}]?\p{L}+ are qwen2
+    pre = json.dumps(tokenizer_json.get("pre_tokenizer"))
+    if '"use_regex": true' in pre or r" ?\\p{L}+| ?\\p{N}+" in pre:
+        return "smollm" if '"individual_digits": true' in pre else "gpt-2"
+    if r"\\p{N}{1,3}" in pre:
+        return "llama-bpe"
+    if r"\\p{L}+|\\p{N}|" in pre:
+        return "qwen2"
+    raise ValueError(f"llama.cpp knows no pre-tokenizer like {pre[:200]}; train the "
+                     f"tokenizer with bpe.py --pattern=gpt2 or gpt4")
+
+def gguf_vocab(tokenizer_json, tokenizer_config, vocab_size):
+    """Hugging Face's tokenizer files (as dicts) -> llama.cpp's tokenizer keys: each id's
+    token in order (GPT-2's byte alphabet as in tokenizer.json, added tokens as text, an
+    id with none [PADn]), merges, and eos, tokenizer_config's end-of-turn token."""
+    model = tokenizer_json["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"a {model.get('type')} tokenizer; GGUF export writes BPE ones")
+    tokens = {i: s for s, i in model["vocab"].items()}
+    kinds = dict.fromkeys(tokens, 1)  # token types: 1 normal, 3 control, 4 user, 5 unused
+    for added in tokenizer_json.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        kinds[added["id"]] = 3 if added.get("special") else 4
+    if max(tokens) >= vocab_size:
+        raise ValueError(f"token id {max(tokens)} has no row in the {vocab_size}-row embedding")
+    ids = {s: i for i, s in tokens.items()}
+    def token_id(key):  # "<|endoftext|>", or {"content": "<|endoftext|>", ...}
+        entry = tokenizer_config.get(key)
+        return ids.get(entry["content"] if isinstance(entry, dict) else entry)
+    template = tokenizer_config.get("chat_template")
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": gguf_pre(tokenizer_json),
+            "tokenizer.ggml.tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
+            "tokenizer.ggml.token_type": [kinds.get(i, 5) for i in range(vocab_size)],
+            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m)
+                                      for m in model.get("merges", [])],
+            "tokenizer.ggml.bos_token_id": token_id("bos_token"),
+            "tokenizer.ggml.eos_token_id": token_id("eos_token"),
+            "tokenizer.ggml.add_bos_token": bool(tokenizer_config.get("add_bos_token")),
+            "tokenizer.chat_template": template if isinstance(template, str) else None}
+    return {k: v for k, v in keys.items() if v is not None}
+
+def write_gguf(path, config, tensors, tokenizer_json, tokenizer_config, dtype="f16"):
+    """A model in Hugging Face's layout (config.json's dict and {name: tensor}, as from
+    gpt.hf_layout) and its tokenizer files' dicts -> one file llama.cpp runs (`llama-cli
+    -m story.gguf`). dtype: f32, f16, bf16 or q8_0 for the matrices; vectors (norms,
+    biases) are f32, as llama.cpp keeps them. Written to path.tmp, then renamed."""
+    arch = GGUF_ARCHS.get((config.get("architectures") or ["?"])[0])
+    if arch is None or dtype not in GGUF_TYPES:
+        raise ValueError(f"no GGUF export of {config.get('architectures')} as {dtype!r}; "
+                         f"it knows {list(GGUF_ARCHS)} as {list(GGUF_TYPES)}")
+    if arch == "gpt2":  # GPT-2's config.json names -> Llama's, which the rest reads
+        config = dict(config, hidden_size=config["n_embd"], num_hidden_layers=config["n_layer"],
+                      num_attention_heads=config["n_head"],
+                      max_position_embeddings=config["n_positions"],
+                      intermediate_size=config.get("n_inner") or 4 * config["n_embd"])
+    C = config["hidden_size"]
+    n_head = config["num_attention_heads"]
+    n_kv_head = config.get("num_key_value_heads") or n_head
+    hs = config.get("head_dim") or C // n_head
+    rope = config.get("rope_scaling") or {}
+    hyper = {"context_length": config["max_position_embeddings"], "embedding_length": C,
+             "block_count": config["num_hidden_layers"], "vocab_size": config["vocab_size"],
+             "feed_forward_length": config["intermediate_size"], "attention.head_count": n_head,
+             "attention.head_count_kv": n_kv_head}
+    if arch == "gpt2":
+        hyper["attention.layer_norm_epsilon"] = float(config["layer_norm_epsilon"])
+    else:
+        hyper.update({"attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
+                      "rope.freq_base": float(config["rope_theta"]), "rope.dimension_count": hs})
+    if hs != C // n_head:  # Qwen3's heads are wider than C / n_head
+        hyper.update({"attention.key_length": hs, "attention.value_length": hs})
+    title = os.path.splitext(os.path.basename(path))[0]
+    meta = {"general.architecture": arch, "general.name": title,
+            "general.file_type": GGUF_TYPES[dtype][1], "general.quantization_version": 2,
+            "general.alignment": GGUF_ALIGNMENT, **{f"{arch}.{k}": v for k, v in hyper.items()},
+            **gguf_vocab(tokenizer_json, tokenizer_config, config["vocab_size"])}
+    # the tensors under llama.cpp's names, in its layouts
+    out = {}
+    if rope.get("rope_type") == "llama3" and arch == "llama":
+        out["rope_freqs.weight"] = llama3_rope_factors(rope, hs, float(config["rope_theta"]))
+    elif rope:
+        raise ValueError(f"rope scaling {rope} of {arch} is not exported; Llama 3's is")
+    for name, t in tensors.items():
+        t = t.detach().cpu().float()
+        if arch == "gpt2" and t.dim() == 2 and ".h." in name:  # Conv1D's (in, out) -> (out, in)
+            t = t.t()
+        if arch == "llama" and re.search(r"\.[qk]_proj\.", name):
+            t = rope_interleave(t, n_head if ".q_proj." in name else n_kv_head)
+        out[gguf_name(name)] = t
+    # as bytes: vectors f32; q8_0 only where rows are whole blocks, else f16 (as llama.cpp's
+    # converter falls back)
+    entries = []  # (name, ggml type, sizes innermost first, bytes)
+    for name, t in out.items():
+        kind = "f32" if t.dim() == 1 else dtype
+        kind = "f16" if kind == "q8_0" and t.shape[-1] % 32 else kind
+        data = q8_0(t) if kind == "q8_0" else t.to(GGUF_TYPES[kind][2])
+        data = data.reshape(-1).view(torch.uint8)
+        entries.append((name, GGUF_TYPES[kind][0], t.shape[::-1], data))
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<4sIQQ", b"GGUF", 3, len(entries), len(meta)))
+        for key, value in meta.items():
+            f.write(gguf_string(key) + gguf_value(value))
+        offset = 0
+        for name, type_id, dims, data in entries:
+            f.write(gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims,
+                                                    type_id, offset))
+            offset += len(data) + -len(data) % GGUF_ALIGNMENT
+        for *_, data in entries:
+            f.write(b"\0" * (-f.tell() % GGUF_ALIGNMENT) + data.numpy().tobytes())
+    os.replace(path + ".tmp", path)  # never a half-written file at path
+    return path
+
+# -----------------------------------------------------------------------------
 # measurements: held-out loss, agreement with float32, decode speed
 
 def heldout_windows(ckpt, data_dir, block_size, n):
@@ -361,10 +567,40 @@ def bench(cfg, model, ckpt):
           "weight bytes read per second by the kernel; int kinds: bf16 activations")
     return rows
 
+def export(cfg, model, ckpt, out):
+    """The float model and its tokenizer, with the chat template it was finetuned on (an
+    open model's own), as a Hugging Face folder (hf) or one llama.cpp file (gguf) at out."""
+    if os.path.exists(out if cfg.export == "gguf" else f"{out}/config.json") and not cfg.overwrite:
+        raise UserError(f"{out} already holds a model; pass --overwrite to replace it, "
+                        f"or another --out")
+    with user_input():  # GPT-2's tokenizer files offline, or what a format cannot hold
+        tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
+        template = tok.chat_template or ckpt.get("chat_template", "phi3")
+        if cfg.export == "hf":
+            save_pretrained(model, out, overwrite=cfg.overwrite)
+            tok.save_pretrained(out, template)
+        else:
+            write_gguf(out, *hf_layout(model), *tok.to_hf(template), cfg.export_dtype)
+    use = {"hf": f"transformers' AutoModelForCausalLM.from_pretrained({out!r})",
+           "gguf": f"llama.cpp's llama-cli -m {out}"}
+    print(f"exported {out}; run it with {use[cfg.export]}")
+    return dict(model=model, ckpt=ckpt, out=out)
+
 # -----------------------------------------------------------------------------
 # main
 
 def check_config(cfg):
+    if cfg.export not in ("", "hf", "gguf") or cfg.export_dtype not in GGUF_TYPES:
+        raise UserError(f"--export={cfg.export!r} --export_dtype={cfg.export_dtype!r}: pass "
+                        f"--export=hf or gguf, and an --export_dtype in {list(GGUF_TYPES)}")
+    flags = ("bits", "group_size", "head", "out_path", "load", "bench")
+    quantizing = [f"--{f}" for f in flags if getattr(cfg, f) != getattr(QuantizeConfig, f)]
+    if cfg.export and quantizing:
+        raise UserError(f"--export writes the float model: drop {' '.join(quantizing)} (for 8 "
+                        f"bits pass --export=gguf --export_dtype=q8_0)")
+    if (cfg.out and not cfg.export) or (cfg.export_dtype != "f16" and cfg.export != "gguf"):
+        raise UserError("--out and --export_dtype go with --export (--export_dtype with gguf "
+                        "only); a quantized checkpoint's path is --out_path")
     if cfg.bits not in (4, 8):
         raise UserError(f"--bits={cfg.bits}: pass 8 (int8 per channel) or 4 (per group)")
     if cfg.head not in ("tied", "float"):
@@ -382,16 +618,20 @@ def main(cfg):
         bits = ckpt["quantized"]["bits"]
         print(f"loaded {cfg.load}: int{bits}, {tensor_bytes(model):,} bytes")
     else:
-        if cfg.init_from:
+        if cfg.init_from:  # its tokenizer: the folder's tokenizer.json, or GPT-2's
             model = from_pretrained(cfg.init_from, cfg.data_dir).to(device)
-            ckpt = {"tokenizer": "gpt2"}
+            has_json = os.path.isfile(os.path.join(model.folder, "tokenizer.json"))
+            ckpt = {"tokenizer": model.folder if has_json else "gpt2"}
         else:
             model, ckpt = load_checkpoint(cfg.ckpt_path, device)
         model.eval()
         if cfg.bench:
             return bench(cfg, model, ckpt)
-        kind = "int8" if cfg.bits == 8 else f"int4-g{cfg.group_size}"
         source = f"out/{cfg.init_from}" if cfg.init_from else cfg.ckpt_path
+        if cfg.export:  # beside the source: out/ckpt-hf/, out/ckpt-f16.gguf
+            suffix = "-hf" if cfg.export == "hf" else f"-{cfg.export_dtype}.gguf"
+            return export(cfg, model, ckpt, cfg.out or os.path.splitext(source)[0] + suffix)
+        kind = "int8" if cfg.bits == 8 else f"int4-g{cfg.group_size}"
         out_path = cfg.out_path or f"{os.path.splitext(source)[0]}-{kind}.pt"
         refuse_overwrite(out_path, cfg.overwrite)
         float_bytes = tensor_bytes(model)
