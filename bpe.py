@@ -372,8 +372,8 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, folder):
         """A Hugging Face model folder's tokenizer.json: byte-level BPE (GPT-2, Llama 3,
-        SmolLM2, Qwen) with the ids `tokenizers` gives; tok.chat_template is the template
-        its tokenizer_config.json names (None without one)."""
+        SmolLM2, Qwen) with the ids `tokenizers` gives; tok.chat_template is the folder's
+        chat template as a dict (None without one)."""
         path = os.path.join(folder, "tokenizer.json")
         obj = read_json(path, "pass a model folder that holds it, or download it again")
         model = obj.get("model") or {}
@@ -387,8 +387,8 @@ class Tokenizer:
         if bad:
             raise ValueError(f"{path} has {', '.join(bad)}, which bpe.py does not read: only "
                              f"byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM2, Qwen)")
-        # the file's ids: token strings spell bytes in GPT-2's alphabet, a merge's priority
-        # is its line (Llama 3 makes some tokens from two pairs), added tokens are specials
+        # token strings spell bytes in GPT-2's alphabet, a merge's priority is its line
+        # (Llama 3 makes some tokens from two pairs), the added tokens are specials
         ids = model.get("vocab", {})
         specials = {t["content"]: t["id"] for t in obj.get("added_tokens", [])}
         to_byte = {c: b for b, c in byte_alphabet().items()}
@@ -410,19 +410,13 @@ class Tokenizer:
             tok.whole = {tok.vocab[i]: i for i in ids.values()}
         tok.nfc = normalizer == "NFC"
         tok.folder = folder
-        config = os.path.join(folder, "tokenizer_config.json")
-        config = read_json(config, "download it again") if os.path.isfile(config) else {}
-        jinja = os.path.join(folder, "chat_template.jinja")  # where newer transformers put it
-        if os.path.isfile(jinja):
-            with open(jinja, encoding="utf-8") as f:
-                config["chat_template"] = f.read()
-        tok.chat_template = hf_chat_template(config)
+        tok.chat_template = hf_chat_template(folder)
         return tok
 
     def to_hf(self, template="phi3"):
-        """(tokenizer.json, tokenizer_config.json) as dicts in Hugging Face's schema: the
-        same ids from `tokenizers` and AutoTokenizer, and a chat_template that renders
-        what render_conversation(tok, messages, template) does."""
+        """(tokenizer.json, tokenizer_config.json) as dicts: the same ids from
+        `tokenizers`, and a chat template transformers renders as render_conversation
+        does (one read from a model folder is written back as it came)."""
         spec = chat_spec(template, self)
         alphabet = byte_alphabet()
         spelled = {i: "".join(alphabet[b] for b in self.vocab[i]) for i in self.vocab}
@@ -431,34 +425,34 @@ class Tokenizer:
         if len(vocab) + len(specials) != len(self.vocab):
             raise ValueError("two tokens have the same bytes; tokenizer.json cannot hold that")
         merges = [[spelled[a], spelled[b]] for a, b in sorted(self.ranks, key=self.ranks.get)]
-        model = {"type": "BPE", "vocab": vocab, "merges": merges,
-                 "ignore_merges": bool(self.whole)}
         added = [{"id": i, "content": s, "special": True, "single_word": False, "lstrip": False,
                   "rstrip": False, "normalized": False} for s, i in self.special_tokens.items()]
-        # the split: GPT-2's regex is ByteLevel's own; SmolLM2 first cuts out each digit
+        # the split: GPT-2's regex is ByteLevel's own; SmolLM2 first cuts out each digit;
+        # Hugging Face's regex engine reads "{1,3}+" as a repeat, "$" as a line's end
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                       "use_regex": self.pattern in ("gpt2", "smollm")}
-        split = HF_PATTERNS.get(self.pattern, self._split.pattern)
+        split = self._split.pattern.replace("{1,3}+", "{1,3}").replace("$", r"\z")
         first = {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated",
                  "invert": False}
         if self.pattern == "smollm":
             first = {"type": "Digits", "individual_digits": True}
         pre = {"type": "Sequence", "pretokenizers": [first, byte_level]}
+        model = {"type": "BPE", "vocab": vocab, "merges": merges,
+                 "ignore_merges": bool(self.whole)}
         tokenizer = {"version": "1.0", "added_tokens": added,
                      "normalizer": {"type": "NFC"} if self.nfc else None,
                      "pre_tokenizer": byte_level if self.pattern == "gpt2" else pre,
                      "decoder": byte_level, "model": model}
         pad = STOP if STOP in self.special_tokens else spec["end"]
         data = json.dumps({k: v for k, v in spec.items() if v is not None}, ensure_ascii=False)
+        jinja = spec["jinja"] or "{%- set t = " + data + " %}" + CHAT_JINJA
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": spec["end"],
                   "bos_token": spec["bos"] or pad, "pad_token": pad,
-                  "clean_up_tokenization_spaces": False,
-                  "chat_template": "{%- set t = " + data + " %}" + CHAT_JINJA}
+                  "clean_up_tokenization_spaces": False, "chat_template": jinja}
         return tokenizer, config
 
     def save_pretrained(self, folder, template="phi3"):
-        """to_hf(template)'s two files in folder, each written whole or not at all, for
-        AutoTokenizer.from_pretrained(folder) and llama.cpp's converters."""
+        """to_hf(template)'s two files in folder, for AutoTokenizer and llama.cpp."""
         files = zip(["tokenizer.json", "tokenizer_config.json"], self.to_hf(template))
         os.makedirs(folder, exist_ok=True)
         for name, obj in files:
@@ -499,9 +493,10 @@ CHAT_TEMPLATES = {
 # a template's other keys: text first, the system message a conversation without one
 # gets (None: none), text before the first system message's ({date}: today, as date
 # formats it), the token ending an assistant turn and text after it, trimmed contents,
-# text after the last assistant header (Qwen3's empty <think></think>), more stop tokens
+# text after the last assistant header (Qwen3's empty <think></think>), more stop tokens,
+# and the Jinja text of a template read from a model folder
 TEMPLATE_DEFAULTS = dict(bos="", default_system=None, system_prefix="", date="%d %b %Y",
-                         end=STOP, after="", trim=False, think="", stops=[])
+                         end=STOP, after="", trim=False, think="", stops=[], jinja=None)
 
 def chat_spec(template, tok):
     # a template's name or dict -> all its keys, checked against the tokenizer
@@ -528,23 +523,20 @@ def record_messages(record):
         messages.append({"role": "assistant", "content": record["output"]})
     return messages
 
-def encode_turn(tok, parts):
-    """[template text, content, template text, ...] -> ids, as Hugging Face tokenizes a
-    rendered chat: special tokens count only in template text (a typed one in a content
-    stays text), and the text between two of them is encoded in one piece."""
+def encode_turn(tok, before, content="", after=""):
+    """Template text around a content -> ids, as Hugging Face tokenizes a rendered chat:
+    special tokens count only in the template's text (a typed one in a content stays
+    text), and the text between two of them is encoded in one piece."""
+    specials = f"({'|'.join(map(re.escape, tok.special_tokens))})"
+    head = re.split(specials, before)
+    tail = re.split(specials, after)
     ids = []
-    text = ""
-    for k, part in enumerate(parts):
-        specials = [s for s in tok.special_tokens if s in part and k % 2 == 0]
-        split = f"({'|'.join(map(re.escape, specials))})"
-        for j, piece in enumerate(re.split(split, part) if specials else [part]):
-            if j % 2:  # a special token of the template
-                ids += tok.encode(text, allowed_special="none")
-                ids.append(tok.special_tokens[piece])
-                text = ""
-            else:
-                text += piece
-    return ids + tok.encode(text, allowed_special="none")
+    for k, part in enumerate(head[:-1] + [head[-1] + content + tail[0]] + tail[1:]):
+        if k % 2:  # a special token of the template
+            ids.append(tok.special_tokens[part])
+        else:
+            ids += tok.encode(part, allowed_special="none")
+    return ids
 
 def render_conversation(tok, messages, template="phi3", date_string=""):
     """[{"role": "system" | "user" | "assistant", "content": str}, ...] -> (ids, mask);
@@ -561,7 +553,7 @@ def render_conversation(tok, messages, template="phi3", date_string=""):
     def add(new_ids, trained=0):
         ids.extend(new_ids)
         mask.extend([trained] * len(new_ids))
-    add(encode_turn(tok, [spec["bos"]]))
+    add(encode_turn(tok, spec["bos"]))
     for k, message in enumerate(messages):
         role = message["role"]
         if role not in ("system", "user", "assistant"):
@@ -571,22 +563,21 @@ def render_conversation(tok, messages, template="phi3", date_string=""):
             date = date_string or time.strftime(spec["date"])
             content = spec["system_prefix"].replace("{date}", date) + content
         if role == "assistant":
-            last = k == len(messages) - 1
-            add(encode_turn(tok, [spec["assistant"] + (spec["think"] if last else "")]))
+            think = spec["think"] if k == len(messages) - 1 else ""
+            add(encode_turn(tok, spec["assistant"] + think))
             body = tok.encode(content, allowed_special="none")
             add(body + [tok.special_tokens[spec["end"]]], 1)
-            add(encode_turn(tok, [spec["after"]]))
+            add(encode_turn(tok, spec["after"]))
         else:
             before, after = spec[role].split("{}")
-            add(encode_turn(tok, [before, content, after]))
+            add(encode_turn(tok, before, content, after))
     if messages[-1]["role"] != "assistant":
-        add(encode_turn(tok, [spec["assistant"] + spec["think"]]))
+        add(encode_turn(tok, spec["assistant"] + spec["think"]))
     return ids, mask
 
 def stop_ids(tok, template="phi3"):
-    """The ids that end an assistant turn, for generate(eot_id=...): [STOP's] for phi3
-    and alpaca; chatml: <|im_end|> (and <|endoftext|>); llama3: <|eot_id|>, <|eom_id|>
-    and <|end_of_text|>, those the tokenizer has."""
+    """The ids that end an assistant turn, for generate(eot_id=...): the template's end
+    token first, then its other stop tokens that the tokenizer has."""
     spec = chat_spec(template, tok)
     ends = [spec["end"], *spec["stops"]]
     return [tok.special_tokens[s] for s in ends if s in tok.special_tokens]
@@ -609,38 +600,38 @@ def story_problems(story, words, summary):
 def hf_split_pattern(pre):
     """tokenizer.json's pre_tokenizer as a split pattern ('' where bpe.py has none):
     GPT-2's ByteLevel, SmolLM2's Digits then ByteLevel, Llama 3 and Qwen's Split."""
-    steps = (pre or {}).get("pretokenizers", [pre or {}])
-    kinds = [step.get("type") for step in steps]
-    first = steps[0]
-    regex_too = steps[-1].get("use_regex", True)  # ByteLevel's own GPT-2 regex
-    if kinds[-1] != "ByteLevel" or steps[-1].get("add_prefix_space"):
+    *steps, last = (pre or {}).get("pretokenizers", [pre or {}])
+    first = steps[0] if steps else {}
+    own_regex = last.get("use_regex", True)  # ByteLevel's own split: GPT-2's regex
+    if last.get("type") != "ByteLevel" or last.get("add_prefix_space") or len(steps) > 1:
         return ""
-    if kinds == ["ByteLevel"] and regex_too:
+    if not steps and own_regex:
         return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and first.get("individual_digits") and regex_too:
+    if first == {"type": "Digits", "individual_digits": True} and own_regex:
         return "smollm"
     isolated = first.get("behavior") == "Isolated" and not first.get("invert")
-    if kinds == ["Split", "ByteLevel"] and isolated and not regex_too:
+    if first.get("type") == "Split" and isolated and not own_regex:
         return first.get("pattern", {}).get("Regex", "")
     return ""
 
-# Hugging Face's regex engine (Oniguruma) reads "{1,3}+" as a repeat of a repeat, not as
-# a possessive one, and "$" as the end of a line: cl100k's pattern spelled for it
-HF_PATTERNS = {"gpt4": SPLIT_PATTERNS["gpt4"].replace("{1,3}+", "{1,3}")
-                                             .replace("$", r"\z")}
-
-def hf_chat_template(config):
-    """tokenizer_config.json's Jinja chat_template as a template dict, read without Jinja:
-    the family by its tokens, then the default system message, Llama's dated system turn
-    and bos; None for no template or another family."""
+def hf_chat_template(folder):
+    """The folder's Jinja chat template (tokenizer_config.json's, or chat_template.jinja)
+    as a template dict, read without Jinja: the family by its tokens, then its default
+    system message and Llama's dated system turn; None for none or another family."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    config = read_json(path, "download it again") if os.path.isfile(path) else {}
     text = config.get("chat_template") or ""
     if isinstance(text, list):  # named templates: the default one
         text = next((t["template"] for t in text if t.get("name") == "default"), "")
+    path = os.path.join(folder, "chat_template.jinja")  # where newer transformers put it
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     if text.startswith("{%- set t = "):  # to_hf's own: the dict itself
         ours = json.JSONDecoder().raw_decode(text, len("{%- set t = "))[0]
         return TEMPLATE_DEFAULTS | ours  # the keys that are None are left out of it
     if "<|im_start|>" in text:
-        spec = TEMPLATE_DEFAULTS | CHAT_TEMPLATES["chatml"]
+        spec = TEMPLATE_DEFAULTS | CHAT_TEMPLATES["chatml"] | {"jinja": text}
         # a system turn written out whole is the default one ("\\n" is Jinja's escape)
         default = re.search(r"<\|im_start\|>system\\n([^'\"]*?)<\|im_end\|>", text)
         if default:
@@ -650,34 +641,29 @@ def hf_chat_template(config):
         return spec
     if "<|start_header_id|>" not in text:
         return None
-    spec = TEMPLATE_DEFAULTS | CHAT_TEMPLATES["llama3"]
-    if isinstance(config.get("bos_token"), str):
-        spec["bos"] = config["bos_token"]
+    spec = TEMPLATE_DEFAULTS | CHAT_TEMPLATES["llama3"] | {"jinja": text}
     cutoff = re.search(r"Cutting Knowledge Date: ([^\\\"]*)", text)
-    if cutoff:  # 3.1 and 3.2: always a system turn, dated (3.2: today, 3.1: a fixed day)
+    if cutoff:  # 3.1 and 3.2: always a system turn, dated today (3.1: a fixed day)
         fixed = re.search(r'set date_string = "([^"]*)"', text)
-        today = "strftime_now" in text or not fixed
-        spec["date"] = "%d %b %Y" if today else fixed.group(1)
+        if fixed and "strftime_now" not in text:
+            spec["date"] = fixed.group(1)
         spec["default_system"] = ""
         spec["system_prefix"] = f"Cutting Knowledge Date: {cutoff.group(1)}\n"
         spec["system_prefix"] += "Today Date: {date}\n\n"
     return spec
 
-# to_hf's chat_template, after "{%- set t = <the template's dict> %}": transformers'
+# to_hf's chat_template for a template of ours, after "{%- set t = <its dict> %}" (one
+# read from a model folder is written back as it came): transformers'
 # apply_chat_template(messages, add_generation_prompt=True) renders render_conversation's
 CHAT_JINJA = (
     "{%- if t.default_system is defined and messages[0]['role'] != 'system' %}"
     "{%- set messages = [{'role': 'system', 'content': t.default_system}] + messages %}"
-    "{%- endif %}{%- if date_string is not defined and '{date}' in t.system_prefix %}"
-    "{%- set date_string = strftime_now(t.date) %}{%- endif %}{{- t.bos }}"
-    "{%- for message in messages %}"
+    "{%- endif %}{{- t.bos }}{%- for message in messages %}"
     "{%- set content = message['content'] | trim if t.trim else message['content'] %}"
-    "{%- if loop.first and message['role'] == 'system' %}"
-    "{%- set content = t.system_prefix | replace('{date}', date_string) + content %}"
-    "{%- endif %}{%- if message['role'] == 'assistant' %}"
-    "{{- t.assistant + (t.think if loop.last else '') + content + t.end + t.after }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- t.assistant + content + t.end + t.after }}"
     "{%- else %}{{- t[message['role']] | replace('{}', content) }}{%- endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- t.assistant + t.think }}{%- endif %}")
+    "{%- endfor %}{%- if add_generation_prompt %}{{- t.assistant }}{%- endif %}")
 
 # -----------------------------------------------------------------------------
 # the storyteller's checkers: each kind of request has a program that judges a reply, so

@@ -9,11 +9,11 @@ token at a time from a KV cache. The key equation:
 How to run:
     python gpt.py                         # offline demo: a small random model
     python gpt.py --init_from=gpt2        # downloads GPT-2 small (500 MB) and runs it once
-    python gpt.py --init_from=path/to/model.safetensors --device=cuda
+    python gpt.py --init_from=HuggingFaceTB/SmolLM2-135M --device=cuda   # or Llama, Qwen
 
 Depends on nothing of ours. After the model, one banner holds the plumbing the later scripts
-share (flags, device and precision, downloads, checkpoints, GPT-2's weights, batches of
-examples). Shapes: B batch, T time, C channels, V vocab, nh heads, nkv key/value heads,
+share (flags, device and precision, downloads, checkpoints, open models in and out of
+Hugging Face's files, batches of examples). Shapes: B batch, T time, C channels, V vocab, nh heads, nkv key/value heads,
 hs head size.
 References: Attention Is All You Need (1706.03762); GPT-2 (OpenAI 2019); RoFormer
 (2104.09864); RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245).
@@ -761,11 +761,15 @@ def hf_config(hf, family, switches):
 SHARDS = "model.safetensors.index.json"
 
 def read_json(path):
+    """The JSON object in path; anything else is a UserError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not readable JSON ({e}); download it again") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds no JSON object; download it again")
+    return obj
 
 def hub_download(name, data_dir):
     """A Hub model's files, once, into data/<name>/: config.json, the tokenizer's and the
@@ -777,11 +781,12 @@ def hub_download(name, data_dir):
     for file in files:  # GPT-2's tokenizer is bpe.py's own (encoder.json, vocab.bpe)
         download(url + file, os.path.join(folder, file))
     if not os.path.exists(os.path.join(folder, "model.safetensors")):
-        try:  # big models come in shards
+        try:  # big models come in shards, which an index lists
             index = read_json(download(url + SHARDS, os.path.join(folder, SHARDS)))
-        except UserError:  # none: one file
-            return download(url + "model.safetensors", os.path.join(folder, "model.safetensors"))
-        for shard in sorted(set(index["weight_map"].values())):
+            shards = sorted(set(index.get("weight_map", {}).values()))
+        except UserError:  # no index: one file
+            shards = ["model.safetensors"]
+        for shard in shards:
             download(url + shard, os.path.join(folder, os.path.basename(shard)))
     return folder
 
@@ -804,12 +809,11 @@ def weight_files(name_or_path, data_dir):
 
 def check_fits(nbytes, device="cpu"):
     """Refuse, before loading, a model larger than the memory free on device."""
-    free = math.inf
+    free = math.inf  # unknown (not Linux, not CUDA): the load simply tries
     if device.startswith("cuda"):
         free = torch.cuda.mem_get_info(device)[0]
-    elif os.path.exists("/proc/meminfo"):  # Linux; elsewhere the load simply tries
-        with open("/proc/meminfo") as f:
-            free = int(re.search(r"MemAvailable:\s+(\d+)", f.read())[1]) * 1024
+    elif os.path.exists("/proc/meminfo"):
+        free = 1024 * int(re.search(r"MemAvailable:\s+(\d+)", open("/proc/meminfo").read())[1])
     if nbytes > free:
         raise UserError(f"the model needs {nbytes / 1e9:.1f} GB but {device} has "
                         f"{free / 1e9:.1f} GB free; pick a smaller model or a lower dtype")
@@ -824,7 +828,7 @@ def from_pretrained(name_or_path, data_dir="data", dtype=None):
     for path in files:
         index.update(safetensors_index(path))
     hf = read_json(os.path.join(folder, "config.json"))
-    arch = (hf.get("architectures") or ["?"])[0] if isinstance(hf, dict) else "?"
+    arch = str((hf.get("architectures") or ["?"])[0])
     if arch not in ARCHITECTURES:
         raise UserError(f"{folder}: architecture {arch} is not supported; use one of "
                         f"{', '.join(ARCHITECTURES)}")

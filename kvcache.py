@@ -62,6 +62,7 @@ class KVCacheConfig:
     api_key: str = ""                 # '' = none; else /v1/ needs "Bearer <key>"
     max_batch: int = 16               # requests decoded together, a token each per step
     max_queue: int = 64               # requests waiting to join beyond this get 429
+    context: int = 4096               # tokens of context at most (Hub models allow up to 128k)
     # system
     device: str = "auto"              # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"               # auto, float32, bfloat16, float16 (casts weights)
@@ -672,7 +673,7 @@ def main(cfg):
     if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
         raise UserError(f"--top_k={cfg.top_k}, --top_p={cfg.top_p}: need top_k >= 0 "
                         f"(0 = off) and 0 < top_p <= 1 (1 = off)")
-    require_positive(cfg, "num_samples", "max_new_tokens", "max_batch", "max_queue")
+    require_positive(cfg, "num_samples", "max_new_tokens", "max_batch", "max_queue", "context")
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"--port={cfg.port} must be from 0 (any free port) to 65535")
     if not cfg.ckpt_path:  # a server serves the most finished model: aligned, finetuned
@@ -701,6 +702,8 @@ def main(cfg):
     # cast the weights (not autocast): decode reads every weight once per token, so half
     # the bytes is up to twice the speed
     model = model.to(device, getattr(torch, dtype)).eval()
+    if model.config.block_size > cfg.context:  # its KV cache would not fit: the window slides
+        model.config.block_size = cfg.context
     print(f"device {device}, dtype {dtype} ({reason}); {model.num_params() / 1e6:.2f}M "
           f"parameters")
     # the cache keeps the nkv key/value heads: grouped-query attention shrinks it nh/nkv x
