@@ -580,10 +580,10 @@ def download(url, path):
 
 CHECKPOINT_VERSION = 1
 
-def save_checkpoint(path, model, **extra):
-    """{version, model_config, model, **extra} to a temp file, renamed: never half-written."""
+def save_checkpoint(path, model, weights=None, **extra):
+    """{version, model_config, model: weights or model.state_dict(), **extra}, atomically."""
     ckpt = dict(version=CHECKPOINT_VERSION, model_config=dataclasses.asdict(model.config),
-                model=model.state_dict(), **extra)
+                model=model.state_dict() if weights is None else weights, **extra)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -3,6 +3,7 @@
 What you learn here (LLM101n chapters 07-11): text tokenized once into a flat file of ids
 read through numpy.memmap; AdamW with warmup and cosine decay; gradient accumulation and
 clipping; bfloat16 autocast and torch.compile (--bench: their tokens/s and MFU); DDP;
+FSDP and activation checkpointing, for models past one GPU's memory;
 checkpoints that resume exactly. The key idea: a step uses the mean gradient of
 grad_accum micro-batches, made one after another by one process or at once by many.
 
@@ -11,14 +12,19 @@ How to run:
   python train.py --bench       # tokens/s and MFU: float32/bfloat16, eager/compiled
   python train.py --dataset=tinystories --vocab_size=4096 --n_embd=512 --compile
   torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories --grad_accum=8
+  torchrun --standalone --nproc_per_node=8 train.py --init_from=gpt2-xl --grad_accum=8 --fsdp
+  python train.py --init_from=gpt2 --eval_only --eval_hellaswag=10042  # acc_norm 0.2955
+  (--eval_hellaswag=N: N examples at each evaluation; --eval_only: one, no training)
 Depends on: gpt.py, bpe.py. Writes out/ckpt.pt (latest) and out/best.pt, and the data in
 data/<dataset>/ (for the stories also instruct.json: conversations for finetune.py and
 dpo.py). The generator of stories and conversations is an appendix at the end.
 References (arXiv): AdamW 1711.05101; SGDR 1608.03983; mixed precision 1710.03740;
-PyTorch DDP 2006.15704; TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311.
+PyTorch DDP 2006.15704; TinyStories 2305.07759; PaLM appendix B (MFU) 2204.02311;
+HellaSwag 1905.07830; PyTorch FSDP 2304.11277; recomputation 1604.06174.
 """
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -26,18 +32,25 @@ import os
 import random
 import re
 import shlex
+import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from bpe import BOYS, GIRLS, Tokenizer
-from gpt import (GPT, GPT2_NAMES, GPTConfig, UserError, download, format_config,
-                 from_pretrained, get_lr, load_checkpoint, pick_device, progress_bar,
-                 refuse_overwrite, require_positive, run, save_checkpoint, save_json,
-                 setup_precision, user_input)
+from gpt import (GPT, GPT2_NAMES, GPTConfig, UserError, collate, download,
+                 format_config, from_pretrained, get_lr, load_checkpoint, pick_device,
+                 progress_bar, refuse_overwrite, require_positive, run, save_checkpoint,
+                 save_json, setup_precision, user_input)
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -52,13 +65,18 @@ class TrainConfig:
     log_interval: int = 50       # steps between log lines
     sample_tokens: int = 200     # length of the story sampled at each evaluation
     bench: bool = False          # only measure tokens/s and MFU (precision x compile)
+    eval_hellaswag: int = 0      # HellaSwag examples per evaluation (of 10042); 0 = off
+    eval_only: bool = False      # evaluate once and exit: nothing trained or saved
     # data
-    dataset: str = "stories"     # stories (offline), tinystories, shakespeare_char, .txt
+    dataset: str = "stories"     # stories (offline), tinystories, shakespeare_char, .txt,
+    # fineweb10B, finewebedu10B (GPT-2 token shards) or a folder of shards or of .txt files
+    shards: int = 1              # fineweb: train shards to fetch (100M tokens each, 103)
     num_stories: int = 20000     # stories: 90% train, 10% val, +50% for instruct.json
     plans: float = 1.0           # share of stories after a plan or as an edit (half each)
     # --tokenizer='' picks byte for shakespeare_char, gpt2 when starting from GPT-2, else bpe
     tokenizer: str = ""          # bpe, gpt2, byte or a tok.json from bpe.py; '' = as above
-    vocab_size: int = 1024       # bpe: 256 bytes + merges + <|endoftext|>
+    vocab_size: int = 1024       # bpe: 256 bytes + merges + <|endoftext|>; gpt2: the
+    # model's rows, if more than 50,257 (50,304 = 64 x 786: faster matmuls on a GPU)
     gpt2_dir: str = "data/gpt2"  # GPT-2's tokenizer files, fetched if missing
     # model (ignored when resuming or starting from GPT-2)
     n_layer: int = 4             # transformer blocks
@@ -83,6 +101,8 @@ class TrainConfig:
     device: str = "auto"         # auto (cuda, mps, then cpu), cpu, cuda, cuda:N, mps
     dtype: str = "auto"          # auto, float32, bfloat16, float16 (CUDA + GradScaler)
     compile: bool = False        # torch.compile the model (slow first steps, then fast)
+    fsdp: bool = False           # torchrun: shard weights, gradients, AdamW state (not DDP)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
     peak_flops: float = 0.0      # peak FLOP/s for MFU; 0: an A100's on CUDA, none on CPU
     seed: int = 1337             # model init, batch order, dropout, stories
 
@@ -203,6 +223,104 @@ def prepare_data(cfg, kind):
     return folder, meta
 
 # -----------------------------------------------------------------------------
+# data at scale: llm.c's token shards, FineWeb's published ones or written from text
+
+SHARD_MAGIC = 20240520  # a shard: 256 int32 (magic, version 1, token count, zeros), uint16s
+SHARD_SETS = {"fineweb10B": ("kjj0/fineweb10B-gpt2", "fineweb"),  # val 0, train 1..103
+              "finewebedu10B": ("kjj0/finewebedu10B-gpt2", "edu_fineweb")}
+
+def read_shard(path):
+    """A token shard -> its ids as a read-only uint16 memmap (nothing copied), the header
+    checked against the file: magic, version and the size its token count gives."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype="<i4", count=256) if size >= 1024 else np.zeros(1)
+    if header[0] != SHARD_MAGIC or header[1] != 1:
+        raise UserError(f"{path} is not a version-1 token shard (magic {SHARD_MAGIC}); "
+                        f"fetch it again or write it with train.py --dataset=FOLDER")
+    if size != 1024 + 2 * int(header[2]):
+        raise UserError(f"{path} holds {(size - 1024) // 2:,} tokens, its header says "
+                        f"{int(header[2]):,}: truncated; delete it and fetch it again")
+    return np.memmap(path, dtype="<u2", mode="r", offset=1024, shape=(int(header[2]),))
+
+def write_shard(path, ids):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, 1, len(ids))
+    with open(path + ".tmp", "wb") as f:
+        f.write(header.tobytes() + np.asarray(ids, dtype="<u2").tobytes())
+    os.replace(path + ".tmp", path)  # a shard is whole or absent
+
+def write_shards(enc, texts, folder, shard_tokens=100_000_000):
+    """.txt files -> shards in folder: every 100th document to the val shard (000000), the
+    rest to train shards of shard_tokens ids (000001, ...), a progress bar over bytes."""
+    total = sum(os.path.getsize(p) for p in texts)
+    done = 0
+    buffers = {"val": [], "train": []}
+    count = {"val": 0, "train": 1}
+    n_docs = 0
+    for path in texts:
+        for docs in read_documents(path, 0, os.path.getsize(path), 1 << 24):
+            for doc in docs:
+                split = "val" if n_docs % 100 == 0 else "train"
+                n_docs += 1
+                buffers[split] += enc.encode(doc, allowed_special="all")
+                if len(buffers["train"]) >= shard_tokens:
+                    name = f"shard_train_{count['train']:06d}.bin"
+                    write_shard(os.path.join(folder, name), buffers["train"][:shard_tokens])
+                    buffers["train"] = buffers["train"][shard_tokens:]
+                    count["train"] += 1
+            done = min(total, done + (1 << 24))
+            print(f"\rshards: {done / 1e6:,.0f}/{total / 1e6:,.0f} MB "
+                  f"{progress_bar(done, total, 0)[:22]}", end="", flush=True)
+    for split in ("train", "val"):
+        write_shard(os.path.join(folder, f"shard_{split}_{count[split]:06d}.bin"),
+                    buffers[split])
+    print()
+
+def prepare_shards(cfg, enc):
+    """fineweb10B / finewebedu10B (the val shard and --shards train shards, fetched once,
+    resumably), a folder of shards, or one of .txt files (made shards once, in data/, by
+    the tiktoken encoder enc) -> (train memmaps, val memmap)."""
+    folder = cfg.dataset
+    if cfg.dataset in SHARD_SETS:
+        repo, prefix = SHARD_SETS[cfg.dataset]
+        folder = os.path.join(cfg.data_dir, cfg.dataset)
+        hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")  # or a mirror
+        url = f"{hub}/datasets/{repo}/resolve/main/"
+        for split, i in [("val", 0)] + [("train", i + 1) for i in range(cfg.shards)]:
+            name = f"{prefix}_{split}_{i:06d}.bin"
+            read_shard(download(url + name, os.path.join(folder, name)))
+    names = sorted(os.listdir(folder))
+    if not any(n.endswith(".bin") for n in names):  # a user's corpus: shards written once
+        texts = [os.path.join(folder, n) for n in names if n.endswith(".txt")]
+        folder = os.path.join(cfg.data_dir, os.path.basename(os.path.normpath(folder)))
+        os.makedirs(folder, exist_ok=True)
+        if not any(n.endswith(".bin") for n in os.listdir(folder)):
+            write_shards(enc, texts, folder)
+        names = sorted(os.listdir(folder))
+    shards = {s: [read_shard(os.path.join(folder, n)) for n in names
+                  if n.endswith(".bin") and f"_{s}_" in n] for s in ("train", "val")}
+    if len(shards["val"]) != 1 or not shards["train"]:
+        raise UserError(f"{folder} needs one *_val_*.bin shard and *_train_*.bin shards; "
+                        f"it has {len(shards['val'])} and {len(shards['train'])}")
+    return shards["train"], shards["val"][0]
+
+def shard_batch(shards, batch_size, block_size, g, device):
+    """Micro-batch g of the train shards read in order: B consecutive windows of T + 1
+    tokens, a pure function of g (any rank, any resume); each shard's tail that fills
+    no whole micro-batch is skipped, and after the last shard the first comes again."""
+    span = batch_size * block_size
+    per_shard = [(len(s) - 1) // span for s in shards]
+    g %= sum(per_shard)
+    k = 0
+    while g >= per_shard[k]:
+        g -= per_shard[k]
+        k += 1
+    buf = torch.from_numpy(shards[k][g * span:g * span + span + 1].astype(np.int64))
+    x = buf[:-1].view(batch_size, block_size)
+    y = buf[1:].view(batch_size, block_size)
+    return x.to(device), y.to(device)
+
+# -----------------------------------------------------------------------------
 # batches, evaluation and samples (the learning rate schedule is gpt.get_lr)
 
 def get_batch(data, batch_size, block_size, key, device):
@@ -236,7 +354,85 @@ def sample_story(model, tok, max_new_tokens, device, ctx, seed):
     with ctx:
         ids = model.generate([[eot]], max_new_tokens, temperature=0.8, top_k=50, eot_id=eot)[0]
     model.train()
-    return tok.decode(ids).strip()
+    return tok.decode([i for i in ids if i < tok.vocab_size]).strip()  # no padding rows
+
+# -----------------------------------------------------------------------------
+# HellaSwag: completion-style multiple choice (build-nanogpt's hellaswag.py)
+
+HELLASWAG_URL = ("https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                 "hellaswag_val.jsonl")  # the validation set: 10,042 examples
+
+def read_hellaswag(path):
+    """HellaSwag's JSON lines -> [{ctx, endings (4 strings), label (0-3)}, ...]; a
+    malformed line is one UserError naming the file and the line."""
+    examples = []
+    with open(path, "rb") as f:  # bytes: json.loads decodes them (bad UTF-8: an error)
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                texts = [record["ctx"], *record["endings"]]
+                good = type(record["endings"]) is list and record["label"] in range(4)
+                good = good and len(texts) == 5 and all(isinstance(t, str) for t in texts)
+            except (ValueError, KeyError, TypeError):  # not JSON, a key missing, not {}
+                good = False
+            if not good:
+                raise UserError(f"{path}, line {number}: not a HellaSwag record (ctx, "
+                                f"4 endings, label 0-3); delete it to fetch it again")
+            examples.append({key: record[key] for key in ("ctx", "endings", "label")})
+    if not examples:
+        raise UserError(f"{path} holds no examples; delete it to fetch it again")
+    return examples
+
+def load_hellaswag(data_dir, n, master, ddp):
+    # the first n examples ([] for 0); rank 0 downloads the file once, the others wait
+    if n == 0:
+        return []
+    path = os.path.join(data_dir, "hellaswag", "hellaswag_val.jsonl")
+    if master:
+        download(HELLASWAG_URL, path)
+    if ddp:
+        dist.barrier()
+    return read_hellaswag(path)[:n]
+
+def hellaswag_rows(tok, example, block_size):
+    """(x, y) rows of the context + " " + each ending (GPT-2's words carry their space),
+    y = -100 over the context: only the ending is scored; cropped from the left."""
+    context = tok.encode(example["ctx"])
+    rows = []
+    for ending in example["endings"]:
+        ending_ids = tok.encode(" " + ending)
+        ids = (context + ending_ids)[-block_size - 1:]
+        targets = ([-100] * len(context) + ending_ids)[-block_size - 1:]
+        rows.append((ids[:-1], targets[1:]))
+    return rows
+
+def completion_losses(logits, y):
+    """Each row's summed and mean loss over its scored tokens (y != -100), (B,) each: the
+    lowest sum is acc's pick; the lowest mean (long endings not penalized) acc_norm's."""
+    # logits (B, T, V) -> (B, V, T), as cross_entropy wants; the losses (B, T), 0 at -100
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y,
+                                               reduction="none")
+    total = losses.sum(1)
+    return total, total / (y != -100).sum(1)
+
+@torch.no_grad()
+def score_hellaswag(model, tok, examples, device, ctx, rank=0, world=1):
+    """{acc, acc_norm, n} over examples: this process scores examples rank, rank + world,
+    ...; with world > 1 the right picks are then summed over the processes."""
+    model.eval()
+    right = torch.zeros(2, device=device)  # by the summed loss, by the mean loss
+    for example in examples[rank::world]:
+        rows = hellaswag_rows(tok, example, model.config.block_size)
+        x, y = collate(rows, 0, device)  # (4, T) each: padding is not scored (y = -100)
+        with ctx:
+            logits = model(x)[0]                                   # (4, T, V)
+        total, mean = completion_losses(logits, y)
+        right += torch.stack([total.argmin(), mean.argmin()]) == example["label"]
+    if world > 1:
+        dist.all_reduce(right)
+    model.train()
+    n = len(examples)
+    return dict(acc=right[0].item() / n, acc_norm=right[1].item() / n, n=n)
 
 # -----------------------------------------------------------------------------
 # --bench: tokens/s and MFU of one model in each precision, eager and compiled
@@ -252,6 +448,15 @@ def measure_matmul_flops(device, dtype):
     return 2 * 2048 ** 3 / best
 
 def bench(cfg, device, low_dtype):
+    # the shard loader alone, on 16M tokens (GPT-2 124M on 8 GPUs needs about 1M tokens/s)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench_train_000001.bin")
+        write_shard(path, np.random.default_rng(0).integers(0, 50257, 1 << 24))
+        t0 = time.time()
+        for g in range(256):  # each micro-batch once: 256 x 16 x 4096 = 16M tokens
+            shard_batch([read_shard(path)], 16, 4096, g, device)
+        loader = (1 << 24) / (time.time() - t0)
+    print(f"shard loader: {loader / 1e6:,.0f}M tokens/s to {device} (16 x 4096 a batch)")
     # a fixed GPT (6 layers, 384 wide, 256 tokens) trains on random ids in each mode
     print("| 6 layers, 384 wide, 8 x 256 tokens | tokens/s | MFU | peak TFLOP/s | "
           "speedup |\n|---|---|---|---|---|")
@@ -287,14 +492,15 @@ def bench(cfg, device, low_dtype):
             mfu = 100 * model.estimate_mfu(8 * 256, dt, peak)
             print(f"| {name} | {rows[name]:,.0f} | {mfu:.1f}% | {peak / 1e12:.2f} | "
                   f"{rows[name] / rows['float32 eager']:.2f}x |", flush=True)
-    return rows
+    return dict(rows, loader=loader)
 
 # -----------------------------------------------------------------------------
-# helpers of main: the checks of the flags, the model's flags, the resume command
+# helpers of main: the checks of the flags, the model's flags, the resume command, and
+# FSDP's state in an ordinary checkpoint
 
 # what --init_from=resume takes from the checkpoint (the data, its order, the batches)
-RESUMED_FIELDS = ("dataset", "num_stories", "plans", "tokenizer", "vocab_size", "seed",
-                  "block_size", "batch_size", "grad_accum")
+RESUMED_FIELDS = ("dataset", "shards", "num_stories", "plans", "tokenizer", "vocab_size",
+                  "seed", "block_size", "batch_size", "grad_accum")
 
 def check_config(cfg, kind, world, ddp):
     """Every check of the flags, before any data or model work: one UserError."""
@@ -302,6 +508,7 @@ def check_config(cfg, kind, world, ddp):
                      "grad_accum", "num_stories")
     own = cfg.init_from in ("scratch", "resume")  # else GPT-2: its tokenizer and context
     tok_json = kind.endswith(".json") and os.path.isfile(kind)
+    sharded = cfg.dataset in SHARD_SETS or os.path.isdir(cfg.dataset)
     rules = [(name, getattr(cfg, name) >= 0, "0 or more") for name in ("max_iters",
              "warmup_iters", "learning_rate", "weight_decay", "grad_clip", "seed")]
     rules += [
@@ -313,20 +520,30 @@ def check_config(cfg, kind, world, ddp):
          f"0 to --learning_rate={cfg.learning_rate}, e.g. a tenth"),
         ("grad_accum", cfg.grad_accum % world == 0, f"a multiple of {world} processes"),
         ("bench", not (ddp and cfg.bench), "False under torchrun: run it with python"),
+        ("fsdp", ddp or not cfg.fsdp, "False without torchrun (torchrun --standalone "
+         "--nproc_per_node=N train.py --fsdp)"),
+        ("eval_hellaswag", cfg.eval_hellaswag >= 0, "0 (off) or more (all: 10042)"),
+        ("eval_only", not cfg.eval_only or cfg.init_from != "scratch",
+         "False from scratch: evaluate a model (--init_from=resume, gpt2, ...)"),
         ("tokenizer", kind == "gpt2" or (own and (kind in ("bpe", "byte") or tok_json)),
          "bpe, gpt2, byte or a tok.json from bpe.py (from GPT-2: gpt2)"),
         ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17,
          "257 (bytes + <|endoftext|>) to 131072"),
         ("init_from", own or cfg.init_from in GPT2_NAMES or os.path.isfile(cfg.init_from),
          "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
-        ("dataset", cfg.dataset in ("stories", *DATASETS) or os.path.isfile(cfg.dataset),
-         "stories, tinystories, shakespeare_char or an existing UTF-8 text file")]
+        ("dataset", cfg.dataset in ("stories", *DATASETS, *SHARD_SETS)
+         or os.path.exists(cfg.dataset), "stories, tinystories, shakespeare_char, "
+         "fineweb10B, finewebedu10B, an existing UTF-8 text file, or a folder of token "
+         "shards or of .txt files"),
+        ("tokenizer", not sharded or kind == "gpt2" or tok_json,
+         "gpt2 or a tok.json for token shards (GPT-2's ids in FineWeb's)"),
+        ("shards", cfg.shards >= 1, "at least 1")]
     for name, ok, need in rules:
         if not ok:
             raise UserError(f"--{name}={getattr(cfg, name)!r}: it must be {need}")
     with user_input():  # the model's shape, e.g. n_embd divisible by n_head
         GPTConfig(**model_args(cfg))
-    if cfg.init_from != "resume" and not cfg.bench:
+    if cfg.init_from != "resume" and not (cfg.bench or cfg.eval_only):
         refuse_overwrite(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.overwrite)
 
 def model_args(cfg):
@@ -346,6 +563,42 @@ def resume_command(cfg, world):
     flags = ["--init_from=resume", f"--out_dir={cfg.out_dir}", *flags]
     return " ".join([launcher, *map(shlex.quote, flags)])
 
+def rekey(opt_state, keys):
+    # an optimizer state dict with each parameter's key k replaced by keys[k]: an ordinary
+    # checkpoint keys a parameter by its place (0, 1, ...), FSDP's state dicts by its name
+    return dict(state={keys[k]: s for k, s in opt_state["state"].items()},
+                param_groups=[dict(group, params=[keys[k] for k in group["params"]])
+                              for group in opt_state["param_groups"]])
+
+def optimizer_names(model, optimizer):
+    # the optimizer's parameters by name, in its order: the keys of its state_dict()
+    names = {p: name for name, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+def gather_state(model, optimizer):
+    """FSDP's shards -> (weights, optimizer state) as in an ordinary checkpoint: whole tensors
+    on rank 0's CPU (the other ranks get none). Every rank calls it: each sends its shards."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full)
+    # before the first step AdamW has no state; get_optimizer_state_dict would make it by a
+    # step with lr 0, which AdamW counts (its bias correction would then be off by a step)
+    if not optimizer.state:
+        return weights, optimizer.state_dict()
+    opt_state = get_optimizer_state_dict(model, optimizer, options=full)  # keyed by name
+    if not opt_state:  # not rank 0
+        return weights, opt_state
+    places = {name: k for k, name in enumerate(optimizer_names(model, optimizer))}
+    return weights, rekey(opt_state, places)
+
+def load_optimizer_state(model, optimizer, opt_state):
+    # the reverse, on every rank: a checkpoint's whole tensors -> this rank's shards of them
+    if not opt_state["state"]:  # saved before the first step: nothing to shard (and
+        optimizer.load_state_dict(opt_state)  # set_optimizer_state_dict's lr-0 step counts)
+        return
+    named = rekey(opt_state, optimizer_names(model, optimizer))
+    set_optimizer_state_dict(model, optimizer, named,
+                             options=StateDictOptions(full_state_dict=True))
+
 # -----------------------------------------------------------------------------
 # the run: setup, data, model, optimizer, the loop, cleanup
 
@@ -363,13 +616,17 @@ def main(cfg):
     if cfg.init_from == "resume":  # the data and its order are the run's own
         raw_model, ckpt = load_checkpoint(ckpt_path, verbose=master)  # on the cpu
         cfg = dataclasses.replace(cfg, **{k: ckpt["train_config"][k] for k in RESUMED_FIELDS})
+    sharded = cfg.dataset in SHARD_SETS or os.path.isdir(cfg.dataset)
     kind = cfg.tokenizer
     if not kind:
         kind = "byte" if cfg.dataset == "shakespeare_char" else "bpe"
-        if cfg.init_from not in ("scratch", "resume"):
+        if cfg.init_from not in ("scratch", "resume") or sharded:
             kind = "gpt2"
     check_config(cfg, kind, world, ddp)
     dtype, reason, ctx = setup_precision(device, cfg.dtype)
+    if cfg.fsdp and dtype == "float16":  # GradScaler's skipped steps are decided per rank
+        raise UserError("--fsdp runs in bfloat16 or float32, not float16 (this GPU has no "
+                        "bf16): pass --dtype=float32")
     if ddp:
         if device_type == "cuda":
             device = f"cuda:{local_rank}"  # one GPU per process
@@ -387,19 +644,35 @@ def main(cfg):
     # --- data: rank 0 prepares it (and fetches GPT-2) while the other ranks wait
     gpt2 = master and cfg.init_from not in ("scratch", "resume")
     pretrained = from_pretrained(cfg.init_from, cfg.data_dir) if gpt2 else None
-    shared = [prepare_data(cfg, kind) if master else None]
-    if ddp:
-        dist.broadcast_object_list(shared)
-    folder, meta = shared[0]
+    shards = None  # the train shards, read in order (the other datasets: random windows)
+    if sharded:  # rank 0 fetches or writes the shards; then every rank maps them
+        with user_input():
+            tok = Tokenizer.gpt2(cfg.gpt2_dir) if kind == "gpt2" else Tokenizer.load(kind)
+        if master:
+            prepare_shards(cfg, tok.to_tiktoken())
+        if ddp:
+            dist.barrier()
+        shards, val = prepare_shards(cfg, None)
+        data = {"train": shards[0], "val": val}  # evaluation: random windows of each
+        meta = {"train_tokens": sum(map(len, shards)), "val_tokens": len(val)}
+        if not sum((len(s) - 1) // (cfg.batch_size * cfg.block_size) for s in shards):
+            meta["train_tokens"] = 0  # no shard holds a whole micro-batch
+    else:
+        shared = [prepare_data(cfg, kind) if master else None]
+        if ddp:
+            dist.broadcast_object_list(shared)
+        folder, meta = shared[0]
+        tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
     if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
         raise UserError(f"--block_size={cfg.block_size} needs more data than "
                         f"{meta['train_tokens']} train and {meta['val_tokens']} val "
                         f"tokens: a larger dataset or a smaller --block_size")
-    data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r")
-            for s in ("train", "val")}
-    tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
+    if not sharded:
+        data = {s: np.memmap(os.path.join(folder, f"{s}.bin"), meta["dtype"], "r")
+                for s in ("train", "val")}
     saved_config = dataclasses.asdict(dataclasses.replace(cfg, tokenizer=kind))
     common = dict(tokenizer=tok.to_dict(), train_config=saved_config)
+    hellaswag = load_hellaswag(cfg.data_dir, cfg.eval_hellaswag, master, ddp)  # [] if 0
 
     # --- model: from scratch, from our last checkpoint, or from OpenAI's GPT-2
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP copies rank 0's)
@@ -410,23 +683,54 @@ def main(cfg):
         start = ckpt["step"]
         best_val = ckpt["best_val_loss"]
     elif cfg.init_from == "scratch":
-        raw_model = GPT(GPTConfig(**{**model_args(cfg), "vocab_size": tok.vocab_size}))
+        vocab = tok.vocab_size  # the rows past it are never a target: their logits sink
+        if kind == "gpt2":
+            vocab = max(vocab, cfg.vocab_size)
+        raw_model = GPT(GPTConfig(**{**model_args(cfg), "vocab_size": vocab}))
     else:
         raw_model = pretrained or from_pretrained(cfg.init_from, cfg.data_dir)
     raw_model = raw_model.to(device)
 
+    # --- memory: recompute each block in the backward pass instead of keeping its insides
+    # (--activation_checkpointing: about 1/3 more compute); FSDP (--fsdp): each rank keeps
+    # 1/world of every weight, gradient and AdamW moment, and a block's forward and
+    # backward all-gather its weights first and free them after (each rank built the whole
+    # model first: fine up to GPT-2 XL's 6 GB; far larger ones start on the meta device)
+    for block in raw_model.transformer.h:
+        if cfg.activation_checkpointing:  # autograd saves the block's input, not its insides
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if cfg.fsdp:
+        # bfloat16: all-gather bf16 copies (half the bytes), sum the gradients in float32;
+        # the shards that AdamW updates stay float32, and autocast runs as without FSDP
+        mp = MixedPrecisionPolicy()
+        if dtype == "bfloat16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # the ranks, on this run's device (the default is a GPU's even under --device=cpu)
+        mesh = init_device_mesh(device_type, (world,))
+        for block in raw_model.transformer.h:
+            if cfg.compile:  # block by block: FSDP's hooks between the blocks stay eager
+                block.compile()
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(raw_model, mesh=mesh, mp_policy=mp)  # the rest: embeddings, ln_f, lm_head
+        register_fsdp_forward_method(raw_model, "forward_cached")  # generate's forward
+
     # --- optimizer, loss scaling, compile, DDP
+    # (under FSDP it updates the shards, DTensors: fused AdamW and clip_grad_norm_ take them)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), device_type)
     # float16 gradients underflow: scale the loss up, then the gradients back down
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     if cfg.init_from == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if cfg.fsdp:  # each rank takes its shards of AdamW's moments
+            load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         # the scale, if both runs use float16 (a disabled scaler saves {})
         scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())
     model = raw_model
     if cfg.compile:  # compiling fails at the first call (no C++ compiler, ...)
-        model = torch.compile(raw_model)
+        if not cfg.fsdp:  # (FSDP's blocks were compiled one by one above)
+            model = torch.compile(raw_model)
         x, y = get_batch(data["val"], cfg.batch_size, cfg.block_size, (2,), device)
         try:
             with ctx:
@@ -434,7 +738,8 @@ def main(cfg):
         except Exception as e:
             raise UserError(f"--compile failed on {device}: {repr(e)[:200]}; "
                             f"drop --compile") from None
-    if ddp:  # averages the gradients across processes in backward; raw_model is saved
+    # DDP averages the gradients across processes in backward; raw_model is saved
+    if ddp and not cfg.fsdp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     accum = cfg.grad_accum // world
     decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters >= 0 else cfg.max_iters
@@ -450,32 +755,53 @@ def main(cfg):
 
     # --- the loop: evaluate and save every eval_interval steps, log every log_interval
     losses = []
+    score = None  # the last HellaSwag score, {acc, acc_norm, n}
     step = start
     t_start = time.time()
     try:  # the finally tears the process group down even when a rank fails
         while True:
-            last = step >= cfg.max_iters  # >=: resuming a finished run just evaluates
-            if master and (step % cfg.eval_interval == 0 or last):
+            # >=: resuming a finished run just evaluates; --eval_only: evaluate, then stop
+            last = step >= cfg.max_iters or cfg.eval_only
+            evaluating = step % cfg.eval_interval == 0 or last
+            if evaluating and hellaswag:  # every process scores its share (FSDP: every
+                share = (0, 1) if cfg.fsdp else (rank, world)  # rank all: they run together)
+                score = score_hellaswag(raw_model, tok, hellaswag, device, ctx, *share)
+            if (master or cfg.fsdp) and evaluating:  # FSDP: every rank, each holds shards
                 ev = estimate_loss(raw_model, data, cfg.batch_size, cfg.block_size,
                                    cfg.eval_iters, device, ctx)
                 # bits per byte = bits per token x tokens per byte: any tokenizer's
-                bpb = {s: ev[s] / math.log(2) * meta[f"{s}_tokens"] / meta[f"{s}_bytes"]
-                       for s in ev}
-                print(f"step {step}: train loss {ev['train']:.4f}, val loss "
-                      f"{ev['val']:.4f} (bits per byte: train {bpb['train']:.3f}, "
-                      f"val {bpb['val']:.3f})")
+                bpb = ""
+                if "val_bytes" in meta:  # shards do not say how many bytes they came from
+                    bpb = [ev[s] / math.log(2) * meta[f"{s}_tokens"] / meta[f"{s}_bytes"]
+                           for s in ("train", "val")]
+                    bpb = f" (bits per byte: train {bpb[0]:.3f}, val {bpb[1]:.3f})"
+                if master:
+                    print(f"step {step}: train loss {ev['train']:.4f}, val loss "
+                          f"{ev['val']:.4f}{bpb}")
+                if score and master:
+                    print(f"step {step}: HellaSwag acc_norm {score['acc_norm']:.4f}, "
+                          f"acc {score['acc']:.4f} ({score['n']} examples)")
                 story = sample_story(raw_model, tok, cfg.sample_tokens, device, ctx,
                                      cfg.seed)
                 val_loss = ev["val"]
-                if not last:
+                if master and not last:
                     print(f"sample: {story}\n")
-                if val_loss < best_val:
+                if cfg.eval_only:  # nothing was trained: nothing to save
+                    break
+                if cfg.fsdp:  # whole tensors onto rank 0's CPU: every rank sends its shards
+                    weights, opt_state = gather_state(raw_model, optimizer)
+                else:
+                    weights = raw_model.state_dict()
+                    opt_state = optimizer.state_dict()
+                if master and val_loss < best_val:
                     best_val = val_loss
-                    save_checkpoint(best_path, raw_model, step=step, val_loss=val_loss,
-                                    **common)
-                save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss,
-                                best_val_loss=best_val, optimizer=optimizer.state_dict(),
-                                scaler=scaler.state_dict(), **common)
+                    save_checkpoint(best_path, raw_model, weights, step=step,
+                                    val_loss=val_loss, hellaswag=score, **common)
+                if master:
+                    save_checkpoint(ckpt_path, raw_model, weights, step=step,
+                                    val_loss=val_loss, best_val_loss=best_val,
+                                    optimizer=opt_state, scaler=scaler.state_dict(),
+                                    hellaswag=score, **common)
             if last:
                 break
             t0 = time.time()
@@ -488,12 +814,19 @@ def main(cfg):
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 # micro-batch m * world + r: the same global batch for any world size
-                key = (0, cfg.seed, step, micro * world + rank)
-                x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, key,
-                                 device)
-                # no_sync: only the last micro-step all-reduces the gradients
+                g = micro * world + rank
+                if shards:  # in order: micro-batch g of the whole run
+                    g += step * cfg.grad_accum
+                    x, y = shard_batch(shards, cfg.batch_size, cfg.block_size, g, device)
+                else:
+                    x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size,
+                                     (0, cfg.seed, step, g), device)
+                # no_sync: only the last micro-step all-reduces the gradients (FSDP: sums
+                # and scatters them; until then each rank keeps its whole gradients)
                 sync = contextlib.nullcontext()
-                if ddp and micro < accum - 1:
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(micro == accum - 1)
+                elif ddp and micro < accum - 1:
                     sync = model.no_sync()
                 with sync:
                     with ctx:
@@ -530,11 +863,11 @@ def main(cfg):
                       f"{progress_bar(step, cfg.max_iters, pace)}", flush=True)
         if ddp:  # no rank tears the group down while another still talks to it
             dist.barrier()
-    except KeyboardInterrupt:
-        if master:  # the weights are those after `step` optimizer steps
+    except KeyboardInterrupt:  # (FSDP's ranks stop at different places: none can gather)
+        if master and not (cfg.eval_only or cfg.fsdp):  # the weights after `step` steps
             save_checkpoint(ckpt_path, raw_model, step=step, val_loss=val_loss,
                             best_val_loss=best_val, optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), **common)
+                            scaler=scaler.state_dict(), hellaswag=score, **common)
             print(f"\ninterrupted at step {step}: saved {ckpt_path}; continue with:\n"
                   f"  {resume_command(cfg, world)}")
         raise SystemExit(130)  # a shell's `&&` must not go on to the next step
@@ -543,12 +876,12 @@ def main(cfg):
             del model
             gc.collect()
             dist.destroy_process_group()
-    if master:
+    if master and not cfg.eval_only:
         print(f"done: {step - start} steps in {time.time() - t_start:.0f} s; val loss "
               f"{val_loss:.4f} (best {best_val:.4f}); saved {ckpt_path} and "
               f"{best_path}\n\n{story}")
     return dict(losses=losses, val_loss=val_loss, best_val_loss=best_val, step=step,
-                ckpt_path=ckpt_path)
+                ckpt_path=ckpt_path, hellaswag=score)
 
 # -----------------------------------------------------------------------------
 # appendix: the synthetic children's stories of --dataset=stories (the offline default),
