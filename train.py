@@ -418,20 +418,23 @@ def completion_losses(logits, y):
 @torch.no_grad()
 def score_hellaswag(model, tok, examples, device, ctx, rank=0, world=1):
     """{acc, acc_norm, n} over examples: this process scores examples rank, rank + world,
-    ...; with world > 1 the right picks are then summed over the processes."""
+    ...; with world > 1 the right picks are then summed over the processes. Every process
+    runs as many forwards (FSDP's run together): past the end, example 0 again, uncounted."""
     model.eval()
     right = torch.zeros(2, device=device)  # by the summed loss, by the mean loss
-    for example in examples[rank::world]:
+    n = len(examples)
+    for i in range(rank, -(-n // world) * world, world):  # ceil(n / world) each
+        example = examples[i % n]
         rows = hellaswag_rows(tok, example, model.config.block_size)
         x, y = collate(rows, 0, device)  # (4, T) each: padding is not scored (y = -100)
         with ctx:
             logits = model(x)[0]                                   # (4, T, V)
         total, mean = completion_losses(logits, y)
-        right += torch.stack([total.argmin(), mean.argmin()]) == example["label"]
+        picks = torch.stack([total.argmin(), mean.argmin()])
+        right += (picks == example["label"]) * (i < n)
     if world > 1:
         dist.all_reduce(right)
     model.train()
-    n = len(examples)
     return dict(acc=right[0].item() / n, acc_norm=right[1].item() / n, n=n)
 
 # -----------------------------------------------------------------------------
@@ -763,9 +766,8 @@ def main(cfg):
             # >=: resuming a finished run just evaluates; --eval_only: evaluate, then stop
             last = step >= cfg.max_iters or cfg.eval_only
             evaluating = step % cfg.eval_interval == 0 or last
-            if evaluating and hellaswag:  # every process scores its share (FSDP: every
-                share = (0, 1) if cfg.fsdp else (rank, world)  # rank all: they run together)
-                score = score_hellaswag(raw_model, tok, hellaswag, device, ctx, *share)
+            if evaluating and hellaswag:  # every process scores its share
+                score = score_hellaswag(raw_model, tok, hellaswag, device, ctx, rank, world)
             if (master or cfg.fsdp) and evaluating:  # FSDP: every rank, each holds shards
                 ev = estimate_loss(raw_model, data, cfg.batch_size, cfg.block_size,
                                    cfg.eval_iters, device, ctx)
