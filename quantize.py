@@ -567,7 +567,9 @@ def main(cfg):
         print(f"loaded {cfg.load}: int{bits}, {tensor_bytes(model):,} bytes")
     else:
         if cfg.init_from:  # its tokenizer: the folder's tokenizer.json, or GPT-2's
-            model = from_pretrained(cfg.init_from, cfg.data_dir).to(device)
+            # in float32, as checkpoints are (each kind is made from it); an export keeps its dtype
+            dtype = None if cfg.export else torch.float32
+            model = from_pretrained(cfg.init_from, cfg.data_dir, dtype).to(device)
             has_json = os.path.isfile(os.path.join(model.folder, "tokenizer.json"))
             ckpt = {"tokenizer": model.folder if has_json else "gpt2"}
         else:
