@@ -254,26 +254,32 @@ def write_shards(enc, texts, folder, shard_tokens=100_000_000):
     rest to train shards of shard_tokens ids (000001, ...), a progress bar over bytes."""
     total = sum(os.path.getsize(p) for p in texts)
     done = 0
-    buffers = {"val": [], "train": []}
-    count = {"val": 0, "train": 1}
+    train = np.empty(shard_tokens, dtype="<u2")  # the shard being filled: 2 bytes an id
+    filled = 0
+    shard = 1
+    val = []  # arrays of ids: a hundredth of the text
     n_docs = 0
     for path in texts:
         for docs in read_documents(path, 0, os.path.getsize(path), 1 << 24):
-            for doc in docs:
-                split = "val" if n_docs % 100 == 0 else "train"
+            for ids in enc.encode_batch(docs, allowed_special="all"):
                 n_docs += 1
-                buffers[split] += enc.encode(doc, allowed_special="all")
-                if len(buffers["train"]) >= shard_tokens:
-                    name = f"shard_train_{count['train']:06d}.bin"
-                    write_shard(os.path.join(folder, name), buffers["train"][:shard_tokens])
-                    buffers["train"] = buffers["train"][shard_tokens:]
-                    count["train"] += 1
+                if n_docs % 100 == 1:
+                    val.append(np.array(ids, dtype="<u2"))
+                    continue
+                while ids:  # into the shard; a full one is written, and the next begun
+                    take = ids[:shard_tokens - filled]
+                    train[filled:filled + len(take)] = take
+                    filled += len(take)
+                    ids = ids[len(take):]
+                    if filled == shard_tokens:
+                        write_shard(os.path.join(folder, f"shard_train_{shard:06d}.bin"), train)
+                        shard += 1
+                        filled = 0
             done = min(total, done + (1 << 24))
             print(f"\rshards: {done / 1e6:,.0f}/{total / 1e6:,.0f} MB "
                   f"{progress_bar(done, total, 0)[:22]}", end="", flush=True)
-    for split in ("train", "val"):
-        write_shard(os.path.join(folder, f"shard_{split}_{count[split]:06d}.bin"),
-                    buffers[split])
+    write_shard(os.path.join(folder, f"shard_train_{shard:06d}.bin"), train[:filled])
+    write_shard(os.path.join(folder, "shard_val_000000.bin"), np.concatenate(val or [train[:0]]))
     print()
 
 def prepare_shards(cfg, enc):
