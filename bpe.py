@@ -11,8 +11,7 @@ The same class reads a Hugging Face tokenizer.json (Llama 3, Qwen) and writes on
 How to run:
   python bpe.py                                   # offline demo: trains on this file
   python bpe.py --train=text.txt --vocab_size=4096 --out=tok.json  # bytes per token
-  python bpe.py --tokenizer=tok.json --text="Hello world"  # or --tokenizer=gpt2
-  python bpe.py --tokenizer=path/to/hf_folder --text="Hi"  # a folder with tokenizer.json
+  python bpe.py --tokenizer=tok.json --text="Hi"  # or gpt2, or a Hugging Face folder
   python bpe.py --bench                   # incremental vs naive, Python vs tiktoken
 Depends on: nothing from this repo. References: Sennrich et al. 2016, arXiv:1508.07909;
 Radford et al. 2019, Language Models are Unsupervised Multitask Learners (GPT-2); tiktoken
@@ -78,18 +77,18 @@ def merge(ids, pair, new_id):
         i += 2 if hit else 1
     return out
 
-def count_chunks(text, pattern, specials):
-    """Chunk -> count: count_chunks("a a a", SPLIT_PATTERNS["gpt2"], []) -> {"a": 1, " a": 2}."""
+def count_words(text, pattern, specials):
+    """Each distinct chunk as a word of bytes, and its count: count_words("a a a",
+    SPLIT_PATTERNS["gpt2"], []) -> ([[97], [32, 97]], [1, 2]) ("a" once, " a" twice)."""
     # special tokens are cut out first, so no merge learns a piece of "<|endoftext|>"
     parts = re.split("|".join(map(re.escape, specials)), text) if specials else [text]
     counts = Counter()
     for part in parts:
         counts.update(regex.findall(pattern, part) if pattern else [part])
-    return counts
+    return [list(chunk.encode("utf-8")) for chunk in counts], list(counts.values())
 
 def fetch(url, path, sha256="", instead="--dataset=path/to/file"):
-    """url saved at path once: streamed with progress into path.part, checked against
-    sha256 when given, then renamed; offline, the error names path and `instead`."""
+    """Download url to path once, checked if sha256 is given; offline, name `instead`."""
     if os.path.exists(path):
         return path
     digest = hashlib.sha256()
@@ -126,9 +125,8 @@ def byte_alphabet():
     """GPT-2's bytes-to-unicode: byte -> the character spelling it in vocab files; the
     188 printable bytes spell themselves, the other 68 chr(256 + k) (the space is 'Ġ')."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    spelled = {b: chr(b) for b in printable}
-    return spelled | {b: chr(256 + k) for k, b in enumerate(others)}
+    rest = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(rest)}
 
 # -----------------------------------------------------------------------------
 # the tokenizer
@@ -178,9 +176,7 @@ class Tokenizer:
             raise ValueError(f"vocab_size={vocab_size} leaves no room for 256 bytes and "
                              f"{specials}; pass vocab_size>={self.vocab_size}")
         # 1. each distinct chunk is a word with a count: " the" may occur 10,000 times
-        chunks = count_chunks(text, SPLIT_PATTERNS.get(pattern, pattern), specials)
-        words = [list(c.encode("utf-8")) for c in chunks]
-        counts = list(chunks.values())
+        words, counts = count_words(text, SPLIT_PATTERNS.get(pattern, pattern), specials)
         # 2. count adjacent pairs (weighted by word count), and which words hold each
         stats = defaultdict(int)  # pair -> count
         where = defaultdict(set)  # pair -> the words holding it
@@ -360,10 +356,9 @@ class Tokenizer:
             return cls.gpt2(gpt2_dir)
         if isinstance(saved, dict):
             return cls.from_dict(saved, "the checkpoint's tokenizer")
-        if isinstance(saved, str) and os.path.isdir(saved):
-            return cls.from_pretrained(saved)
-        if isinstance(saved, str):  # a tok.json, or the error that names the fix
-            return cls.load(saved)
+        if isinstance(saved, str):  # a folder, else a tok.json (or the error naming the fix)
+            load = cls.from_pretrained if os.path.isdir(saved) else cls.load
+            return load(saved)
         raise ValueError(f"the checkpoint's tokenizer {str(saved)[:60]!r} is neither 'gpt2', "
                          f"a bpe.py dict, a tok.json nor a folder; retrain with train.py")
 
@@ -390,10 +385,10 @@ class Tokenizer:
         # token strings spell bytes in GPT-2's alphabet, a merge's priority is its line
         # (Llama 3 makes some tokens from two pairs), the added tokens are specials
         ids = model.get("vocab", {})
-        specials = {t["content"]: t["id"] for t in obj.get("added_tokens", [])}
         to_byte = {c: b for b, c in byte_alphabet().items()}
         tok = cls(pattern)
         try:
+            specials = {t["content"]: t["id"] for t in obj.get("added_tokens", [])}
             tok.vocab = {i: bytes(to_byte[c] for c in s) for s, i in ids.items()
                          if s not in specials}
             tok.byte_ids = {b: ids[c] for b, c in byte_alphabet().items()}
@@ -464,11 +459,10 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # the chat template: a conversation as token ids and a loss mask, for every later script
 
-# No new tokens: role headers are plain text, and each assistant turn ends with STOP,
-# which train.py's tokenizers and GPT-2's all have and a pretrained model reads as "the
-# text ends here": no embedding row is added, and stopping is generate(eot_id=STOP).
-# A Hugging Face model's template has its own tokens: special tokens in the headers, and
-# one that ends each turn (<|im_end|>). In a template "{}" stands for a message's content.
+# Our templates add no tokens: role headers are plain text, and an assistant turn ends
+# with STOP, which every tokenizer here has and a pretrained model reads as "the text
+# ends here" (so stopping is generate(eot_id=STOP)). A Hugging Face model's template has
+# its own special tokens (<|im_end|> ends a turn). "{}" stands for a message's content.
 STOP = "<|endoftext|>"
 CHAT_TEMPLATES = {
     # Phi-3's role markers as text (Raschka's exercise 7.1): short, stories fit 256 tokens
@@ -586,14 +580,6 @@ def end_of_turn(tok, template=None):
     """The id ending an assistant turn: template's, tok.chat_template's or STOP's."""
     return stop_ids(tok, template or tok.chat_template or "phi3")[0]
 
-def story_problems(story, words, summary):
-    """What a story for (words, summary) lacks, [] when nothing: each word, as a whole word
-    in any case ("Ball." counts for "ball", "balloon" does not), and each character the
-    summary names by a capital ("Lily" and "Tom" in "Lily lost her ball, and Tom found it")."""
-    names = re.findall(r"\b[A-Z][a-z]+\b", summary)
-    wanted = dict.fromkeys(list(words) + names)  # in order, once each
-    return [w for w in wanted if not re.search(rf"\b{re.escape(w)}\b", story, re.IGNORECASE)]
-
 # -----------------------------------------------------------------------------
 # Hugging Face tokenizers: tokenizer.json and tokenizer_config.json in bpe.py's terms
 
@@ -652,8 +638,7 @@ def hf_chat_template(folder):
         spec["system_prefix"] += "Today Date: {date}\n\n"
     return spec
 
-# to_hf's chat_template for a template of ours, after "{%- set t = <its dict> %}" (one
-# read from a model folder is written back as it came): transformers'
+# to_hf's chat_template for ours, after "{%- set t = <its dict> %}": transformers'
 # apply_chat_template(messages, add_generation_prompt=True) renders render_conversation's
 CHAT_JINJA = (
     "{%- if t.default_system is defined and messages[0]['role'] != 'system' %}"
@@ -676,12 +661,17 @@ BOYS = ("Tom Ben Max Sam Tim Leo Jack Finn Jake Luke Noah Joe Dan Bob Ted Eli Ow
 MOODS = {"happy": "happy smiled laughed fun hugged loved best proud glad".split(),
          "sad": "sad cried lonely gone alone tears never".split()}
 
-def sentences(text):
-    return re.findall(r"[^.!?]*[A-Za-z][^.!?]*[.!?]+", text)
-
 def mood(paragraph):  # > 0 happy, < 0 sad: a count of the mood words
     words = re.findall(r"[a-z]+", paragraph.lower())
     return sum(w in MOODS["happy"] for w in words) - sum(w in MOODS["sad"] for w in words)
+
+def story_problems(story, words, summary):
+    """What a story for (words, summary) lacks, [] when nothing: each word, as a whole word
+    in any case ("Ball." counts for "ball", "balloon" does not), and each character the
+    summary names by a capital ("Lily" and "Tom" in "Lily lost her ball, and Tom found it")."""
+    names = re.findall(r"\b[A-Z][a-z]+\b", summary)
+    wanted = dict.fromkeys(list(words) + names)  # in order, once each
+    return [w for w in wanted if not re.search(rf"\b{re.escape(w)}\b", story, re.IGNORECASE)]
 
 def name_problems(reply, check):
     """The one check every story gets: its hero keeps one name from start to end. The
@@ -708,7 +698,8 @@ def reply_problems(reply, check):
     title = lines[0] if kind == "title" else ""
     story = "\n".join(lines[1:]) if title else reply.strip()
     problems = name_problems(story, check)
-    if len(sentences(story)) < (2 if kind == "continue" else 3):
+    sentences = re.findall(r"[^.!?]*[A-Za-z][^.!?]*[.!?]+", story)
+    if len(sentences) < (2 if kind == "continue" else 3):
         problems.append("too few sentences")
     words = len(story.split())
     if kind == "create":
@@ -862,9 +853,7 @@ def make_examples(tok, conversations, template, block_size, mask_prompt=True):
 
 def train_naive(text, vocab_size, pattern):
     # the baseline: train()'s distinct words, but every pair is recounted after each merge
-    chunks = count_chunks(text, SPLIT_PATTERNS[pattern], ["<|endoftext|>"])
-    words = [list(c.encode("utf-8")) for c in chunks]
-    counts = list(chunks.values())
+    words, counts = count_words(text, SPLIT_PATTERNS[pattern], ["<|endoftext|>"])
     merges = []
     for new_id in range(256, vocab_size - 1):
         stats = defaultdict(int)
@@ -888,18 +877,14 @@ def read_text(path):
         raise SystemExit(f"bpe.py: error: {path} is not UTF-8 ({e.reason}); convert it: "
                          f"iconv -f latin1 -t utf-8") from None
     if not text:
-        raise SystemExit(f"bpe.py: error: {path} is empty: there is nothing to learn "
-                         f"merges from")
+        raise SystemExit(f"bpe.py: error: {path} is empty: nothing to learn merges from")
     return text
 
 def bench(cfg):
     path = cfg.train or os.path.abspath(__file__)  # offline: this file, repeated to 1 MB
     text = read_text(path)
     text = (text * (1_000_000 // len(text) + 1))[:1_000_000]
-    try:  # a --vocab_size the text cannot fill, an unknown --pattern
-        tok, t_fast = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern)
-    except ValueError as e:
-        raise SystemExit(f"bpe.py: error: {e}") from None
+    tok, t_fast = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern)
     naive, t_naive = timed(train_naive, text, cfg.vocab_size, cfg.pattern)
     # encoding starts with a cold cache: each distinct chunk is merged once
     ids, t_python = timed(tok.encode, text, allowed_special="all")
@@ -927,10 +912,10 @@ def parse_args(config_class, argv=None):
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field in dataclasses.fields(config_class):
         kind = type(field.default)
-        help = comments.get(field.name, "").replace("%", "%%")  # argparse formats help with %
         extra = dict(type=kind)
         if kind is bool:  # a bare flag (`--bench`) means True
             extra = dict(type=to_bool, nargs="?", const=True)
+        help = comments.get(field.name, "").replace("%", "%%")  # argparse formats with %
         parser.add_argument(f"--{field.name}", default=field.default, metavar=kind.__name__,
                             help=f"{help} (default: {field.default!r})", **extra)
     return config_class(**vars(parser.parse_args(argv)))
@@ -943,14 +928,12 @@ def main(cfg):
     if cfg.train and not os.path.isfile(cfg.train):
         raise SystemExit(f"bpe.py: error: --train={cfg.train}: no such file; pass the path "
                          f"of a UTF-8 text file")
-    if cfg.bench:
-        return bench(cfg)
-    # --- load a tokenizer, or train one on --train or on this very file (offline demo)
+    # --- the benchmark, or a tokenizer: loaded, or trained on --train or this very file
     try:  # a missing or corrupt file, GPT-2's files offline, a vocab_size the text can't fill
-        if cfg.tokenizer == "gpt2":
-            tok = Tokenizer.gpt2(cfg.gpt2_dir)
-        elif cfg.tokenizer:
-            tok = Tokenizer.from_saved(cfg.tokenizer)
+        if cfg.bench:
+            return bench(cfg)
+        if cfg.tokenizer:  # 'gpt2', a tok.json or a Hugging Face folder
+            tok = Tokenizer.from_saved(cfg.tokenizer, cfg.gpt2_dir)
         else:
             text = read_text(cfg.train or os.path.abspath(__file__))
             tok, seconds = timed(Tokenizer().train, text, cfg.vocab_size, cfg.pattern, verbose=True)

@@ -11,10 +11,10 @@ How to run:
     python gpt.py --init_from=gpt2        # downloads GPT-2 small (500 MB) and runs it once
     python gpt.py --init_from=HuggingFaceTB/SmolLM2-135M --device=cuda   # or Llama, Qwen
 
-Depends on nothing of ours. After the model, one banner holds the plumbing the later scripts
-share (flags, device and precision, downloads, checkpoints, open models in and out of
-Hugging Face's files, batches of examples). Shapes: B batch, T time, C channels, V vocab, nh heads, nkv key/value heads,
-hs head size.
+Depends on nothing of ours. After the model, one banner holds the plumbing the later
+scripts share: flags, device and precision, downloads, checkpoints, open models in and
+out of Hugging Face's files, batches of examples. Shapes: B batch, T time, C channels,
+V vocab, nh heads, nkv key/value heads, hs head size.
 References: Attention Is All You Need (1706.03762); GPT-2 (OpenAI 2019); RoFormer
 (2104.09864); RMSNorm (1910.07467); GLU variants (2002.05202); GQA (2305.13245).
 """
@@ -103,9 +103,8 @@ def rope_tables(hs, length, base=10000.0, scaling=()):
 
 def apply_rope(x, cos, sin):
     # x: (B, nh, T, hs); cos, sin: (T, hs/2), or (B, T, hs/2) for per-row positions
-    if cos.dim() == 3:
-        cos = cos[:, None]                                         # (B, 1, T, hs/2)
-        sin = sin[:, None]                                         # (B, 1, T, hs/2)
+    cos = cos.unsqueeze(-3)  # (1 or B, 1, T, hs/2): the same angles for every head
+    sin = sin.unsqueeze(-3)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -174,11 +173,9 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.swiglu
-        hidden = 4 * config.n_embd
+        hidden = config.mlp_hidden or 4 * config.n_embd
         if config.swiglu:  # three matrices, so 2/3 of the width keeps the parameter count
-            hidden = 32 * math.ceil(8 * config.n_embd / 3 / 32)
-        hidden = config.mlp_hidden or hidden
-        if config.swiglu:
+            hidden = config.mlp_hidden or 32 * math.ceil(8 * config.n_embd / 3 / 32)
             self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -208,11 +205,10 @@ class Block(nn.Module):
 # the KV cache and sampling, for fast generation
 
 class KVCache:
-    """One layer's keys and values, (B, nkv, max_len, hs) each, made at the first write in
-    attention's dtype; update(k, v) adds positions and returns all of them so far."""
+    """One layer's keys and values: update(k, v) appends and returns all so far."""
     def __init__(self, max_len):
         self.max_len = max_len
-        self.k = self.v = None  # (B, nkv, max_len, hs) each, from the first write
+        self.k = self.v = None  # (B, nkv, max_len, hs) each, made by the first write
         self.length = 0  # filled positions, the same in every row because prompts are left-padded
 
     def update(self, k, v):
@@ -314,9 +310,8 @@ class GPT(nn.Module):
         """ids idx (B, T) -> logits (B, T, V), and the mean loss over targets != -100."""
         logits = self.lm_head(self.hidden(idx))                    # (B, T, V)
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
+        if targets is not None:  # cross_entropy skips targets of -100 (its ignore_index)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return logits, loss
 
     def num_params(self):
@@ -395,8 +390,6 @@ class GPT(nn.Module):
         cache = [KVCache(room) for _ in self.transformer.h]
         logits = self.prefill(ctx[:, :T], pad, cache)
         length = T  # filled slots
-        # (B, 1, 1, block_size): True at the slots that hold real tokens
-        real = (torch.arange(block_size, device=device) >= pad[:, None])[:, None, None, :]
         out = [[] for _ in range(B)]
         done = [False] * B
         for step in range(max_new_tokens):
@@ -412,15 +405,14 @@ class GPT(nn.Module):
             if length == block_size:  # full: keep the history's last `keep` tokens, prefill again
                 ctx[:, :keep] = torch.cat([ctx[:, length - keep + 1:], next_id[:, None]], dim=1)
                 pad = (pad - (length + 1 - keep)).clamp(min=0)
-                real = (torch.arange(block_size, device=device) >= pad[:, None])[:, None, None, :]
                 length = keep
-                for layer_cache in cache:
-                    layer_cache.length = 0
+                cache = [KVCache(block_size) for _ in cache]
                 logits = self.prefill(ctx[:, :length], pad, cache)
             elif use_cache:  # decode: a token per row at pos length - pad, over length + 1 slots
                 ctx[:, length] = next_id
                 pos = (length - pad)[:, None]                      # (B, 1)
-                logits = self.forward_cached(next_id[:, None], cache, pos, real[..., :length + 1])
+                real = torch.arange(length + 1, device=device) >= pad[:, None]
+                logits = self.forward_cached(next_id[:, None], cache, pos, real[:, None, None])
                 length += 1
             else:  # the reference: the whole history again, into a fresh cache that is then dropped
                 ctx[:, length] = next_id
@@ -492,35 +484,31 @@ def refuse_torchrun(script):
 
 def pick_device(device="auto"):
     """'auto' -> cuda if available, then mps (Apple GPUs), then cpu; others are checked."""
-    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()
+    available = {"cuda": torch.cuda.is_available(), "mps": mps, "cpu": True}
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if mps else "cpu"
+        return next(kind for kind, ok in available.items() if ok)
     kind, colon, index = device.partition(":")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}.get(kind, False)
+    ok = available.get(kind, False)
     if colon:  # only cuda:N names a device by number
         cuda_index = kind == "cuda" and index.isdigit()
-        available = available and cuda_index and int(index) < torch.cuda.device_count()
-    if not available:
+        ok = ok and cuda_index and int(index) < torch.cuda.device_count()
+    if not ok:
         raise UserError(f"--device={device} is not available; "
                         f"use auto, cpu, cuda, cuda:N or mps")
     return device
 
 def choose_precision(device_type, dtype="auto", bf16=False):
-    """(dtype, reason) for a device kind, with or without native bf16: 'auto' picks bfloat16
-    where native (Ampere+ CUDA, CPUs with AVX512-BF16/AMX), float16 on older CUDA (with a
-    GradScaler), float32 elsewhere. A pure function, so every device kind is tested."""
+    """(dtype, reason) for a device kind with or without native bf16 ('auto': the table
+    below). A pure function, so every device kind is tested."""
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype={dtype} is not one of auto, float32, bfloat16, float16")
-    if dtype == "auto":
-        if device_type == "cuda" and bf16:
-            return "bfloat16", "CUDA GPU with bf16"
-        if device_type == "cuda":
-            return "float16", "CUDA GPU without bf16"
-        if device_type == "cpu" and bf16:
-            return "bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)"
-        return "float32", f"{device_type} without fast low precision"
+    if dtype == "auto":  # (device kind, native bf16) -> (dtype, reason)
+        auto = {("cuda", True): ("bfloat16", "CUDA GPU with bf16"),
+                ("cuda", False): ("float16", "CUDA GPU without bf16"),
+                ("cpu", True): ("bfloat16", "CPU with native bf16 (AVX512-BF16/AMX)")}
+        fallback = ("float32", f"{device_type} without fast low precision")
+        return auto.get((device_type, bool(bf16)), fallback)
     if dtype != "float32" and device_type == "mps":  # MPS autocast varies by version
         raise UserError(f"--dtype={dtype} on mps: MPS runs in float32 here; "
                         f"pass --dtype=float32")
@@ -541,9 +529,7 @@ def setup_precision(device, dtype="auto"):
     if device_type == "cuda":
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     elif device_type == "cpu" and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+        bf16 = bool(re.search(r"avx512_bf16|amx_bf16", open("/proc/cpuinfo").read()))
     dtype, reason = choose_precision(device_type, dtype, bf16)
     if dtype == "float32":
         return dtype, reason, contextlib.nullcontext()
@@ -558,9 +544,12 @@ def download(url, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     part = path + ".part"
     done = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"Range": f"bytes={done}-"}
+    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if os.environ.get("HF_TOKEN") and url.startswith(hub + "/"):  # for gated models; the
+        headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"  # Hub's host alone
     try:
-        with requests.get(url, stream=True, timeout=30,
-                          headers={"Range": f"bytes={done}-"}) as r:
+        with requests.get(url, stream=True, timeout=30, headers=headers) as r:
             if r.status_code != 416:  # 416: nothing is left to fetch, .part is complete
                 r.raise_for_status()
                 if r.status_code != 206:  # 200: the server ignored Range, start over
@@ -629,6 +618,7 @@ def load_checkpoint(path, device="cpu", verbose=True):
 # open models from Hugging Face (GPT-2, Llama, SmolLM2, Qwen): safetensors in and out
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+SHARDS = "model.safetensors.index.json"  # a big model's list of its shard files
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -660,9 +650,8 @@ def safetensors_index(path):
             raise UserError(f"{path}: tensor {name} has a malformed header entry or "
                             f"an unknown dtype: {str(info)[:100]}") from None
         numbers = [*shape, begin, end] if isinstance(shape, list) else [-1]
-        nbytes = -1  # a shape or offset that is no count of elements or bytes fits nothing
-        if all(isinstance(d, int) and d >= 0 for d in numbers):
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        counts = all(isinstance(d, int) and d >= 0 for d in numbers)
+        nbytes = math.prod(shape) * dtype.itemsize if counts else -1  # -1 fits nothing
         if nbytes < 0 or end > data_size or end - begin != nbytes:
             raise UserError(f"{path}: tensor {name}'s shape {shape} and offsets [{begin}, "
                             f"{end}] do not fit together in {data_size} bytes of data")
@@ -758,8 +747,6 @@ def hf_config(hf, family, switches):
         fields.setdefault("rope_theta", rope["rope_theta"])
     return GPTConfig(**{**FAMILY[family], **fields, **switches}, rope_scaling=scaling)
 
-SHARDS = "model.safetensors.index.json"
-
 def read_json(path):
     """The JSON object in path; anything else is a UserError naming the file."""
     try:
@@ -824,9 +811,7 @@ def from_pretrained(name_or_path, data_dir="data", dtype=None):
     a time into an empty model, so memory peaks at the model plus one tensor; dtype None
     keeps the file's float type (bfloat16 stays bfloat16)."""
     folder, files = weight_files(name_or_path, data_dir)
-    index = {}
-    for path in files:
-        index.update(safetensors_index(path))
+    index = {k: v for path in files for k, v in safetensors_index(path).items()}
     hf = read_json(os.path.join(folder, "config.json"))
     arch = str((hf.get("architectures") or ["?"])[0])
     if arch not in ARCHITECTURES:
@@ -851,24 +836,22 @@ def from_pretrained(name_or_path, data_dir="data", dtype=None):
         raise UserError(f"{folder}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     stored = index[wanted["transformer.wte.weight"][0]][1]
     dtype = dtype or (stored if stored.is_floating_point else torch.float32)
-    check_fits(model.num_params() * torch.empty((), dtype=dtype).element_size())
+    check_fits(model.num_params() * dtype.itemsize)
     model = model.to(dtype).to_empty(device="cpu")  # new tensors, so tie and rope anew
     if config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     if config.rope:
         model.make_rope()  # the tables are computed, not read, and stay float32
-    with torch.no_grad():
-        for name, target in model.state_dict().items():
-            if name not in wanted:
-                continue  # the tied head
-            parts = [read_tensor(index[n]) for n in wanted[name]]
-            if family == "gpt2" and name.endswith(CONV1D) and parts[0].dim() == 2:
-                parts = [parts[0].t()]  # GPT-2's Conv1D stores (in, out)
-            t = torch.cat(parts) if len(parts) > 1 else parts[0]
-            if t.shape != target.shape:
-                raise UserError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
-                                f"expected {tuple(target.shape)}")
-            target.copy_(t)
+    state = model.state_dict()  # the parameters' storage: copy_ fills it in place
+    for name, names in wanted.items():
+        parts = [read_tensor(index[n]) for n in names]
+        if family == "gpt2" and name.endswith(CONV1D) and parts[0].dim() == 2:
+            parts = [parts[0].t()]  # GPT-2's Conv1D stores (in, out)
+        t = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if t.shape != state[name].shape:
+            raise UserError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
+                            f"expected {tuple(state[name].shape)}")
+        state[name].copy_(t)
     model.folder = folder  # where its tokenizer.json is, if it has one
     return model
 

@@ -690,7 +690,6 @@ def main(cfg):
         return run_bench(cfg, device)
     dtype, reason, _ = setup_precision(device, cfg.dtype)
     # --- model and tokenizer (read on the cpu: the optimizer state stays there)
-    ckpt = {}
     if cfg.init_from:  # in the dtype it will run in: a 1B model is read once, not cast
         model = from_pretrained(cfg.init_from, dtype=getattr(torch, dtype))
         has_tokenizer = os.path.isfile(os.path.join(model.folder, "tokenizer.json"))
@@ -699,8 +698,7 @@ def main(cfg):
         model, ckpt = load_checkpoint(cfg.ckpt_path)
     with user_input():  # GPT-2's tokenizer files may be missing, offline
         tok = Tokenizer.from_saved(ckpt.get("tokenizer", "gpt2"), cfg.gpt2_dir)
-    # cast the weights (not autocast): decode reads every weight once per token, so half
-    # the bytes is up to twice the speed
+    # cast the weights (not autocast): half the bytes, so memory-bound decode runs ~2x
     model = model.to(device, getattr(torch, dtype)).eval()
     if model.config.block_size > cfg.context:  # its KV cache would not fit: the window slides
         model.config.block_size = cfg.context

@@ -74,25 +74,21 @@ class QuantizeConfig:
 # -----------------------------------------------------------------------------
 # the lesson: quantizing a tensor, symmetric and asymmetric, at three granularities
 
-def bf16_scale(scale):
-    # scales are values that bfloat16 holds exactly (the kernels take bfloat16 scales),
-    # nudged up before rounding, so no stored scale is below the exact one: nothing clips
-    return (scale * (1 + 2 ** -8)).to(torch.bfloat16).to(scale.dtype)
-
 def quantize_absmax(w, bits, dim=None):
     """Symmetric: scale = max|w| / qmax over dim (None: the whole tensor), q = round(w /
     scale) in [-qmax, qmax], qmax = 2^(bits-1) - 1. -> (q int8, scale, shaped for w)."""
     qmax = 2 ** (bits - 1) - 1
     amax = w.abs().amax() if dim is None else w.abs().amax(dim, keepdim=True)
-    scale = bf16_scale(amax.float().clamp(min=1e-8) / qmax)
+    # scales are values bfloat16 holds exactly (the kernels take bfloat16 scales), nudged
+    # up before rounding, so no stored scale is below the exact one: nothing clips
+    scale = (amax.float().clamp(min=1e-8) / qmax * (1 + 2 ** -8)).bfloat16().float()
     return (w.float() / scale).round().clamp(-qmax, qmax).to(torch.int8), scale
 
 def quantize_minmax(w, bits, dim=None):
     """Asymmetric: [min, max] onto 0 .. 2^bits - 1, scale = (max - min) / (2^bits - 1),
     the zero point is min: q = round((w - min) / scale). A range not centred on 0 (after
     a ReLU, say) wastes no levels. -> (q uint8, scale, zero)."""
-    lo = w.amin() if dim is None else w.amin(dim, keepdim=True)
-    hi = w.amax() if dim is None else w.amax(dim, keepdim=True)
+    lo, hi = w.aminmax(dim=dim, keepdim=True)
     scale = ((hi - lo).float() / (2 ** bits - 1)).clamp(min=1e-8)
     return ((w - lo) / scale).round().to(torch.uint8), scale, lo.float()
 
@@ -112,10 +108,8 @@ def outlier_demo(seed=0):
     weight, a per-channel scale only those of its row. Prints and returns the errors."""
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(seed)) * 0.02
     w[3, 7] = 2.0  # 100x the typical weight, as LLM.int8() found in large models
-    errors = {}
-    for name, dim in [("per tensor", None), ("per channel", 1)]:
-        q, scale = quantize_absmax(w, 8, dim)
-        errors[name] = (dequantize(q, scale) - w).abs().mean().item()
+    errors = {name: (dequantize(*quantize_absmax(w, 8, dim)) - w).abs().mean().item()
+              for name, dim in [("per tensor", None), ("per channel", 1)]}
     ratio = errors["per tensor"] / errors["per channel"]
     print(f"int8 with one outlier: mean |error| {errors['per tensor']:.2e} per tensor, "
           f"{errors['per channel']:.2e} per channel ({ratio:.0f}x)")
@@ -214,14 +208,10 @@ def quantize_model(model, bits, group_size=32, head="tied"):
         if bits == 8:
             return Int8Linear(weight, bias)
         return Int4Linear(weight, bias, group_size)
-
-    def swap(module):
+    for module in list(model.transformer.h.modules()):  # a list: children change as we go
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):
                 setattr(module, name, make(child.weight, child.bias))
-            else:
-                swap(child)
-    swap(model.transformer.h)
     if "wpe" in model.transformer:
         model.transformer.wpe = QuantEmbedding(make(model.transformer.wpe.weight))
     if head == "tied":
@@ -281,7 +271,6 @@ def heldout_windows(ckpt, data_dir, block_size, n):
 def loss_and_top1(model, windows, batch_size=8):
     """The mean next-token loss over the windows, and the model's top choice at every
     position (compared with float32's: teacher-forced agreement survives a tie)."""
-    model.eval()
     device = model.lm_head.weight.device
     losses = []
     choices = []
@@ -377,10 +366,9 @@ def bench(cfg, model, ckpt):
     return rows
 
 # -----------------------------------------------------------------------------
-# export: the float model for other tools, as a Hugging Face folder or a GGUF file
-# (llama.cpp's; the spec: github.com/ggml-org/ggml, docs/gguf.md), one little-endian
-# stream that llama.cpp maps into memory as it lies: a header, the metadata (keys and
-# values), each tensor's name, shape and offset, then the data, aligned
+# export: the float model for other tools, as a Hugging Face folder or a GGUF file:
+# one little-endian stream, mapped into memory as it lies by llama.cpp: a header, the
+# metadata (keys, values), each tensor's name, shape and offset, then the data, aligned
 
 # --export_dtype -> (ggml's tensor type, llama.cpp's file type "mostly X", torch's dtype)
 GGUF_TYPES = {"f32": (0, 0, torch.float32), "f16": (1, 1, torch.float16),
@@ -539,9 +527,11 @@ def export(cfg, model, ckpt, source):
 # main
 
 def check_config(cfg):
-    if cfg.export not in ("", "hf", "gguf") or cfg.export_dtype not in GGUF_TYPES:
-        raise UserError(f"--export={cfg.export!r} --export_dtype={cfg.export_dtype!r}: pass "
-                        f"--export=hf or gguf, and an --export_dtype in {list(GGUF_TYPES)}")
+    choices = dict(export=["", "hf", "gguf"], export_dtype=list(GGUF_TYPES), bits=[8, 4],
+                   head=["tied", "float"])
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name}={getattr(cfg, name)!r}: pass one of {allowed}")
     # flags the chosen mode would ignore: quantizing's with --export, export's without it
     unused = ["bits", "group_size", "head", "out_path", "load", "bench"] if cfg.export else ["out"]
     if cfg.export != "gguf":
@@ -549,10 +539,6 @@ def check_config(cfg):
     if given := [f"--{f}" for f in unused if getattr(cfg, f) != getattr(QuantizeConfig, f)]:
         raise UserError(f"{' '.join(given)}: unused with --export={cfg.export!r}; drop it (int8 "
                         f"GGUF: --export_dtype=q8_0; a quantized checkpoint's path: --out_path)")
-    if cfg.bits not in (4, 8):
-        raise UserError(f"--bits={cfg.bits}: pass 8 (int8 per channel) or 4 (per group)")
-    if cfg.head not in ("tied", "float"):
-        raise UserError(f"--head={cfg.head!r} is unknown; use tied or float")
     require_positive(cfg, "group_size", "eval_windows")
     if cfg.max_new_tokens < 0:
         raise UserError(f"--max_new_tokens={cfg.max_new_tokens} must not be negative")

@@ -38,11 +38,9 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -572,41 +570,29 @@ def resume_command(cfg, world):
     flags = ["--init_from=resume", f"--out_dir={cfg.out_dir}", *flags]
     return " ".join([launcher, *map(shlex.quote, flags)])
 
-def rekey(opt_state, keys):
-    # an optimizer state dict with each parameter's key k replaced by keys[k]: an ordinary
-    # checkpoint keys a parameter by its place (0, 1, ...), FSDP's state dicts by its name
-    return dict(state={keys[k]: s for k, s in opt_state["state"].items()},
-                param_groups=[dict(group, params=[keys[k] for k in group["params"]])
-                              for group in opt_state["param_groups"]])
+def gather_state(model, optimizer, master):
+    """FSDP's shards -> (weights, AdamW's state) as in an ordinary checkpoint, keyed as
+    without FSDP: whole tensors on rank 0's CPU (the other ranks get None). Every rank
+    calls it: full_tensor() all-gathers one tensor from every rank's shard."""
+    def whole(t):
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        return t.cpu() if master else None
+    weights = {name: whole(t) for name, t in model.state_dict().items()}
+    opt_state = optimizer.state_dict()  # its tensors are the optimizer's own: copy, not edit
+    opt_state["state"] = {k: {name: whole(t) for name, t in state.items()}
+                          for k, state in opt_state["state"].items()}
+    return weights, opt_state
 
-def optimizer_names(model, optimizer):
-    # the optimizer's parameters by name, in its order: the keys of its state_dict()
-    names = {p: name for name, p in model.named_parameters()}
-    return [names[p] for group in optimizer.param_groups for p in group["params"]]
-
-def gather_state(model, optimizer):
-    """FSDP's shards -> (weights, optimizer state) as in an ordinary checkpoint: whole tensors
-    on rank 0's CPU (the other ranks get none). Every rank calls it: each sends its shards."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=full)
-    # before the first step AdamW has no state; get_optimizer_state_dict would make it by a
-    # step with lr 0, which AdamW counts (its bias correction would then be off by a step)
-    if not optimizer.state:
-        return weights, optimizer.state_dict()
-    opt_state = get_optimizer_state_dict(model, optimizer, options=full)  # keyed by name
-    if not opt_state:  # not rank 0
-        return weights, opt_state
-    places = {name: k for k, name in enumerate(optimizer_names(model, optimizer))}
-    return weights, rekey(opt_state, places)
-
-def load_optimizer_state(model, optimizer, opt_state):
-    # the reverse, on every rank: a checkpoint's whole tensors -> this rank's shards of them
-    if not opt_state["state"]:  # saved before the first step: nothing to shard (and
-        optimizer.load_state_dict(opt_state)  # set_optimizer_state_dict's lr-0 step counts)
-        return
-    named = rekey(opt_state, optimizer_names(model, optimizer))
-    set_optimizer_state_dict(model, optimizer, named,
-                             options=StateDictOptions(full_state_dict=True))
+def shard_optimizer_state(optimizer, opt_state):
+    # the reverse, on every rank: each whole tensor of a checkpoint -> this rank's shard of
+    # it, split as its parameter is (AdamW's step counts stay whole)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for k, state in opt_state["state"].items():
+        p = params[k]
+        for name, t in state.items():
+            if name != "step":
+                state[name] = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict(opt_state)
 
 # -----------------------------------------------------------------------------
 # the run: setup, data, model, optimizer, the loop, cleanup
@@ -731,7 +717,7 @@ def main(cfg):
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     if cfg.init_from == "resume":
         if cfg.fsdp:  # each rank takes its shards of AdamW's moments
-            load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
+            shard_optimizer_state(optimizer, ckpt["optimizer"])
         else:
             optimizer.load_state_dict(ckpt["optimizer"])
         # the scale, if both runs use float16 (a disabled scaler saves {})
@@ -797,7 +783,7 @@ def main(cfg):
                 if cfg.eval_only:  # nothing was trained: nothing to save
                     break
                 if cfg.fsdp:  # whole tensors onto rank 0's CPU: every rank sends its shards
-                    weights, opt_state = gather_state(raw_model, optimizer)
+                    weights, opt_state = gather_state(raw_model, optimizer, master)
                 else:
                     weights = raw_model.state_dict()
                     opt_state = optimizer.state_dict()
