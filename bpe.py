@@ -774,7 +774,7 @@ def read_records(path, problem=record_problem, schema=RECORD_SCHEMA):
     """A JSON list, or JSONL lines, of records checked by problem(record) (by default
     RECORD_SCHEMA's); a malformed file or record is an error naming both."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; pass --dataset=stories, alpaca or a JSON file")
+        raise FileNotFoundError(f"{path} not found; pass --dataset=stories or a .json(l) file")
     where = ""
     try:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
         with open(path, encoding="utf-8") as f:

@@ -205,7 +205,7 @@ def run_bench(cfg, device):
     if os.path.exists(cfg.ckpt_path):
         shapes[cfg.ckpt_path] = load_checkpoint(cfg.ckpt_path)[0].config
     else:  # train.py's default shape, when no checkpoint has been trained yet
-        shapes["train.py default"] = GPTConfig(vocab_size=1024, block_size=256,
+        shapes["train.py default"] = GPTConfig(vocab_size=1024, block_size=512,
                                                n_layer=4, n_head=4, n_embd=256, bias=False)
     print("| shape | dtype | batch | new tokens | no cache tok/s | cache tok/s | speedup "
           "| cache decode tok/s | bound tok/s | decode / bound |\n|" + "---|" * 10)

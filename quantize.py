@@ -56,7 +56,7 @@ class QuantizeConfig:
     # quantization
     bits: int = 8  # 8: int8, a scale per output channel; 4: int4, a scale per group
     group_size: int = 32  # int4: input columns that share a scale (32, 64, 128, ...)
-    head: str = "tied"  # tied: the shared embedding/head quantized once for both; float
+    head: str = "tied"  # tied: the head quantized (a tied embedding shares it); float
     # sampling
     prompt: str = "Once upon a time"  # continued greedily by the quantized model
     max_new_tokens: int = 100
@@ -202,8 +202,8 @@ class QuantEmbedding(nn.Module):
 
 def quantize_model(model, bits, group_size=32, head="tied"):
     """Swap every Linear in the blocks (attention, MLP) and the learned positions for
-    quantized versions, in place. head='tied' quantizes the shared embedding/head matrix
-    once for both; 'float' keeps it exact. Norms and biases stay float."""
+    quantized versions, in place. head='tied' quantizes the head too (a tied embedding
+    reads it); 'float' keeps it exact. Norms and biases stay float."""
     def make(weight, bias=None):
         if bits == 8:
             return Int8Linear(weight, bias)
@@ -214,9 +214,10 @@ def quantize_model(model, bits, group_size=32, head="tied"):
                 setattr(module, name, make(child.weight, child.bias))
     if "wpe" in model.transformer:
         model.transformer.wpe = QuantEmbedding(make(model.transformer.wpe.weight))
-    if head == "tied":
+    if head == "tied":  # the head; a tied token embedding reads the same quantized matrix
         model.lm_head = make(model.lm_head.weight)
-        model.transformer.wte = QuantEmbedding(model.lm_head)
+        if model.config.tie_embeddings:  # (an untied one, Llama 3.1 8B's, stays float)
+            model.transformer.wte = QuantEmbedding(model.lm_head)
     return model
 
 # -----------------------------------------------------------------------------
@@ -583,9 +584,10 @@ def main(cfg):
         model = model.to(getattr(torch, dtype))
         with user_input():  # GPT-2's tokenizer files may be missing, offline
             tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
-        stop = tok.special_tokens[STOP]
-        prompt = tok.encode(cfg.prompt, allowed_special="none") or [stop]
-        new, speed = decode_speed(model, prompt, cfg.max_new_tokens, stop)
+        # a text ends at <|endoftext|> (ours, GPT-2, SmolLM2, Qwen) or <|end_of_text|> (Llama 3)
+        ends = [tok.special_tokens[s] for s in (STOP, "<|end_of_text|>") if s in tok.special_tokens]
+        prompt = tok.encode(cfg.prompt, allowed_special="none") or ends[:1]
+        new, speed = decode_speed(model, prompt, cfg.max_new_tokens, ends)
         print(f"{cfg.prompt}{tok.decode(new)}\n"
               f"{len(new)} tokens, {speed:,.1f} tok/s after the first")
     return dict(model=model, ckpt=ckpt)

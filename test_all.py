@@ -4,7 +4,7 @@ Run:  python test_all.py            (all tests, one line each, ends with "N pass
       python test_all.py bpe        (only tests whose name contains "bpe")
       python test_all.py cuda       (the CUDA self-check, ~2 min on a GPU; skipped without one)
       python -m pytest test_all.py -q
-The whole file takes about a minute on a 2-core CPU. Tests that need real data from $BUILDLLM_DATA
+The whole file takes 3 to 5 minutes on a 2-core CPU. Tests that need real data from $BUILDLLM_DATA
 (GPT-2's vocabulary files, tinyshakespeare) skip when it is absent; nothing here uses the network.
 Files are written only into temporary directories.
 """
@@ -3642,9 +3642,22 @@ def test_quantize_kernels_equal_their_references():
             assert fast.shape == (3, 5, N)
             assert (fast - reference).abs().max() <= 1e-2 * reference.abs().max(), f"{what}: the CPU kernel"
 
-def _tiny_quantizable(seed=0):
+def _tiny_quantizable(seed=0, **config):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=70, block_size=32, n_layer=2, n_head=2, n_embd=64)).eval()
+    return GPT(GPTConfig(vocab_size=70, block_size=32, n_layer=2, n_head=2, n_embd=64, **config)).eval()
+
+def test_quantize_untied_model_keeps_its_own_embedding():
+    # Llama 3.1 8B's kind: a head apart from the token embedding. --head=tied quantizes the head
+    # alone; the embedding stays the float one it was (sharing the head's would be another model)
+    model = _tiny_quantizable(tie_embeddings=False)
+    idx = torch.randint(0, 70, (4, 32), generator=torch.Generator().manual_seed(1))
+    wte = model.transformer.wte.weight.clone()
+    q = quantize.quantize_model(copy.deepcopy(model), 8, 0, "tied")
+    assert isinstance(q.transformer.wte, torch.nn.Embedding) and torch.equal(q.transformer.wte.weight, wte)
+    assert isinstance(q.lm_head, quantize.Int8Linear)
+    logits = model(idx)[0]
+    error = (q(idx)[0] - logits).abs().max() / logits.abs().max()
+    assert error < 0.02, f"relative logit error {error:.3f}"
 
 def test_quantize_model_stays_close_to_float32():
     model = _tiny_quantizable()
@@ -3720,6 +3733,11 @@ def test_quantize_main_writes_loads_and_samples():
         assert re.search(r"\n\d+ tokens, [\d,.]+ tok/s after the first\n$", printed.getvalue())
         assert torch.equal(loaded["model"].lm_head.weight, result["model"].lm_head.weight)
         raises(gpt.UserError, quantize.main, dataclasses.replace(cfg, group_size=24, overwrite=True), match="does not divide")
+    # Llama 3's tokenizer has no <|endoftext|>: the sample starts and stops at <|end_of_text|>
+    tok = bpe.Tokenizer().train(_text_of(records), 300, special_tokens=("<|begin_of_text|>", "<|end_of_text|>"))
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        ckpt = gpt.save_checkpoint(f"{tmp}/ckpt.pt", model, tokenizer=tok.to_dict())
+        quantize.main(quantize.QuantizeConfig(ckpt_path=ckpt, prompt="", max_new_tokens=5, device="cpu"))
     raises(gpt.UserError, quantize.check_config, quantize.QuantizeConfig(bits=3), match="--bits=3")
     raises(gpt.UserError, quantize.check_config, quantize.QuantizeConfig(group_size=0), match="--group_size=0")
 
@@ -4357,7 +4375,7 @@ def test_export_main_writes_a_gguf_file_and_a_hugging_face_folder():
 # note); each file was cut twice without squeezing, and what remains is tested capability:
 # gpt.py 1033: the loader of four families (configs, names, Hub shards, memory check) and the
 # writer of two layouts; bpe.py 961: tokenizer.json in and out (~150 lines) and three chat
-# template families rendered token for token as transformers does (~110); quantize.py 594: the
+# template families rendered token for token as transformers does (~110); quantize.py 596: the
 # GGUF writer (~140 lines, a second lesson); kvcache.py 734 (714): chats in a Hub model's own
 # template, its stop tokens and a context cap.
 # The GPT-2 reproduction issue (#35) gives train.py 90 lines (1014). Its work in progress is
@@ -4366,7 +4384,7 @@ def test_export_main_writes_a_gguf_file_and_a_hugging_face_folder():
 # checkpointing (~80), each beside the story generator's appendix (~370 lines).
 # test_all.py has no cap: a section per script instead
 LINE_CAPS = {"bigram.py": 290, "micrograd.py": 300, "bpe.py": 961, "gpt.py": 1033, "train.py": 1251,
-             "kvcache.py": 734, "finetune.py": 534, "lora.py": 360, "dpo.py": 597, "quantize.py": 594,
+             "kvcache.py": 734, "finetune.py": 534, "lora.py": 360, "dpo.py": 597, "quantize.py": 596,
              "ddp.py": 400}
 
 def present(files):
@@ -4480,7 +4498,7 @@ def test_repo_user_errors_are_one_line():
             ("train.py", [*data, "--n_embd=30", "--n_head=4"], "not divisible"),
             ("train.py", [*data, "--device=tpu"], "--device=tpu is not available; use auto"),
             ("train.py", [*data, f"--tokenizer={garbage_json}"], "garbage.json"),
-            ("train.py", [*data, f"--init_from=resume"], "no checkpoint"),
+            ("train.py", [*data, "--init_from=resume"], "no checkpoint"),
             ("kvcache.py", [f"--ckpt_path={tmp}/missing.pt"], "python train.py"),
             ("finetune.py", [f"--ckpt_path={tmp}/missing.pt"], "python train.py"),
             ("finetune.py", ["--template=vicuna"], "use one of phi3, alpaca"),
