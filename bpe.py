@@ -411,8 +411,11 @@ class Tokenizer:
     def to_hf(self, template="phi3"):
         """(tokenizer.json, tokenizer_config.json) as dicts: the same ids from
         `tokenizers`, and a chat template transformers renders as render_conversation
-        does (one read from a model folder is written back as it came)."""
-        spec = chat_spec(template, self)
+        does (one read from a model folder is written back as it came); template None: a
+        base model's, with no chat template, ending at the end of a text."""
+        spec = chat_spec(template, self) if template else {  # a base model: a text's ends
+            "end": next((s for s in TEXT_ENDS if s in self.special_tokens), STOP),
+            "bos": "<|begin_of_text|>" if "<|begin_of_text|>" in self.special_tokens else None}
         alphabet = byte_alphabet()
         spelled = {i: "".join(alphabet[b] for b in self.vocab[i]) for i in self.vocab}
         specials = set(self.special_tokens.values())
@@ -439,11 +442,12 @@ class Tokenizer:
                      "pre_tokenizer": byte_level if self.pattern == "gpt2" else pre,
                      "decoder": byte_level, "model": model}
         pad = STOP if STOP in self.special_tokens else spec["end"]
-        data = json.dumps({k: v for k, v in spec.items() if v is not None}, ensure_ascii=False)
-        jinja = spec["jinja"] or "{%- set t = " + data + " %}" + CHAT_JINJA
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": spec["end"],
                   "bos_token": spec["bos"] or pad, "pad_token": pad,
-                  "clean_up_tokenization_spaces": False, "chat_template": jinja}
+                  "clean_up_tokenization_spaces": False}
+        if template:
+            data = json.dumps({k: v for k, v in spec.items() if v is not None}, ensure_ascii=False)
+            config["chat_template"] = spec["jinja"] or "{%- set t = " + data + " %}" + CHAT_JINJA
         return tokenizer, config
 
     def save_pretrained(self, folder, template="phi3"):
@@ -575,6 +579,12 @@ def stop_ids(tok, template="phi3"):
     spec = chat_spec(template, tok)
     ends = [spec["end"], *spec["stops"]]
     return [tok.special_tokens[s] for s in ends if s in tok.special_tokens]
+
+TEXT_ENDS = (STOP, "<|end_of_text|>")  # ours, GPT-2's, SmolLM2's and Qwen's; Llama 3's
+
+def text_ends(tok):
+    """The ids that end a text (no chat): those of TEXT_ENDS the tokenizer has."""
+    return [tok.special_tokens[s] for s in TEXT_ENDS if s in tok.special_tokens]
 
 def end_of_turn(tok, template=None):
     """The id ending an assistant turn: template's, tok.chat_template's or STOP's."""

@@ -525,7 +525,11 @@ def main(cfg):
         template = saved.get("chat_template", template)
     with user_input():  # GPT-2's tokenizer files may be missing, offline
         tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    model.vocab_used = tok.vocab_size  # rows past the tokenizer's ids are never sampled
     template = tok.chat_template or template  # a Hub model's own
+    tok.chat_template = template  # so end_of_turn(tok) below ends turns as it does
+    with user_input():  # a template whose end token the tokenizer lacks
+        end_of_turn(tok)
     # the reference: a frozen copy of the starting model, never trained (eval: no dropout)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
 

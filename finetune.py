@@ -360,13 +360,13 @@ def show_table(rows, path):
 
 def instruct(cfg, model, tok, common, out_dir, device, ctx):
     # --- data: records -> conversations -> (x, y) examples, and the prompts of the table
-    with user_input():  # bpe.py's errors for a missing or malformed file: one line
+    with user_input():  # bpe.py's errors (a malformed file, a template's end missing): one line
         records = instruct_records(cfg.dataset, cfg.data_dir)
         train_r, val_r, test_r = split_records(records, cfg.val_size, cfg.test_size,
                                                cfg.seed)
+        template = tok.chat_template or cfg.template  # a Hub model's own, else --template
+        pad_id = end_of_turn(tok, template)  # padding is never learned (y = -100)
     block = model.config.block_size
-    pad_id = end_of_turn(tok)  # padding is never learned (y = -100): any id will do
-    template = tok.chat_template or cfg.template  # a Hub model's own, else --template
     train_ex, dropped, cut = chat_examples(tok, train_r, template, block, cfg.mask_prompt)
     val_ex = chat_examples(tok, val_r, template, block)[0]
     test_ex = chat_examples(tok, test_r, template, block)[0]
@@ -497,6 +497,7 @@ def main(cfg):
     cfg, device, ctx, model, saved_tok = start_finetuning(cfg)
     with user_input():  # GPT-2's tokenizer files may be missing, offline
         tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    model.vocab_used = tok.vocab_size  # rows past the tokenizer's ids are never sampled
     common = dict(tokenizer=saved_tok, train_config=dataclasses.asdict(cfg))
     task = instruct if cfg.task == "instruct" else classify
     return task(cfg, model, tok, common, out_dir, device, ctx)

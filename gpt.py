@@ -266,6 +266,9 @@ class GPT(nn.Module):
         else:  # not parameters, and not saved: they are recomputed from the config
             self.make_rope()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # the ids generate may pick: a script lowers it to its tokenizer's size, so no
+        # padding row (GPT-2's 50,304, Qwen's) is sampled, an id no tokenizer decodes
+        self.vocab_used = config.vocab_size
         if config.tie_embeddings:  # the output layer is the token embedding (V*C fewer)
             self.lm_head.weight = self.transformer.wte.weight
         # GPT-2 init: N(0, 0.02); the projections into the residual stream shrink by
@@ -393,7 +396,7 @@ class GPT(nn.Module):
         out = [[] for _ in range(B)]
         done = [False] * B
         for step in range(max_new_tokens):
-            next_id = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            next_id = sample(logits[:, :self.vocab_used], temperature, top_k, top_p, generator)
             if on_token is not None:
                 on_token(step, next_id, logits)
             for b, i in enumerate(next_id.tolist()):
@@ -919,7 +922,7 @@ def load_model(ckpt_path, init_from="", data_dir="data", device="cpu"):
     if init_from:
         model = from_pretrained(init_from, data_dir, torch.float32)
         check_fits(model.num_params() * 4, device)
-        folder = model.folder
+        folder = os.path.abspath(model.folder)  # checkpoints keep it: valid from any directory
         tokenizer = folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else "gpt2"
         return model.to(device), tokenizer
     model, ckpt = load_checkpoint(ckpt_path, device)

@@ -32,7 +32,7 @@ import uuid
 
 import torch
 
-from bpe import STOP, Tokenizer, render_conversation, stop_ids
+from bpe import STOP, Tokenizer, render_conversation, stop_ids, text_ends
 from gpt import (GPT, GPTConfig, KVCache, UserError, format_config, from_pretrained,
                  load_checkpoint, pick_device, refuse_torchrun, require_positive, run,
                  sample, setup_precision, user_input)
@@ -97,7 +97,7 @@ def generate_text(cfg, model, tok):
     A model with a chat template (an instruct model from the Hub) answers each prompt as
     a user's message instead, and --interactive is a chat."""
     chat = tok.chat_template
-    stops = stop_ids(tok, chat or "phi3")
+    stops = stop_ids(tok, chat) if chat else text_ends(tok)
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                     eot_id=stops, generator=generator)
@@ -338,8 +338,8 @@ class Engine:
 
     def choose(self, i, logits):
         request = self.rows[i]
-        next_id = sample(logits[None], request.temperature, 0, request.top_p,
-                         request.generator).item()
+        logits = logits[None, :self.model.vocab_used]  # no padding row is ever sampled
+        next_id = sample(logits, request.temperature, 0, request.top_p, request.generator).item()
         full = int(self.lengths[i]) == self.block_size
         if not request.push(next_id, self.stops, full):
             self.last[i] = next_id
@@ -698,6 +698,7 @@ def main(cfg):
         model, ckpt = load_checkpoint(cfg.ckpt_path)
     with user_input():  # GPT-2's tokenizer files may be missing, offline
         tok = Tokenizer.from_saved(ckpt.get("tokenizer", "gpt2"), cfg.gpt2_dir)
+    model.vocab_used = tok.vocab_size  # rows past the tokenizer's ids are never sampled
     # cast the weights (not autocast): half the bytes, so memory-bound decode runs ~2x
     model = model.to(device, getattr(torch, dtype)).eval()
     if model.config.block_size > cfg.context:  # its KV cache would not fit: the window slides
@@ -715,6 +716,9 @@ def main(cfg):
         return generate_text(cfg, model, tok)
     # --- serve until Ctrl-C (chats rendered with the template the model was tuned with)
     template = tok.chat_template or ckpt.get("chat_template", "phi3")
+    if template == "phi3" and STOP not in tok.special_tokens:  # a base Llama 3, say
+        raise UserError(f"{cfg.init_from or cfg.ckpt_path} has no chat template to serve; "
+                        f"continue its text with --prompt, or serve an instruct model")
     server = make_server(model, tok, template, cfg.host, cfg.port, cfg.api_key,
                          cfg.max_batch, cfg.max_queue, cfg.init_from or cfg.ckpt_path)
     url = f"http://{server.server_address[0]}:{server.server_address[1]}/"

@@ -239,16 +239,17 @@ def main(cfg):
     cfg, device, ctx, model, saved_tok = start_finetuning(cfg)
     with user_input():  # GPT-2's tokenizer files may be missing, offline
         tok = Tokenizer.from_saved(saved_tok, cfg.gpt2_dir)
+    model.vocab_used = tok.vocab_size  # rows past the tokenizer's ids are never sampled
     base_fingerprint = fingerprint(model)
     n_params = model.num_params()
 
     # --- data: finetune.py's records, template, split and masked examples
-    with user_input():  # bpe.py's errors for a missing or malformed file: one line
+    with user_input():  # bpe.py's errors (a malformed file, a template's end missing): one line
         records = instruct_records(cfg.dataset, cfg.data_dir)
         splits = split_records(records, cfg.val_size, cfg.test_size, cfg.seed)
+        template = tok.chat_template or cfg.template  # a Hub model's own, else --template
+        stop = end_of_turn(tok, template)  # y = -100 at the prompt and the padding
     block = model.config.block_size
-    stop = end_of_turn(tok)  # y = -100 at the prompt and the padding (collate)
-    template = tok.chat_template or cfg.template  # a Hub model's own, else --template
     train_ex, val_ex, test_ex = [make_examples(tok, [record_messages(r) for r in rs],
                                                template, block)[0] for rs in splits]
     if not (train_ex and val_ex and test_ex):

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpe import STOP, Tokenizer
+from bpe import Tokenizer, text_ends
 from gpt import (GPT, GPTConfig, UserError, from_pretrained, hf_config, hf_layout,
                  load_checkpoint, pick_device, refuse_overwrite, refuse_torchrun,
                  require_positive, rope_tables, run, save_checkpoint, save_pretrained,
@@ -445,13 +445,15 @@ def gguf_vocab(tokenizer_json, tokenizer_config, vocab_size):
         vocab[added["id"]] = (added["content"], 3 if added["special"] else 4)
     tokens, types = zip(*[vocab.get(i, (f"[PAD{i}]", 5)) for i in range(vocab_size)])
     ids = {s: i for i, s in enumerate(tokens)}
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": gguf_pre(tokenizer_json),
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": gguf_pre(tokenizer_json),
             "tokenizer.ggml.tokens": list(tokens), "tokenizer.ggml.token_type": list(types),
             "tokenizer.ggml.merges": [" ".join(m) for m in tokenizer_json["model"]["merges"]],
             "tokenizer.ggml.bos_token_id": ids[tokenizer_config["bos_token"]],
             "tokenizer.ggml.eos_token_id": ids[tokenizer_config["eos_token"]],
-            "tokenizer.ggml.add_bos_token": bool(tokenizer_config.get("add_bos_token")),
-            "tokenizer.chat_template": tokenizer_config["chat_template"]}
+            "tokenizer.ggml.add_bos_token": bool(tokenizer_config.get("add_bos_token"))}
+    if "chat_template" in tokenizer_config:  # a base model has none
+        keys["tokenizer.chat_template"] = tokenizer_config["chat_template"]
+    return keys
 
 def write_gguf(path, config, tensors, tokenizer_json, tokenizer_config, dtype="f16"):
     """gpt.hf_layout's (config.json's dict, {name: tensor}) for GPT-2, Llama, Qwen2 or Qwen3
@@ -514,7 +516,7 @@ def export(cfg, model, ckpt, source):
                         f"or another --out")
     with user_input():  # GPT-2's tokenizer files offline, or what a format cannot hold
         tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
-        template = tok.chat_template or ckpt.get("chat_template", "phi3")
+        template = tok.chat_template or ckpt.get("chat_template")  # None: a base model
         if cfg.export == "hf":
             save_pretrained(model, out, overwrite=cfg.overwrite)
             tok.save_pretrained(out, template)
@@ -584,8 +586,8 @@ def main(cfg):
         model = model.to(getattr(torch, dtype))
         with user_input():  # GPT-2's tokenizer files may be missing, offline
             tok = Tokenizer.from_saved(ckpt["tokenizer"], cfg.gpt2_dir)
-        # a text ends at <|endoftext|> (ours, GPT-2, SmolLM2, Qwen) or <|end_of_text|> (Llama 3)
-        ends = [tok.special_tokens[s] for s in (STOP, "<|end_of_text|>") if s in tok.special_tokens]
+        model.vocab_used = tok.vocab_size  # rows past the tokenizer's ids are never sampled
+        ends = text_ends(tok)
         prompt = tok.encode(cfg.prompt, allowed_special="none") or ends[:1]
         new, speed = decode_speed(model, prompt, cfg.max_new_tokens, ends)
         print(f"{cfg.prompt}{tok.decode(new)}\n"

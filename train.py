@@ -47,8 +47,8 @@ from torch.utils.checkpoint import checkpoint
 from bpe import BOYS, GIRLS, Tokenizer
 from gpt import (GPT, GPT2_NAMES, GPTConfig, UserError, collate, download,
                  format_config, from_pretrained, get_lr, load_checkpoint, pick_device,
-                 progress_bar, refuse_overwrite, require_positive, run, save_checkpoint,
-                 save_json, setup_precision, user_input)
+                 progress_bar, read_json, refuse_overwrite, require_positive, run,
+                 save_checkpoint, save_json, setup_precision, user_input)
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -516,6 +516,10 @@ def check_config(cfg, kind, world, ddp):
     own = cfg.init_from in ("scratch", "resume")  # else GPT-2: its tokenizer and context
     tok_json = kind.endswith(".json") and os.path.isfile(kind)
     sharded = cfg.dataset in SHARD_SETS or os.path.isdir(cfg.dataset)
+    # a .safetensors file: GPT-2's only (train.py's data is in GPT-2's ids), by its config
+    config = os.path.join(os.path.dirname(cfg.init_from), "config.json")
+    gpt2_file = os.path.isfile(cfg.init_from) and os.path.isfile(config)
+    gpt2_file = gpt2_file and read_json(config).get("model_type") == "gpt2"
     rules = [(name, getattr(cfg, name) >= 0, "0 or more") for name in ("max_iters",
              "warmup_iters", "learning_rate", "weight_decay", "grad_clip", "seed")]
     rules += [
@@ -536,8 +540,8 @@ def check_config(cfg, kind, world, ddp):
          "bpe, gpt2, byte or a tok.json from bpe.py (from GPT-2: gpt2)"),
         ("vocab_size", kind != "bpe" or 257 <= cfg.vocab_size <= 1 << 17,
          "257 (bytes + <|endoftext|>) to 131072"),
-        ("init_from", own or cfg.init_from in GPT2_NAMES or os.path.isfile(cfg.init_from),
-         "scratch, resume, gpt2, gpt2-medium, ... or a GPT-2 .safetensors file"),
+        ("init_from", own or cfg.init_from in GPT2_NAMES or gpt2_file, "scratch, resume, gpt2, "
+         "gpt2-medium, ... or a GPT-2 .safetensors file beside its config.json"),
         ("dataset", cfg.dataset in ("stories", *DATASETS, *SHARD_SETS)
          or os.path.exists(cfg.dataset), "stories, tinystories, shakespeare_char, "
          "fineweb10B, finewebedu10B, an existing UTF-8 text file, or a folder of token "
