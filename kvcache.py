@@ -28,6 +28,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 import uuid
 
 import torch
@@ -86,8 +87,7 @@ class TextStream:
             self.ids = []
 
 def text_start(tok):
-    """What a text follows: <|endoftext|> (ours, GPT-2, SmolLM2, Qwen), <|begin_of_text|>
-    (Llama 3), or nothing."""
+    """What a text follows: <|endoftext|>, or Llama 3's <|begin_of_text|>, or nothing."""
     starts = [tok.special_tokens[s] for s in (STOP, "<|begin_of_text|>") if s in tok.special_tokens]
     return starts[:1]
 
@@ -387,17 +387,28 @@ class Engine:
     @torch.inference_mode()
     def loop(self):
         while self.running:
-            try:  # wait for work when idle; when busy, take only what already waits
-                while len(self.rows) < self.max_batch:
-                    request = self.waiting.get(block=not self.rows, timeout=0.05)
-                    if not request.cancelled:
-                        self.join(request)
-            except queue.Empty:
-                pass
+            try:
+                self.turn()
+            except Exception:  # a bug must not stall every later request: the requests
+                traceback.print_exc()  # in hand end (finish_reason "error"), the rest go on
+                for request in self.rows + self.joining:
+                    request.finish = "error"
+                    request.pieces.put(None)
+                self.rows = []
+
+    def turn(self):
+        self.joining = []  # a request being prefilled: in no row yet
+        try:  # wait for work when idle; when busy, take only what already waits
+            while len(self.rows) < self.max_batch:
+                self.joining = [self.waiting.get(block=not self.rows, timeout=0.05)]
+                if not self.joining[0].cancelled:
+                    self.join(self.joining[0])
+        except queue.Empty:
+            pass
+        self.leave_finished()
+        if self.rows:
+            self.step()
             self.leave_finished()
-            if self.rows:
-                self.step()
-                self.leave_finished()
 
     def stop(self):
         self.running = False

@@ -2847,6 +2847,23 @@ def test_kvcache_server_never_samples_padding_rows():
         done = _post(url, "/v1/completions", prompt="Once", max_tokens=40, temperature=2.0).json()
     assert done["usage"]["completion_tokens"] == 40, done
 
+def test_kvcache_server_survives_an_error_in_the_engine():
+    # a bug in one step ends the requests in hand (finish_reason "error"), not the engine: the next
+    # request is answered
+    model = _serving_model()
+    real, calls = model.forward_cached, []
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in a decode step")
+        return real(*args)
+    model.forward_cached = flaky
+    with _server(model) as (url, server), contextlib.redirect_stderr(io.StringIO()) as err:
+        first = _post(url, "/v1/completions", prompt="Once", max_tokens=5).json()
+        second = _post(url, "/v1/completions", prompt="Once", max_tokens=5).json()
+    assert first["choices"][0]["finish_reason"] == "error" and "a bug in a decode step" in err.getvalue()
+    assert second["usage"]["completion_tokens"] == 5, second
+
 def test_kvcache_server_long_chat_drops_oldest_messages_and_refuses_empty_ones():
     """A chat longer than the window keeps its system message and drops the fewest oldest others that
     leave room for the reply, says how many in usage, and answers as GPT.generate does on what is
@@ -4435,16 +4452,16 @@ def test_export_main_writes_a_gguf_file_and_a_hugging_face_folder():
 # gpt.py 1036: the loader of four families (configs, names, Hub shards, memory check) and the
 # writer of two layouts; bpe.py 971: tokenizer.json in and out (~150 lines) and three chat
 # template families rendered token for token as transformers does (~110); quantize.py 598: the
-# GGUF writer (~140 lines, a second lesson); kvcache.py 738 (714): chats in a Hub model's own
-# template, its stop tokens and a context cap; lora.py 361 (360): a line that keeps a Hub
-# model's padding rows (Qwen's vocabulary) from being sampled.
+# GGUF writer (~140 lines, a second lesson); kvcache.py 749 (714): chats in a Hub model's own
+# template, its stop tokens, a context cap and an engine that outlives an error in a step;
+# lora.py 361 (360): a line that keeps a Hub model's padding rows (Qwen's) from being sampled.
 # The GPT-2 reproduction issue (#35) gives train.py 90 lines (1014). Its work in progress is
 # over that, pending the same decision: train.py 1255: token shards (read, written from text,
 # fetched, read in order by rank; ~130 lines), HellaSwag (~95) and FSDP2 with activation
 # checkpointing (~80), each beside the story generator's appendix (~370 lines).
 # test_all.py has no cap: a section per script instead
 LINE_CAPS = {"bigram.py": 290, "micrograd.py": 300, "bpe.py": 971, "gpt.py": 1036, "train.py": 1255,
-             "kvcache.py": 738, "finetune.py": 534, "lora.py": 361, "dpo.py": 597, "quantize.py": 598,
+             "kvcache.py": 749, "finetune.py": 534, "lora.py": 361, "dpo.py": 597, "quantize.py": 598,
              "ddp.py": 400}
 
 def present(files):
