@@ -506,11 +506,11 @@ def write_gguf(path, config, tensors, tokenizer_json, tokenizer_config, dtype="f
     os.replace(path + ".tmp", path)  # never a half-written file at path
     return path
 
-def export(cfg, model, ckpt, source):
+def export(cfg, model, ckpt, stem):
     """The float model and its tokenizer, with the chat template it was finetuned on (an
     open model's own), as a Hugging Face folder (hf) or one llama.cpp file (gguf)."""
     suffix = "-hf" if cfg.export == "hf" else f"-{cfg.export_dtype}.gguf"
-    out = cfg.out or os.path.splitext(source)[0] + suffix  # out/ckpt-hf/, out/ckpt-f16.gguf
+    out = cfg.out or stem + suffix  # out/ckpt-hf/, out/ckpt-f16.gguf
     if os.path.exists(out if cfg.export == "gguf" else f"{out}/config.json") and not cfg.overwrite:
         raise UserError(f"{out} already holds a model; pass --overwrite to replace it, "
                         f"or another --out")
@@ -566,11 +566,13 @@ def main(cfg):
         model.eval()
         if cfg.bench:
             return bench(cfg, model, ckpt)
-        source = f"out/{cfg.init_from}" if cfg.init_from else cfg.ckpt_path
+        stem = os.path.splitext(cfg.ckpt_path)[0]  # out/ckpt
+        if cfg.init_from:  # a Hub name or a folder: out/<its last part> (Qwen2.5-0.5B whole)
+            stem = os.path.join("out", os.path.basename(os.path.normpath(cfg.init_from)))
         if cfg.export:
-            return export(cfg, model, ckpt, source)
+            return export(cfg, model, ckpt, stem)
         kind = "int8" if cfg.bits == 8 else f"int4-g{cfg.group_size}"
-        out_path = cfg.out_path or f"{os.path.splitext(source)[0]}-{kind}.pt"
+        out_path = cfg.out_path or f"{stem}-{kind}.pt"
         refuse_overwrite(out_path, cfg.overwrite)
         float_bytes = tensor_bytes(model)
         quantize_model(model, cfg.bits, cfg.group_size, cfg.head)

@@ -3301,7 +3301,7 @@ def test_open_base_llama_folder_without_a_chat_template():
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=4, n_embd=32,
                           bias=False, **MODERN))
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        folder = os.path.join(tmp, "base")
+        folder = os.path.join(tmp, "Base-0.5B")
         gpt.save_pretrained(model, folder)
         tok.save_pretrained(folder, None)
         assert "chat_template" not in gpt.read_json(os.path.join(folder, "tokenizer_config.json"))
@@ -3321,6 +3321,9 @@ def test_open_base_llama_folder_without_a_chat_template():
         dpo.main(dpo.DpoConfig(dataset=pairs, out_dir=f"{tmp}/dpo", init_from=folder, **common))
         out = quantize.main(quantize.QuantizeConfig(init_from=folder, export="hf", out=f"{tmp}/hf"))
         assert "chat_template" not in gpt.read_json(os.path.join(out["out"], "tokenizer_config.json"))
+        with contextlib.chdir(tmp):  # quantized into out/<the folder's name>, its dot kept
+            quantize.main(quantize.QuantizeConfig(init_from=folder, max_new_tokens=2, device="cpu"))
+            assert os.path.exists("out/Base-0.5B-int8.pt"), os.listdir("out")
 
 def test_lora_output_unchanged_at_init_and_dropout_off_in_eval():
     model = _lora_model().eval()
@@ -4451,7 +4454,7 @@ def test_export_main_writes_a_gguf_file_and_a_hugging_face_folder():
 # note); each file was cut twice without squeezing, and what remains is tested capability:
 # gpt.py 1036: the loader of four families (configs, names, Hub shards, memory check) and the
 # writer of two layouts; bpe.py 971: tokenizer.json in and out (~150 lines) and three chat
-# template families rendered token for token as transformers does (~110); quantize.py 598: the
+# template families rendered token for token as transformers does (~110); quantize.py 600: the
 # GGUF writer (~140 lines, a second lesson); kvcache.py 749 (714): chats in a Hub model's own
 # template, its stop tokens, a context cap and an engine that outlives an error in a step;
 # lora.py 361 (360): a line that keeps a Hub model's padding rows (Qwen's) from being sampled.
@@ -4461,7 +4464,7 @@ def test_export_main_writes_a_gguf_file_and_a_hugging_face_folder():
 # checkpointing (~80), each beside the story generator's appendix (~370 lines).
 # test_all.py has no cap: a section per script instead
 LINE_CAPS = {"bigram.py": 290, "micrograd.py": 300, "bpe.py": 971, "gpt.py": 1036, "train.py": 1255,
-             "kvcache.py": 749, "finetune.py": 534, "lora.py": 361, "dpo.py": 597, "quantize.py": 598,
+             "kvcache.py": 749, "finetune.py": 534, "lora.py": 361, "dpo.py": 597, "quantize.py": 600,
              "ddp.py": 400}
 
 def present(files):
