@@ -1983,18 +1983,31 @@ def test_train_on_shards_resumes_mid_shard_exactly():
         first = train.main(tiny(tmp, out_dir=os.path.join(tmp, "b"), **dict(kw, max_iters=5)))["losses"]
         second = train.main(tiny(tmp, init_from="resume", out_dir=os.path.join(tmp, "b"), **kw))["losses"]
         assert first + second == full, f"{first} + {second} != {full}"
-        # a folder of text files becomes shards once, in data/<name>/, with the run's tokenizer
+        # a folder of text files becomes shards, in data/<name>-shards/, with the run's tokenizer: once,
+        # then again when a file or the tokenizer changes (a non-UTF-8 file: one line)
         texts = os.path.join(tmp, "texts")
         os.makedirs(texts)
         for i in range(2):
             with open(os.path.join(texts, f"{i}.txt"), "w") as f:
                 f.write("".join(f"a few words {j} to learn from<|endoftext|>" for j in range(300)))
+        shards = os.path.join(tmp, "data", "texts-shards")
+        cfg = tiny(tmp, dataset=texts, tokenizer=tokenizer, max_iters=1, out_dir=os.path.join(tmp, "t"))
         with contextlib.redirect_stdout(io.StringIO()):
-            train.main(tiny(tmp, dataset=texts, tokenizer=tokenizer, max_iters=1, out_dir=os.path.join(tmp, "t")))
-        written = sorted(os.listdir(os.path.join(tmp, "data", "texts")))
-        assert written == ["shard_train_000001.bin", "shard_val_000000.bin"], written
-        val = train.read_shard(os.path.join(tmp, "data", "texts", "shard_val_000000.bin"))
+            train.main(cfg)
+            written = sorted(os.listdir(shards))
+            assert written == ["meta.json", "shard_train_000001.bin", "shard_val_000000.bin"], written
+            stamp = os.stat(os.path.join(shards, "shard_val_000000.bin")).st_mtime_ns
+            train.main(dataclasses.replace(cfg, overwrite=True))
+            assert os.stat(os.path.join(shards, "shard_val_000000.bin")).st_mtime_ns == stamp, "not reused"
+            with open(os.path.join(texts, "0.txt"), "a") as f:
+                f.write("Once more.<|endoftext|>")
+            train.main(dataclasses.replace(cfg, overwrite=True))
+            assert os.stat(os.path.join(shards, "shard_val_000000.bin")).st_mtime_ns != stamp, "not redone"
+        val = train.read_shard(os.path.join(shards, "shard_val_000000.bin"))
         assert bpe.Tokenizer.load(tokenizer).decode(val[:8].tolist()).startswith("a few words 0"), "document 0 validates"
+        with open(os.path.join(texts, "1.txt"), "wb") as f:
+            f.write("caf\xe9".encode("latin-1"))
+        raises(gpt.UserError, train.prepare_shards, cfg, bpe.Tokenizer.load(tokenizer).to_tiktoken(), match="not UTF-8")
 
 def test_train_gpt2_recipe_flags_run_a_few_steps():
     # the README's GPT-2 (124M) command, its shape shrunk: shards, GPT-2's tokenizer, the vocab padded to 50,304
@@ -2845,7 +2858,7 @@ def test_kvcache_server_never_samples_padding_rows():
     model.vocab_used = BYTES_TOK.vocab_size
     with _server(model) as (url, server):
         done = _post(url, "/v1/completions", prompt="Once", max_tokens=40, temperature=2.0).json()
-    assert done["usage"]["completion_tokens"] == 40, done
+    assert done["choices"][0]["finish_reason"] in ("stop", "length"), done  # (the stop token may come)
 
 def test_kvcache_server_survives_an_error_in_the_engine():
     # a bug in one step ends the requests in hand (finish_reason "error"), not the engine: the next
@@ -4459,11 +4472,11 @@ def test_export_main_writes_a_gguf_file_and_a_hugging_face_folder():
 # template, its stop tokens, a context cap and an engine that outlives an error in a step;
 # lora.py 361 (360): a line that keeps a Hub model's padding rows (Qwen's) from being sampled.
 # The GPT-2 reproduction issue (#35) gives train.py 90 lines (1014). Its work in progress is
-# over that, pending the same decision: train.py 1255: token shards (read, written from text,
-# fetched, read in order by rank; ~130 lines), HellaSwag (~95) and FSDP2 with activation
+# over that, pending the same decision: train.py 1270: token shards (read, written from text,
+# fetched, read in order by rank, rewritten when stale; ~145 lines), HellaSwag (~95) and FSDP2 with activation
 # checkpointing (~80), each beside the story generator's appendix (~370 lines).
 # test_all.py has no cap: a section per script instead
-LINE_CAPS = {"bigram.py": 290, "micrograd.py": 300, "bpe.py": 971, "gpt.py": 1036, "train.py": 1255,
+LINE_CAPS = {"bigram.py": 290, "micrograd.py": 300, "bpe.py": 971, "gpt.py": 1036, "train.py": 1270,
              "kvcache.py": 749, "finetune.py": 534, "lora.py": 361, "dpo.py": 597, "quantize.py": 600,
              "ddp.py": 400}
 

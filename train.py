@@ -282,24 +282,39 @@ def write_shards(enc, texts, folder, shard_tokens=100_000_000):
 
 def prepare_shards(cfg, enc):
     """fineweb10B / finewebedu10B (the val shard and --shards train shards, fetched once,
-    resumably), a folder of shards, or one of .txt files (made shards once, in data/, by
-    the tiktoken encoder enc) -> (train memmaps, val memmap)."""
+    resumably), a folder of shards, or one of .txt files (made shards in data/ by the
+    tiktoken encoder enc, redone when the files or the tokenizer change; enc None: only
+    read) -> (train memmaps, val memmap)."""
     folder = cfg.dataset
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     if cfg.dataset in SHARD_SETS:
         repo, prefix = SHARD_SETS[cfg.dataset]
         folder = os.path.join(cfg.data_dir, cfg.dataset)
         hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")  # or a mirror
         url = f"{hub}/datasets/{repo}/resolve/main/"
-        for split, i in [("val", 0)] + [("train", i + 1) for i in range(cfg.shards)]:
-            name = f"{prefix}_{split}_{i:06d}.bin"
+        splits = [("val", 0)] + [("train", i + 1) for i in range(cfg.shards)]
+        names = [f"{prefix}_{split}_{i:06d}.bin" for split, i in splits]  # these, no more
+        for name in names:
             read_shard(download(url + name, os.path.join(folder, name)))
-    names = sorted(os.listdir(folder))
     if not any(n.endswith(".bin") for n in names):  # a user's corpus: shards written once
         texts = [os.path.join(folder, n) for n in names if n.endswith(".txt")]
-        folder = os.path.join(cfg.data_dir, os.path.basename(os.path.normpath(folder)))
-        os.makedirs(folder, exist_ok=True)
-        if not any(n.endswith(".bin") for n in os.listdir(folder)):
-            write_shards(enc, texts, folder)
+        if not texts:
+            raise UserError(f"{folder} holds no .bin shards and no .txt files")
+        sources = texts + [cfg.tokenizer] * os.path.isfile(cfg.tokenizer)  # a tok.json
+        key = dict(files=[[p, os.path.getsize(p), os.path.getmtime(p)] for p in sources],
+                   tokenizer=cfg.tokenizer or "gpt2")
+        folder = os.path.join(cfg.data_dir, os.path.basename(os.path.normpath(folder)) + "-shards")
+        meta = os.path.join(folder, "meta.json")
+        if enc and not (os.path.exists(meta) and read_json(meta) == key):
+            os.makedirs(folder, exist_ok=True)
+            for name in os.listdir(folder):  # stale, or half-written by a crash: redone
+                os.remove(os.path.join(folder, name))
+            try:
+                write_shards(enc, texts, folder)
+            except UnicodeDecodeError as e:
+                raise UserError(f"a .txt file in {cfg.dataset} is not UTF-8 ({e.reason}); "
+                                f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+            save_json(meta, key)  # written last: it vouches for the shards
         names = sorted(os.listdir(folder))
     shards = {s: [read_shard(os.path.join(folder, n)) for n in names
                   if n.endswith(".bin") and f"_{s}_" in n] for s in ("train", "val")}
@@ -635,7 +650,7 @@ def main(cfg):
         print(f"config:\n{format_config(cfg)}\ndevice: {device} x {world} process(es); "
               f"dtype: {dtype} ({reason})")
     if cfg.bench:
-        return bench(cfg, device, dtype if dtype != "float32" else "bfloat16")
+        return bench(cfg, device, dtype)  # and float32: no emulated bfloat16 (slow, no lesson)
     # TF32 matmuls on CUDA: training needs no full float32 accuracy (a no-op elsewhere)
     torch.backends.cuda.matmul.allow_tf32 = device_type == "cuda"
     torch.backends.cudnn.allow_tf32 = device_type == "cuda"
